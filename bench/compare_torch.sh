@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# dits vs the PyTorch reference of mnist-dits, in the same run, on the same machine.
+#
+#   bench/compare_torch.sh [--batch 256] [--threads 2] [--iters 20] [--rounds 1]
+#
+# Installs torch into bench/.venv on first use (or set DITS_TORCH_PYTHON to a python with
+# torch). Runs dits and PyTorch alternately --rounds times and prints the median of each,
+# their ratios, and each process's peak RSS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+batch=256 threads=2 iters=20 rounds=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --batch) batch=$2; shift 2 ;;
+    --threads) threads=$2; shift 2 ;;
+    --iters) iters=$2; shift 2 ;;
+    --rounds) rounds=$2; shift 2 ;;
+    *) echo "error: unknown option $1" >&2; exit 2 ;;
+  esac
+done
+
+ref=../shared/bench/torch_ref_mnist_dits.py
+[ -f "$ref" ] || { echo "error: $ref not found (../shared must sit beside the repo)" >&2; exit 1; }
+py=${DITS_TORCH_PYTHON:-bench/.venv/bin/python}
+if ! "$py" -c "import torch" 2>/dev/null; then
+  echo "installing torch into bench/.venv (a large download, once)" >&2
+  python3 -m venv bench/.venv
+  bench/.venv/bin/pip install -q torch
+  py=bench/.venv/bin/python
+fi
+cargo build --release -q
+dits=./target/release/dits
+
+# Peak RSS in MiB of a command, from GNU time, with the command's stdout in $out.
+run_measured() {
+  local tf; tf=$(mktemp)
+  out=$(/usr/bin/time -f '%M' -o "$tf" "$@")
+  rss=$(awk '{printf "%.0f", $1/1024}' "$tf"); rm -f "$tf"
+}
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {print (b > 0 ? a / b : 0)}'; }
+
+median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+
+d_train=() d_sample=() t_train=() t_infer=()
+for r in $(seq "$rounds"); do
+  run_measured env RAYON_NUM_THREADS="$threads" "$dits" bench --batch "$batch" --threads "$threads" --iters "$iters"
+  d_train+=("$(sed -n 's/^train_samples_per_s=//p' <<<"$out")")
+  d_sample+=("$(sed -n 's/^sample_images_per_s=//p' <<<"$out")")
+  d_rss=$rss
+  run_measured env OMP_NUM_THREADS="$threads" "$py" "$ref" --threads "$threads" --batch "$batch" --steps "$iters" --what train,infer
+  t_train+=("$(sed -n 's/^train .*samples\/s=\([0-9.]*\).*/\1/p' <<<"$out")")
+  t_infer+=("$(sed -n 's/^infer .*samples\/s=\([0-9.]*\).*/\1/p' <<<"$out")")
+  t_rss=$rss
+  torch_version=$(head -1 <<<"$out")
+done
+
+dt=$(printf '%s\n' "${d_train[@]}" | median); ds=$(printf '%s\n' "${d_sample[@]}" | median)
+tt=$(printf '%s\n' "${t_train[@]}" | median); ti=$(printf '%s\n' "${t_infer[@]}" | median)
+echo "batch=$batch threads=$threads iters=$iters rounds=$rounds cpu=\"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)\""
+echo "pytorch: $torch_version"
+printf '%-28s %12s %12s %8s\n' "" dits pytorch ratio
+printf '%-28s %12.1f %12.1f %8.2f\n' "train samples/s" "$dt" "$tt" "$(ratio "$dt" "$tt")"
+printf '%-28s %12.1f %12.1f %8.2f\n' "sampling images/s (fwd)" "$ds" "$ti" "$(ratio "$ds" "$ti")"
+printf '%-28s %12s %12s %8.2f\n' "peak RSS MiB" "$d_rss" "$t_rss" "$(ratio "$d_rss" "$t_rss")"

@@ -1,0 +1,42 @@
+//! Choosing the compute device and the CPU thread count.
+
+use anyhow::bail;
+use burn::prelude::*;
+
+/// The devices this build can use, by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceKind {
+    /// burn's pure-Rust CPU backend (always available).
+    Cpu,
+    /// NVIDIA GPU through burn's CUDA backend (build with `--features cuda`).
+    Cuda,
+    /// Vulkan/Metal GPU through wgpu (build with `--features wgpu`).
+    Wgpu,
+}
+
+pub fn device(kind: DeviceKind) -> anyhow::Result<Device> {
+    match kind {
+        DeviceKind::Cpu => Ok(Device::flex()),
+        #[cfg(feature = "cuda")]
+        DeviceKind::Cuda => Ok(Device::cuda(0)),
+        #[cfg(feature = "wgpu")]
+        DeviceKind::Wgpu => Ok(Device::wgpu(Default::default())),
+        #[allow(unreachable_patterns)]
+        other => bail!("this dits was built without the {other:?} backend: rebuild with --features {}", format!("{other:?}").to_lowercase()),
+    }
+}
+
+/// Size the global thread pool that the CPU backend's kernels run on: `--threads`, else
+/// `RAYON_NUM_THREADS`, else every core. Returns the count in effect.
+pub fn init_threads(threads: Option<usize>) -> anyhow::Result<usize> {
+    if let Some(0) = threads {
+        bail!("--threads must be at least 1");
+    }
+    let mut builder = rayon::ThreadPoolBuilder::new();
+    if let Some(t) = threads {
+        builder = builder.num_threads(t);
+    }
+    // Fails only if the pool was already built (e.g. twice in one test process): keep it.
+    let _ = builder.build_global();
+    Ok(rayon::current_num_threads())
+}

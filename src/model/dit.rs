@@ -1,0 +1,76 @@
+//! The whole DiT: patchify → blocks → final norm and projection → unpatchify.
+
+use burn::module::Param;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::Distribution;
+
+use super::block::DitBlock;
+use super::config::DitConfig;
+use super::embed::{TimeEmbedding, embed_labels, label_embedding};
+
+/// Field names follow the PyTorch `state_dict` of owenliang/mnist-dits (see
+/// [`super::names`] for the few that differ).
+#[derive(Module, Debug)]
+pub struct Dit {
+    /// Patchify: `Conv2d(C → C·p², kernel p, stride p)`.
+    pub conv: Conv2d,
+    pub patch_emb: Linear,
+    /// Learned position embedding, `[1, tokens, width]`, initialised U[0, 1) as in mnist-dits.
+    pub patch_pos_emb: Param<Tensor<3>>,
+    pub time_emb: TimeEmbedding,
+    pub label_emb: Embedding,
+    pub dits: Vec<DitBlock>,
+    pub ln: LayerNorm,
+    pub linear: Linear,
+    pub channels: usize,
+    pub patch: usize,
+}
+
+impl Dit {
+    /// A freshly initialised model (PyTorch's default initialisations; seed the device first
+    /// for reproducible weights).
+    pub fn new(cfg: &DitConfig, device: &Device) -> Self {
+        let pv = cfg.patch_values();
+        Self {
+            conv: Conv2dConfig::new([cfg.channels, pv], [cfg.patch, cfg.patch])
+                .with_stride([cfg.patch, cfg.patch])
+                .init(device),
+            patch_emb: LinearConfig::new(pv, cfg.width).init(device),
+            patch_pos_emb: Param::from_tensor(Tensor::random(
+                [1, cfg.tokens(), cfg.width],
+                Distribution::Uniform(0.0, 1.0),
+                device,
+            )),
+            time_emb: TimeEmbedding::new(cfg.width, device),
+            label_emb: label_embedding(cfg.classes, cfg.width, device),
+            dits: (0..cfg.depth).map(|_| DitBlock::new(cfg, device)).collect(),
+            ln: LayerNormConfig::new(cfg.width).init(device),
+            linear: LinearConfig::new(cfg.width, pv).init(device),
+            channels: cfg.channels,
+            patch: cfg.patch,
+        }
+    }
+
+    /// Predict the noise: `x` `[B, C, H, W]`, `t` `[B]` timesteps, `y` `[B]` labels →
+    /// `[B, C, H, W]`.
+    pub fn forward(&self, x: Tensor<4>, t: Tensor<1, Int>, y: Tensor<1, Int>) -> Tensor<4> {
+        let [b, c, height, width] = x.dims();
+        let p = self.patch;
+        let (gh, gw) = (height / p, width / p);
+        let cond = self.time_emb.forward(t) + embed_labels(&self.label_emb, y); // [B,W]
+
+        let x = self.conv.forward(x); // [B, C·p², gh, gw]
+        let x = x.permute([0, 2, 3, 1]).reshape([b, gh * gw, c * p * p]); // [B, S, C·p²]
+        let mut x = self.patch_emb.forward(x) + self.patch_pos_emb.val(); // [B, S, W]
+        for block in &self.dits {
+            x = block.forward(x, cond.clone());
+        }
+        let x = self.linear.forward(self.ln.forward(x)); // [B, S, C·p²]
+        // Unpatchify: token (i, j) holds patch rows i·p.., columns j·p.., channel-major.
+        x.reshape([b, gh, gw, c, p, p]) // [B, gh, gw, C, p, p]
+            .permute([0, 3, 1, 4, 2, 5]) // [B, C, gh, p, gw, p]
+            .reshape([b, c, height, width])
+    }
+}

@@ -1,0 +1,202 @@
+//! `dits sample`: images for chosen classes to `<class>_<index>.png`, a grid (a row per class)
+//! and the denoising process (a row per class, columns from noise to image).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail, ensure};
+use burn::prelude::*;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::diffusion::sampler::{SamplerKind, sample_batch};
+use crate::diffusion::schedule::NoiseSchedule;
+use crate::images::{FloatImage, grid};
+use crate::model::{Dit, DitConfig, weights};
+use crate::train::checkpoint;
+
+/// Columns of the denoising-process figure.
+const PROCESS_COLUMNS: usize = 20;
+
+/// A model ready for inference, and where it came from.
+pub struct LoadedModel {
+    pub model: Dit,
+    pub config: DitConfig,
+    pub schedule: NoiseSchedule,
+    pub description: String,
+}
+
+/// Load weights from a run directory, a checkpoint directory, a `.safetensors` file (its
+/// `state.json` beside it gives the config, else `preset`) or a PyTorch `.pth` of mnist-dits
+/// (config from `preset`).
+pub fn load_model(path: &Path, preset: &str, device: &Device) -> anyhow::Result<LoadedModel> {
+    if path.is_dir() {
+        let dir = checkpoint::resolve(path)?;
+        let state = checkpoint::read_state(&dir)?;
+        let bytes = checkpoint::read_verified(&dir, &state, checkpoint::MODEL_FILE)?;
+        let mut model = Dit::new(&state.model, device);
+        weights::load_safetensors_bytes(&mut model, bytes, &dir.join(checkpoint::MODEL_FILE))?;
+        return Ok(LoadedModel {
+            model,
+            schedule: NoiseSchedule::new(state.train.beta_schedule, state.train.timesteps),
+            description: format!("{} (step {})", dir.display(), state.step),
+            config: state.model,
+        });
+    }
+    if !path.is_file() {
+        bail!("checkpoint {} does not exist", path.display());
+    }
+    let beside = path.parent().map(|p| p.join(checkpoint::STATE_FILE));
+    let state = match beside {
+        Some(s) if s.is_file() && path.extension().is_some_and(|e| e == "safetensors") => {
+            Some(checkpoint::read_state(s.parent().unwrap())?)
+        }
+        _ => None,
+    };
+    let (config, schedule) = match &state {
+        Some(s) => (s.model.clone(), NoiseSchedule::new(s.train.beta_schedule, s.train.timesteps)),
+        None => (DitConfig::preset(preset)?, NoiseSchedule::ddpm()),
+    };
+    let mut model = Dit::new(&config, device);
+    weights::load_weights_file(&mut model, path)?;
+    Ok(LoadedModel { model, config, schedule, description: path.display().to_string() })
+}
+
+#[derive(Debug, Clone)]
+pub struct SampleOptions {
+    pub checkpoint: PathBuf,
+    pub out: PathBuf,
+    /// None: every class.
+    pub classes: Option<Vec<usize>>,
+    pub per_class: usize,
+    pub sampler: SamplerKind,
+    /// None: the schedule's full length for DDPM, 50 for DDIM.
+    pub steps: Option<usize>,
+    pub seed: u64,
+    pub batch: usize,
+    /// Model preset for weight files that carry no config (PyTorch `.pth`).
+    pub preset: String,
+    /// Write into a directory that already holds files.
+    pub force: bool,
+    pub progress: bool,
+    pub device: Device,
+}
+
+#[derive(Debug, Clone)]
+pub struct SampleSummary {
+    pub images: usize,
+    pub images_per_s: f64,
+    pub out: PathBuf,
+}
+
+/// `dits sample`.
+pub fn run(opts: SampleOptions) -> anyhow::Result<SampleSummary> {
+    ensure!(opts.per_class > 0, "--per-class must be at least 1");
+    ensure!(opts.batch > 0, "--batch must be at least 1");
+    let loaded = load_model(&opts.checkpoint, &opts.preset, &opts.device)?;
+    let cfg = &loaded.config;
+    let classes = match &opts.classes {
+        Some(c) => c.clone(),
+        None => (0..cfg.classes).collect(),
+    };
+    ensure!(!classes.is_empty(), "--classes is empty");
+    if let Some(&bad) = classes.iter().find(|&&c| c >= cfg.classes) {
+        bail!("class {bad} is outside the model's {} classes (0..{})", cfg.classes, cfg.classes - 1);
+    }
+    let steps = opts.steps.unwrap_or(match opts.sampler {
+        SamplerKind::Ddpm => loaded.schedule.timesteps(),
+        SamplerKind::Ddim => 50,
+    });
+    prepare_out_dir(&opts.out, opts.force)?;
+
+    // (class, index within class) for every image, class-major.
+    let jobs: Vec<(usize, usize)> =
+        classes.iter().flat_map(|&c| (0..opts.per_class).map(move |i| (c, i))).collect();
+    let batches: Vec<&[(usize, usize)]> = jobs.chunks(opts.batch).collect();
+    let snapshot_at = process_columns(steps);
+    let mut process: Vec<Vec<FloatImage>> = vec![Vec::new(); classes.len()];
+    let mut finals: Vec<Vec<FloatImage>> = vec![Vec::new(); classes.len()];
+    let shape = [cfg.channels, cfg.image_size, cfg.image_size];
+    let image_len: usize = shape.iter().product();
+    let to_image = |data: Vec<f32>| FloatImage { channels: shape[0], height: shape[1], width: shape[2], data };
+
+    let bar = ProgressBar::with_draw_target(
+        Some((batches.len() * steps) as u64),
+        if opts.progress { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
+    );
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30.cyan/blue}] {pos}/{len} model calls, ETA {eta} | {msg}")
+            .expect("static template"),
+    );
+    let start = std::time::Instant::now();
+    for (bi, batch) in batches.iter().enumerate() {
+        bar.set_message(format!("batch {}/{}", bi + 1, batches.len()));
+        let labels: Vec<u8> = batch.iter().map(|&(c, _)| c as u8).collect();
+        // Rows of this batch that start a class: their trajectory goes into process.png.
+        let firsts: Vec<(usize, usize)> = batch
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, i))| *i == 0)
+            .map(|(row, &(c, _))| (row, classes.iter().position(|&k| k == c).unwrap()))
+            .collect();
+        let x = sample_batch(&loaded.model, &loaded.schedule, opts.sampler, steps, &labels, shape, opts.seed, bi as u64, &opts.device, |k, x| {
+            if k > 0 {
+                bar.inc(1);
+            }
+            if firsts.is_empty() || !snapshot_at.contains(&k) {
+                return;
+            }
+            let data = x.to_data().try_to_vec::<f32>().expect("f32 samples");
+            for &(row, ci) in &firsts {
+                process[ci].push(to_image(data[row * image_len..(row + 1) * image_len].to_vec()));
+            }
+        })?;
+        let data = x.into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("reading samples: {e:?}"))?;
+        for (row, &(c, i)) in batch.iter().enumerate() {
+            let img = to_image(data[row * image_len..(row + 1) * image_len].to_vec());
+            img.save_png(&opts.out.join(format!("{c}_{i:05}.png")))?;
+            let ci = classes.iter().position(|&k| k == c).unwrap();
+            if finals[ci].len() < 10 {
+                finals[ci].push(img);
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let elapsed = start.elapsed().as_secs_f64();
+    grid(&finals, 2)?.save_png(&opts.out.join("grid.png"))?;
+    grid(&process, 2)?.save_png(&opts.out.join("process.png"))?;
+    Ok(SampleSummary { images: jobs.len(), images_per_s: jobs.len() as f64 / elapsed.max(1e-9), out: opts.out })
+}
+
+/// The sampler steps shown in process.png: evenly spaced from the noise (0) to the image
+/// (`steps`), at most [`PROCESS_COLUMNS`] of them.
+pub fn process_columns(steps: usize) -> Vec<usize> {
+    let cols = PROCESS_COLUMNS.min(steps + 1);
+    (0..cols).map(|j| (j * steps + (cols - 1) / 2) / (cols - 1).max(1)).collect()
+}
+
+fn prepare_out_dir(out: &Path, force: bool) -> anyhow::Result<()> {
+    if out.exists() {
+        ensure!(out.is_dir(), "--out {} exists and is not a directory", out.display());
+        let non_empty = std::fs::read_dir(out).with_context(|| format!("reading {}", out.display()))?.next().is_some();
+        ensure!(
+            !non_empty || force,
+            "--out {} is not empty: choose a new directory, or pass --force to overwrite samples there",
+            out.display()
+        );
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_columns_span_noise_to_image_without_repeats() {
+        assert_eq!(process_columns(1000).len(), 20);
+        assert_eq!(process_columns(1000)[0], 0);
+        assert_eq!(*process_columns(1000).last().unwrap(), 1000);
+        assert_eq!(process_columns(3), vec![0, 1, 2, 3]);
+        let c = process_columns(25);
+        assert!(c.windows(2).all(|w| w[0] < w[1]) && c.len() == 20 && c[19] == 25);
+    }
+}

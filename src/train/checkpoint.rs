@@ -1,0 +1,268 @@
+//! Checkpoints: a directory per saved step holding the weights (`model.safetensors`, PyTorch
+//! names), the optimizer moments (`optimizer.safetensors`) and `state.json` (configs, counters,
+//! the RNG scheme, SHA-256 of each file). A checkpoint is written into a temporary directory and
+//! renamed into place, then `latest` is switched to it atomically, so a crash at any moment
+//! leaves the previous checkpoint intact and loadable.
+//!
+//! ```text
+//! RUN_DIR/checkpoints/step-00001000/{model.safetensors, optimizer.safetensors, state.json}
+//! RUN_DIR/checkpoints/latest          (the name of the newest complete checkpoint)
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail, ensure};
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use serde::{Deserialize, Serialize};
+
+use super::adam::AdamState;
+use super::config::TrainConfig;
+use super::params::ParamTable;
+use crate::fsutil::{sha256_hex, sync_dir, write_atomic};
+use crate::model::DitConfig;
+
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const STATE_FILE: &str = "state.json";
+const LATEST: &str = "latest";
+const FORMAT_VERSION: u32 = 1;
+
+/// How every random number of the run is derived (see [`crate::rng`]); stored so a reader knows
+/// that (seed, step, epoch) is the complete generator state.
+pub const RNG_SCHEME: &str = "chacha8: stream(seed, purpose, index); data order index = epoch, \
+                              training noise index = step";
+
+/// `state.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointState {
+    pub format_version: u32,
+    pub model: DitConfig,
+    pub train: TrainConfig,
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// The epoch and batch the next step reads.
+    pub epoch: u64,
+    pub batch_in_epoch: u64,
+    pub rng_seed: u64,
+    pub rng_scheme: String,
+    /// Training wall-clock seconds so far (for throughput across resumes).
+    pub elapsed_s: f64,
+    pub data_dir: String,
+    /// Parameter layout of the flat optimizer vectors.
+    pub params: ParamTable,
+    /// SHA-256 of each file beside this one.
+    pub sha256: BTreeMap<String, String>,
+}
+
+/// The bytes of a checkpoint, ready to write or just read and verified.
+pub struct Checkpoint {
+    pub state: CheckpointState,
+    pub model_bytes: Vec<u8>,
+    pub adam: AdamState,
+}
+
+pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+/// Serialise Adam's moments as two flat f32 tensors.
+fn adam_to_bytes(adam: &AdamState) -> anyhow::Result<Vec<u8>> {
+    let as_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let (m, v) = (as_bytes(&adam.m), as_bytes(&adam.v));
+    let n = adam.m.len();
+    let views = [
+        ("m", TensorView::new(Dtype::F32, vec![n], &m)?),
+        ("v", TensorView::new(Dtype::F32, vec![n], &v)?),
+    ];
+    let meta = std::collections::HashMap::from([("step".to_string(), adam.step.to_string())]);
+    Ok(safetensors::serialize(views, Some(meta))?)
+}
+
+fn adam_from_bytes(bytes: &[u8], expected_len: usize, origin: &Path) -> anyhow::Result<AdamState> {
+    let name = origin.display();
+    let st = SafeTensors::deserialize(bytes).with_context(|| format!("{name}: not a safetensors file"))?;
+    let (_, meta) = SafeTensors::read_metadata(bytes)?;
+    let step = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("step"))
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("{name}: no optimizer step count in the metadata"))?;
+    let read = |key: &str| -> anyhow::Result<Vec<f32>> {
+        let t = st.tensor(key).with_context(|| format!("{name}: no tensor '{key}'"))?;
+        ensure!(t.dtype() == Dtype::F32, "{name}: tensor '{key}' is {:?}, expected F32", t.dtype());
+        ensure!(
+            t.shape() == [expected_len],
+            "{name}: tensor '{key}' has shape {:?}, the model has {expected_len} parameters",
+            t.shape()
+        );
+        Ok(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    };
+    Ok(AdamState { m: read("m")?, v: read("v")?, step })
+}
+
+/// Write a checkpoint for `state.step` under `run_dir`, switch `latest` to it and keep only
+/// the newest `keep` checkpoints. Returns its directory.
+pub fn save(run_dir: &Path, mut state: CheckpointState, model_bytes: &[u8], adam: &AdamState, keep: usize) -> anyhow::Result<PathBuf> {
+    let root = checkpoints_dir(run_dir);
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let name = format!("step-{:08}", state.step);
+    let tmp = root.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+
+    let optimizer_bytes = adam_to_bytes(adam)?;
+    state.sha256 = BTreeMap::from([
+        (MODEL_FILE.to_string(), sha256_hex(model_bytes)),
+        (OPTIMIZER_FILE.to_string(), sha256_hex(&optimizer_bytes)),
+    ]);
+    let written = (|| {
+        write_atomic(&tmp.join(MODEL_FILE), model_bytes)?;
+        write_atomic(&tmp.join(OPTIMIZER_FILE), &optimizer_bytes)?;
+        write_atomic(&tmp.join(STATE_FILE), serde_json::to_string_pretty(&state)?.as_bytes())?;
+        let dest = root.join(&name);
+        if dest.exists() {
+            // Same step saved before a crash: the new copy is complete, replace the old one.
+            std::fs::remove_dir_all(&dest)?;
+        }
+        std::fs::rename(&tmp, &dest)?;
+        sync_dir(&root);
+        write_atomic(&root.join(LATEST), name.as_bytes())?;
+        Ok::<PathBuf, anyhow::Error>(dest)
+    })();
+    let dest = match written {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e.context(format!("saving checkpoint {name} (the previous checkpoint is intact)")));
+        }
+    };
+    prune(&root, keep);
+    Ok(dest)
+}
+
+/// Remove all but the newest `keep` checkpoints (never the one `latest` names).
+fn prune(root: &Path, keep: usize) {
+    let mut steps = list(root);
+    steps.sort();
+    let latest = std::fs::read_to_string(root.join(LATEST)).unwrap_or_default();
+    let excess = steps.len().saturating_sub(keep.max(1));
+    for name in steps.into_iter().take(excess) {
+        if name != latest.trim() {
+            let _ = std::fs::remove_dir_all(root.join(name));
+        }
+    }
+}
+
+fn list(root: &Path) -> Vec<String> {
+    std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(String::from))
+        .filter(|n| n.starts_with("step-"))
+        .collect()
+}
+
+/// The checkpoint directory `path` designates: a run directory (its latest checkpoint) or a
+/// checkpoint directory itself.
+pub fn resolve(path: &Path) -> anyhow::Result<PathBuf> {
+    if path.join(STATE_FILE).is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let root = checkpoints_dir(path);
+    let latest = root.join(LATEST);
+    if latest.is_file() {
+        let name = std::fs::read_to_string(&latest).with_context(|| format!("reading {}", latest.display()))?;
+        let dir = root.join(name.trim());
+        ensure!(dir.join(STATE_FILE).is_file(), "{} names {}, which is not a checkpoint", latest.display(), dir.display());
+        return Ok(dir);
+    }
+    if !path.exists() {
+        bail!("{} does not exist", path.display());
+    }
+    bail!("{} holds no checkpoint (expected {}/latest or a {STATE_FILE})", path.display(), root.display())
+}
+
+/// Read `state.json` of a checkpoint directory.
+pub fn read_state(dir: &Path) -> anyhow::Result<CheckpointState> {
+    let path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let state: CheckpointState =
+        serde_json::from_str(&text).with_context(|| format!("{}: not a dits checkpoint state", path.display()))?;
+    ensure!(
+        state.format_version == FORMAT_VERSION,
+        "{}: checkpoint format {} is not supported (this dits reads {FORMAT_VERSION})",
+        path.display(),
+        state.format_version
+    );
+    Ok(state)
+}
+
+/// Read a file of a checkpoint and check it against the SHA-256 recorded in `state.json`.
+pub fn read_verified(dir: &Path, state: &CheckpointState, file: &str) -> anyhow::Result<Vec<u8>> {
+    let path = dir.join(file);
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let expected = state.sha256.get(file).with_context(|| format!("{}: no checksum recorded for {file}", dir.display()))?;
+    let found = sha256_hex(&bytes);
+    ensure!(
+        &found == expected,
+        "{}: checksum mismatch (file is corrupt or was modified: expected sha256 {expected}, found {found})",
+        path.display()
+    );
+    Ok(bytes)
+}
+
+/// Load and verify a whole checkpoint.
+pub fn load(dir: &Path) -> anyhow::Result<Checkpoint> {
+    let state = read_state(dir)?;
+    let model_bytes = read_verified(dir, &state, MODEL_FILE)?;
+    let opt_bytes = read_verified(dir, &state, OPTIMIZER_FILE)?;
+    let adam = adam_from_bytes(&opt_bytes, state.params.total, &dir.join(OPTIMIZER_FILE))?;
+    ensure!(
+        adam.step == state.step,
+        "{}: optimizer step {} does not match the checkpoint step {}",
+        dir.display(),
+        adam.step,
+        state.step
+    );
+    Ok(Checkpoint { state, model_bytes, adam })
+}
+
+impl CheckpointState {
+    pub fn new(model: DitConfig, train: TrainConfig, params: ParamTable, data_dir: String) -> Self {
+        let rng_seed = train.seed;
+        Self {
+            format_version: FORMAT_VERSION,
+            model,
+            train,
+            step: 0,
+            epoch: 0,
+            batch_in_epoch: 0,
+            rng_seed,
+            rng_scheme: RNG_SCHEME.to_string(),
+            elapsed_s: 0.0,
+            data_dir,
+            params,
+            sha256: BTreeMap::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adam_state_round_trips_and_checks_length() {
+        let adam = AdamState { m: vec![1.0, -2.5, 3.25], v: vec![0.5, 0.0, 9.0], step: 42 };
+        let bytes = adam_to_bytes(&adam).unwrap();
+        let back = adam_from_bytes(&bytes, 3, Path::new("x")).unwrap();
+        assert_eq!(back, adam);
+        let err = adam_from_bytes(&bytes, 4, Path::new("opt.safetensors")).unwrap_err();
+        assert!(err.to_string().contains("4 parameters"), "{err}");
+        assert!(adam_from_bytes(&bytes[..10], 3, Path::new("x")).is_err());
+    }
+}

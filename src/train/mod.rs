@@ -1,0 +1,35 @@
+//! Training: the flat parameter view, Adam, checkpoints, metrics, and the loop.
+
+pub mod adam;
+pub mod checkpoint;
+pub mod config;
+pub mod metrics;
+pub mod params;
+pub mod trainer;
+
+pub use config::{LossKind, TrainConfig};
+pub use trainer::{Length, TrainOptions, TrainSummary, Trainer};
+
+use crate::diffusion::schedule::BetaSchedule;
+
+/// The default recipe (see the README for the measurements behind it).
+pub fn default_train_config() -> TrainConfig {
+    TrainConfig {
+        batch: DEFAULT_BATCH,
+        lr: 1e-3,
+        total_steps: 1,
+        seed: 0,
+        loss: LossKind::L1,
+        adam: adam::AdamConfig::default(),
+        warmup_steps: 0,
+        checkpoint_every: 500,
+        log_every: 50,
+        timesteps: 1000,
+        beta_schedule: BetaSchedule::default(),
+    }
+}
+
+/// Batch size of the default recipe.
+pub const DEFAULT_BATCH: usize = 128;
+/// Epochs of the default recipe.
+pub const DEFAULT_EPOCHS: u64 = 4;

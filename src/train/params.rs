@@ -1,0 +1,149 @@
+//! The model's parameters as one flat f32 vector, in a fixed order with names and shapes.
+//!
+//! The optimizer, checkpoints and (later) gradient all-reduce and ZeRO sharding all work on
+//! this flat view: one contiguous buffer per quantity (weights, gradients, Adam moments)
+//! instead of one small tensor per parameter.
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::prelude::*;
+use burn::tensor::Gradients;
+use serde::{Deserialize, Serialize};
+
+/// One parameter's place in the flat vector.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParamSlot {
+    /// burn module path, e.g. `dits.0.wq.weight`.
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub offset: usize,
+}
+
+impl ParamSlot {
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.offset..self.offset + self.len()
+    }
+}
+
+/// The layout of a module's float parameters, in visiting order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParamTable {
+    pub slots: Vec<ParamSlot>,
+    pub total: usize,
+}
+
+impl ParamTable {
+    pub fn of<M: Module>(module: &M) -> Self {
+        let mut v = Collect { path: Vec::new(), slots: Vec::new(), total: 0, values: None, grads: None };
+        module.visit(&mut v);
+        Self { slots: v.slots, total: v.total }
+    }
+
+    /// All parameter values, concatenated.
+    pub fn read_values<M: Module>(&self, module: &M) -> Vec<f32> {
+        let mut v = Collect { path: Vec::new(), slots: Vec::new(), total: 0, values: Some(Vec::with_capacity(self.total)), grads: None };
+        module.visit(&mut v);
+        v.values.unwrap()
+    }
+
+    /// All gradients in `grads`, concatenated (zeros for a parameter without one).
+    pub fn read_grads<M: Module>(&self, module: &M, grads: &Gradients) -> Vec<f32> {
+        let mut v = Collect { path: Vec::new(), slots: Vec::new(), total: 0, values: Some(Vec::with_capacity(self.total)), grads: Some(grads) };
+        module.visit(&mut v);
+        v.values.unwrap()
+    }
+
+    /// Replace every parameter of `module` by its slice of `flat`.
+    pub fn write_values<M: Module>(&self, module: M, flat: &[f32]) -> M {
+        assert_eq!(flat.len(), self.total, "flat parameter vector of the wrong length");
+        module.map(&mut Write { table: self, flat, next: 0 })
+    }
+}
+
+struct Collect<'a> {
+    path: Vec<String>,
+    slots: Vec<ParamSlot>,
+    total: usize,
+    values: Option<Vec<f32>>,
+    grads: Option<&'a Gradients>,
+}
+
+impl ModuleVisitor for Collect<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let tensor = param.val();
+        let shape = tensor.dims().to_vec();
+        let len: usize = shape.iter().product();
+        if let Some(values) = self.values.as_mut() {
+            let data = match self.grads {
+                Some(grads) => tensor.grad(grads).map(|g| g.into_data()),
+                None => Some(tensor.into_data()),
+            };
+            match data {
+                Some(d) => values.extend(d.iter::<f32>()),
+                None => values.extend(std::iter::repeat_n(0.0, len)),
+            }
+        } else {
+            self.slots.push(ParamSlot { name: self.path.join("."), shape, offset: self.total });
+        }
+        self.total += len;
+    }
+}
+
+struct Write<'a> {
+    table: &'a ParamTable,
+    flat: &'a [f32],
+    next: usize,
+}
+
+impl ModuleMapper for Write<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let slot = &self.table.slots[self.next];
+        self.next += 1;
+        let (id, old, mapper) = param.consume();
+        let device = old.device();
+        let data = TensorData::new(self.flat[slot.range()].to_vec(), slot.shape.clone());
+        let new = Tensor::<D>::from_data(data, &device).set_require_grad(old.is_require_grad());
+        Param::from_mapped_value(id, new, mapper)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::nn::{Linear, LinearConfig};
+
+    #[derive(Module, Debug)]
+    struct Two {
+        a: Linear,
+        b: Vec<Linear>,
+    }
+
+    #[test]
+    fn flat_view_round_trips_with_names_in_order() {
+        let device = Device::flex();
+        let m = Two { a: LinearConfig::new(2, 3).init(&device), b: vec![LinearConfig::new(3, 1).init(&device)] };
+        let table = ParamTable::of(&m);
+        let names: Vec<&str> = table.slots.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, vec!["a.weight", "a.bias", "b.0.weight", "b.0.bias"]);
+        assert_eq!(table.total, 6 + 3 + 3 + 1);
+        let flat: Vec<f32> = (0..table.total).map(|i| i as f32).collect();
+        let m = table.write_values(m, &flat);
+        assert_eq!(table.read_values(&m), flat);
+        assert_eq!(m.a.bias.as_ref().unwrap().val().into_data().try_to_vec::<f32>().unwrap(), vec![6.0, 7.0, 8.0]);
+    }
+}

@@ -1,0 +1,311 @@
+//! The training step (noise, predict, loss, backward, Adam) and the loop around it (data,
+//! progress, metrics, checkpoints, resume).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail, ensure};
+use burn::prelude::*;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rand::Rng;
+
+use super::adam::AdamState;
+use super::checkpoint::{self, Checkpoint, CheckpointState};
+use super::config::{LossKind, TrainConfig};
+use super::metrics::{self, MetricsRecord};
+use super::params::ParamTable;
+use crate::data::{Batch, BatchLoader, ImageDataset, Position, Split};
+use crate::diffusion::sampler::gaussian;
+use crate::diffusion::schedule::NoiseSchedule;
+use crate::model::{Dit, DitConfig, weights};
+use crate::rng::{Purpose, derive_seed, stream};
+
+/// A model with its optimizer state and counters.
+pub struct Trainer {
+    device: Device,
+    model: Dit,
+    table: ParamTable,
+    /// The master copy of the weights; the model's tensors are rebuilt from it after each step.
+    params: Vec<f32>,
+    adam: AdamState,
+    schedule: NoiseSchedule,
+    pub state: CheckpointState,
+}
+
+/// What one step computed.
+#[derive(Debug, Clone, Copy)]
+pub struct StepOutcome {
+    pub loss: f32,
+    pub lr: f64,
+}
+
+impl Trainer {
+    /// A fresh model, initialised from the run's seed. `device` gets autodiff.
+    pub fn new(model_cfg: DitConfig, train: TrainConfig, data_dir: String, device: &Device) -> anyhow::Result<Self> {
+        model_cfg.validate()?;
+        train.validate()?;
+        let device = device.clone().autodiff();
+        device.seed(derive_seed(train.seed, Purpose::Init, 0));
+        let model = Dit::new(&model_cfg, &device);
+        let table = ParamTable::of(&model);
+        let params = table.read_values(&model);
+        let adam = AdamState::new(table.total);
+        let schedule = NoiseSchedule::new(train.beta_schedule, train.timesteps);
+        let state = CheckpointState::new(model_cfg, train, table.clone(), data_dir);
+        Ok(Self { device, model, table, params, adam, schedule, state })
+    }
+
+    /// Continue from a loaded checkpoint.
+    pub fn from_checkpoint(ckpt: Checkpoint, origin: &Path, device: &Device) -> anyhow::Result<Self> {
+        let device = device.clone().autodiff();
+        let mut model = Dit::new(&ckpt.state.model, &device);
+        weights::load_safetensors_bytes(&mut model, ckpt.model_bytes, &origin.join(checkpoint::MODEL_FILE))?;
+        let table = ParamTable::of(&model);
+        ensure!(
+            table == ckpt.state.params,
+            "{}: the parameter layout recorded in the checkpoint does not match its model config",
+            origin.display()
+        );
+        let params = table.read_values(&model);
+        let schedule = NoiseSchedule::new(ckpt.state.train.beta_schedule, ckpt.state.train.timesteps);
+        Ok(Self { device, model, table, params, adam: ckpt.adam, schedule, state: ckpt.state })
+    }
+
+    pub fn model(&self) -> &Dit {
+        &self.model
+    }
+
+    pub fn params(&self) -> &[f32] {
+        &self.params
+    }
+
+    pub fn table(&self) -> &ParamTable {
+        &self.table
+    }
+
+    /// One optimizer step on `batch`; the timesteps and noise come from the stream of this
+    /// step, so the step is a pure function of (weights, optimizer state, batch, seed, step).
+    pub fn step(&mut self, batch: &Batch) -> StepOutcome {
+        let b = batch.labels.len();
+        let mut rng = stream(self.state.train.seed, Purpose::TrainNoise, self.state.step);
+        let t: Vec<usize> = (0..b).map(|_| rng.random_range(0..self.schedule.timesteps())).collect();
+        let eps = gaussian(&mut rng, batch.images.len());
+        self.step_on(&batch.images, &batch.labels, &t, eps)
+    }
+
+    /// One optimizer step with given timesteps `t` and noise `eps` (one row per image).
+    pub fn step_on(&mut self, x0: &[f32], labels: &[u8], t: &[usize], eps: Vec<f32>) -> StepOutcome {
+        let step = self.state.step;
+        let train = &self.state.train;
+        let cfg = &self.state.model;
+        let b = labels.len();
+        let dims = [b, cfg.channels, cfg.image_size, cfg.image_size];
+        let mut xt = vec![0f32; x0.len()];
+        self.schedule.add_noise(x0, t, &eps, &mut xt);
+
+        let d = &self.device;
+        let xt = Tensor::<4>::from_data(TensorData::new(xt, dims), d);
+        let eps = Tensor::<4>::from_data(TensorData::new(eps, dims), d);
+        let tt = Tensor::<1, Int>::from_data(TensorData::new(t.iter().map(|&v| v as i64).collect::<Vec<_>>(), [b]), d);
+        let y = Tensor::<1, Int>::from_data(TensorData::new(labels.iter().map(|&v| v as i64).collect::<Vec<_>>(), [b]), d);
+        let loss = noise_loss(&self.model, xt, tt, y, eps, train.loss);
+        let loss_value = loss.to_data().iter::<f32>().next().unwrap_or(f32::NAN);
+        let grads = loss.backward();
+        let g = self.table.read_grads(&self.model, &grads);
+
+        let lr = train.lr_at(step);
+        self.adam.update(&train.adam, lr, &mut self.params, &g);
+        // Cloning a module clones tensor handles, not data.
+        self.model = self.table.write_values(self.model.clone(), &self.params);
+
+        self.state.step += 1;
+        StepOutcome { loss: loss_value, lr }
+    }
+
+    /// Save a checkpoint of the current state under `run_dir`.
+    pub fn save(&self, run_dir: &Path, keep: usize) -> anyhow::Result<PathBuf> {
+        let model_bytes = weights::to_safetensors_bytes(&self.model)?;
+        checkpoint::save(run_dir, self.state.clone(), &model_bytes, &self.adam, keep)
+    }
+}
+
+/// The training objective: the loss between predicted and true noise.
+pub fn noise_loss(model: &Dit, xt: Tensor<4>, t: Tensor<1, Int>, y: Tensor<1, Int>, eps: Tensor<4>, kind: LossKind) -> Tensor<1> {
+    let diff = model.forward(xt, t, y) - eps;
+    match kind {
+        LossKind::L1 => diff.abs().mean(),
+        LossKind::Mse => diff.square().mean(),
+    }
+}
+
+/// How long a run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Length {
+    Steps(u64),
+    Epochs(u64),
+}
+
+/// Everything `dits train` needs.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub data_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub model: DitConfig,
+    pub train: TrainConfig,
+    pub length: Length,
+    /// Continue the run in `run_dir` from its latest checkpoint.
+    pub resume: bool,
+    /// Checkpoints kept on disk.
+    pub keep: usize,
+    pub progress: bool,
+    pub device: Device,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub final_loss: f64,
+    pub samples_per_s: f64,
+    pub elapsed_s: f64,
+    pub checkpoint: PathBuf,
+}
+
+/// `dits train`.
+pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
+    let run_dir = &opts.run_dir;
+    let mut trainer = if opts.resume {
+        let dir = checkpoint::resolve(run_dir)?;
+        let ckpt = checkpoint::load(&dir)?;
+        let trainer = Trainer::from_checkpoint(ckpt, &dir, &opts.device)?;
+        metrics::truncate_after(run_dir, trainer.state.step)?;
+        trainer
+    } else {
+        if checkpoint::checkpoints_dir(run_dir).exists() || run_dir.join(metrics::METRICS_FILE).exists() {
+            bail!(
+                "{} already holds a training run: pass --resume {} to continue it, or choose another --out",
+                run_dir.display(),
+                run_dir.display()
+            );
+        }
+        Trainer::new(opts.model.clone(), opts.train.clone(), opts.data_dir.display().to_string(), &opts.device)?
+    };
+    let data_dir = if opts.resume { PathBuf::from(&trainer.state.data_dir) } else { opts.data_dir.clone() };
+    let cfg = trainer.state.model.clone();
+    let ds = Arc::new(ImageDataset::load(&data_dir, Split::Train, cfg.classes)?);
+    ensure!(
+        ds.height == cfg.image_size && ds.width == cfg.image_size && ds.channels == cfg.channels,
+        "{}: images are {}×{}×{}, the model expects {}×{}×{}",
+        data_dir.display(),
+        ds.channels,
+        ds.height,
+        ds.width,
+        cfg.channels,
+        cfg.image_size,
+        cfg.image_size
+    );
+    let batch = trainer.state.train.batch;
+    BatchLoader::check(ds.len(), batch)?;
+    let per_epoch = crate::data::loader::batches_per_epoch(ds.len(), batch);
+    trainer.state.train.total_steps = match opts.length {
+        Length::Steps(s) => s,
+        Length::Epochs(e) => e * per_epoch,
+    };
+    trainer.state.train.validate()?;
+    let total = trainer.state.train.total_steps;
+    ensure!(
+        trainer.state.step < total,
+        "the run is already at step {} of {total}: pass a larger --steps/--epochs to continue it",
+        trainer.state.step
+    );
+    std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+
+    let start_step = trainer.state.step;
+    let mut loader = BatchLoader::new(
+        ds,
+        batch,
+        trainer.state.train.seed,
+        Position { epoch: start_step / per_epoch, index: start_step % per_epoch },
+    );
+    let bar = progress_bar(opts.progress, start_step, total);
+    let (log_every, ckpt_every) = (trainer.state.train.log_every, trainer.state.train.checkpoint_every);
+    let run_start = Instant::now();
+    let elapsed_before = trainer.state.elapsed_s;
+    let mut interval = (Instant::now(), 0f64, 0u64);
+    let mut last_loss = f64::NAN;
+    let mut last_ckpt = None;
+    tracing::info!(
+        "training {} parameters from step {start_step} to {total} ({per_epoch} steps per epoch, batch {batch})",
+        trainer.table().total
+    );
+    while trainer.state.step < total {
+        let b = loader.next_batch();
+        let out = trainer.step(&b);
+        if !out.loss.is_finite() {
+            bar.abandon();
+            bail!(
+                "the loss became {} at step {}: training stopped, the last checkpoint is kept. \
+                 A learning rate too high for this batch size is the usual cause (try a lower --lr)",
+                out.loss,
+                trainer.state.step
+            );
+        }
+        let step = trainer.state.step;
+        trainer.state.epoch = step / per_epoch;
+        trainer.state.batch_in_epoch = step % per_epoch;
+        interval.1 += out.loss as f64;
+        interval.2 += 1;
+        bar.set_position(step);
+        if step % log_every == 0 || step == total {
+            let secs = interval.0.elapsed().as_secs_f64();
+            let rate = (interval.2 as usize * batch) as f64 / secs.max(1e-9);
+            last_loss = interval.1 / interval.2 as f64;
+            bar.set_message(format!("epoch {} | loss {last_loss:.4} | {rate:.0} samples/s", b.epoch));
+            metrics::append(
+                run_dir,
+                &MetricsRecord {
+                    step,
+                    epoch: b.epoch,
+                    loss: last_loss,
+                    lr: out.lr,
+                    samples_per_s: rate,
+                    elapsed_s: elapsed_before + run_start.elapsed().as_secs_f64(),
+                },
+            )?;
+            interval = (Instant::now(), 0.0, 0);
+        }
+        if step % ckpt_every == 0 || step == total {
+            trainer.state.elapsed_s = elapsed_before + run_start.elapsed().as_secs_f64();
+            let dir = trainer.save(run_dir, opts.keep)?;
+            if let Err(e) = metrics::plot_loss(run_dir) {
+                tracing::warn!("could not draw the loss plot: {e:#}");
+            }
+            bar.suspend(|| tracing::info!("step {step}: checkpoint {}", dir.display()));
+            last_ckpt = Some(dir);
+        }
+    }
+    bar.finish();
+    let elapsed = run_start.elapsed().as_secs_f64();
+    Ok(TrainSummary {
+        steps: trainer.state.step,
+        final_loss: last_loss,
+        samples_per_s: ((trainer.state.step - start_step) as usize * batch) as f64 / elapsed.max(1e-9),
+        elapsed_s: elapsed,
+        checkpoint: last_ckpt.expect("at least one step ran, and the last step always checkpoints"),
+    })
+}
+
+fn progress_bar(visible: bool, start: u64, total: u64) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(
+        Some(total),
+        if visible { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
+    );
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30.cyan/blue}] {pos}/{len} steps, ETA {eta} | {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_position(start);
+    bar
+}

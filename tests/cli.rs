@@ -1,0 +1,98 @@
+//! The `dits` binary end to end in a temporary directory: train a few steps, resume, sample;
+//! and bad input gives one `error:` line and a non-zero exit.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn dits(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dits")).args(args).current_dir(cwd).output().expect("running dits")
+}
+
+fn ok(out: &Output) -> String {
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "dits failed:\n{text}");
+    text
+}
+
+fn fails_with(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, got success");
+    let line = err.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("no error line in:\n{err}"));
+    assert!(line.contains(needle), "error line {line:?} lacks {needle:?}");
+}
+
+#[test]
+fn train_resume_sample_on_the_shipped_mnist() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let common = ["--batch", "16", "--checkpoint-every", "2", "--threads", "2", "--log-every", "1"];
+    let mut args = vec!["train", "--out", "run", "--steps", "2"];
+    args.extend(common);
+    let text = ok(&dits(&args, dir));
+    assert!(text.contains("trained to step 2"), "{text}");
+
+    let text = ok(&dits(&["train", "--resume", "run", "--steps", "4", "--threads", "2"], dir));
+    assert!(text.contains("trained to step 4"), "{text}");
+    assert!(dir.join("run/metrics.jsonl").is_file());
+    assert!(dir.join("run/loss.png").is_file());
+
+    let text = ok(&dits(
+        &["sample", "--checkpoint", "run", "--out", "samples", "--classes", "3,7", "--per-class", "2", "--steps", "40"],
+        dir,
+    ));
+    assert!(text.contains("wrote 4 images"), "{text}");
+    for name in ["3_00000.png", "3_00001.png", "7_00000.png", "7_00001.png", "grid.png", "process.png"] {
+        assert!(dir.join("samples").join(name).is_file(), "missing {name}");
+    }
+    let img = image::open(dir.join("samples/7_00001.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (28, 28));
+    let process = image::open(dir.join("samples/process.png")).unwrap();
+    assert_eq!(process.height(), 2 * 30 + 2, "a row per class");
+    assert_eq!(process.width(), 20 * 30 + 2, "20 columns from noise to image");
+
+    // A non-empty output directory is never overwritten silently.
+    fails_with(&dits(&["sample", "--checkpoint", "run", "--out", "samples", "--steps", "2"], dir), "not empty");
+}
+
+#[test]
+fn bad_input_is_one_error_line_and_a_failure() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    fails_with(&dits(&["train", "--batch", "0", "--out", "r"], dir), "batch");
+    fails_with(&dits(&["train", "--lr", "-1", "--out", "r"], dir), "--lr");
+    fails_with(&dits(&["train", "--steps", "0", "--out", "r"], dir), "at least 1");
+    fails_with(&dits(&["train", "--data", "nowhere", "--out", "r", "--steps", "1"], dir), "nowhere");
+    fails_with(&dits(&["train", "--model", "huge", "--out", "r"], dir), "unknown model preset");
+    fails_with(&dits(&["train", "--resume", "nothing-here"], dir), "does not exist");
+    fails_with(&dits(&["sample", "--checkpoint", "missing.pth", "--out", "s"], dir), "does not exist");
+    assert!(!dir.join("r").exists(), "a failed run wrote its run directory");
+
+    // Corrupt data: named file, clear reason.
+    let data = dir.join("bad");
+    common::write_toy_dataset(&data, 20);
+    let images = data.join("train-images-idx3-ubyte");
+    let bytes = std::fs::read(&images).unwrap();
+    std::fs::write(&images, &bytes[..bytes.len() - 100]).unwrap();
+    fails_with(&dits(&["train", "--data", "bad", "--out", "r2", "--steps", "1"], dir), "truncated");
+    assert!(!dir.join("r2").exists());
+
+    // A sample request for a class the model does not have.
+    let pth = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden_mnist_dits.pth");
+    fails_with(
+        &dits(&["sample", "--checkpoint", pth.to_str().unwrap(), "--out", "s", "--classes", "12"], dir),
+        "class 12",
+    );
+}
+
+#[test]
+fn samples_from_an_original_mnist_dits_pth() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pth = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden_mnist_dits.pth");
+    let text = ok(&dits(
+        &["sample", "--checkpoint", pth.to_str().unwrap(), "--out", "s", "--classes", "1", "--per-class", "1", "--steps", "3"],
+        tmp.path(),
+    ));
+    assert!(text.contains("wrote 1 images"), "{text}");
+}

@@ -1,0 +1,120 @@
+//! Training behaviour: the model can learn (overfitting one batch), checkpoints round-trip,
+//! and a resumed run ends bit-identical to an uninterrupted one.
+
+mod common;
+
+use std::path::Path;
+
+use burn::prelude::*;
+use dits::model::DitConfig;
+use dits::train::trainer::{self, Length, TrainOptions, Trainer};
+use dits::train::{checkpoint, default_train_config, metrics};
+
+fn options(data: &Path, run: &Path, steps: u64, resume: bool) -> TrainOptions {
+    let mut train = default_train_config();
+    train.batch = 8;
+    train.checkpoint_every = 2;
+    train.log_every = 1;
+    train.seed = 5;
+    TrainOptions {
+        data_dir: data.to_path_buf(),
+        run_dir: run.to_path_buf(),
+        model: DitConfig::mnist_dits(),
+        train,
+        length: Length::Steps(steps),
+        resume,
+        keep: 2,
+        progress: false,
+        device: Device::flex(),
+    }
+}
+
+#[test]
+fn overfits_one_small_batch() {
+    let mut train = default_train_config();
+    train.batch = 16;
+    let mut trainer = Trainer::new(DitConfig::mnist_dits(), train, String::new(), &Device::flex()).unwrap();
+    use rand::Rng;
+    let mut rng = dits::rng::stream(1, dits::rng::Purpose::Bench, 0);
+    let x0: Vec<f32> = (0..16 * 784).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let labels: Vec<u8> = (0..16).map(|i| i % 10).collect();
+    let t: Vec<usize> = (0..16).map(|_| rng.random_range(0..1000)).collect();
+    let eps = dits::diffusion::sampler::gaussian(&mut rng, 16 * 784);
+    let losses: Vec<f32> = (0..120).map(|_| trainer.step_on(&x0, &labels, &t, eps.clone()).loss).collect();
+    let (first, last) = (losses[0], *losses.last().unwrap());
+    assert!(first / last >= 5.0, "loss fell only from {first} to {last}");
+}
+
+#[test]
+fn resumed_run_equals_uninterrupted_run_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    common::write_toy_dataset(&data, 40);
+
+    let straight = tmp.path().join("straight");
+    let s = trainer::run(options(&data, &straight, 7, false)).unwrap();
+    assert_eq!(s.steps, 7);
+
+    let split = tmp.path().join("split");
+    trainer::run(options(&data, &split, 3, false)).unwrap();
+    // Crossing an epoch boundary (40 images / batch 8 = 5 steps per epoch) after the resume.
+    let r = trainer::run(options(&data, &split, 7, true)).unwrap();
+    assert_eq!(r.steps, 7);
+
+    let a = checkpoint::load(&checkpoint::resolve(&straight).unwrap()).unwrap();
+    let b = checkpoint::load(&checkpoint::resolve(&split).unwrap()).unwrap();
+    assert_eq!(a.state.step, 7);
+    assert!(a.model_bytes == b.model_bytes, "weights differ after resume");
+    assert!(a.adam == b.adam, "optimizer state differs after resume");
+    assert_eq!((b.state.epoch, b.state.batch_in_epoch), (1, 2));
+
+    // The metrics log has one record per step, none duplicated by the resume.
+    let steps: Vec<u64> = metrics::read(&split).iter().map(|r| r.step).collect();
+    assert_eq!(steps, (1..=7).collect::<Vec<_>>());
+    assert!(split.join(metrics::LOSS_PLOT).is_file());
+    // Only the newest two checkpoints are kept.
+    let kept = std::fs::read_dir(checkpoint::checkpoints_dir(&split)).unwrap().count();
+    assert_eq!(kept, 3, "two checkpoints and `latest`");
+}
+
+#[test]
+fn checkpoint_round_trip_restores_weights_and_rejects_corruption() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    common::write_toy_dataset(&data, 16);
+    let run = tmp.path().join("run");
+    trainer::run(options(&data, &run, 2, false)).unwrap();
+    let dir = checkpoint::resolve(&run).unwrap();
+    let ckpt = checkpoint::load(&dir).unwrap();
+    let params_before = ckpt.state.params.clone();
+    let t = Trainer::from_checkpoint(ckpt, &dir, &Device::flex()).unwrap();
+    assert_eq!(t.state.step, 2);
+    assert_eq!(t.table(), &params_before);
+    // Saved weights reproduce exactly.
+    let again = dits::model::weights::to_safetensors_bytes(t.model()).unwrap();
+    assert_eq!(again, std::fs::read(dir.join(checkpoint::MODEL_FILE)).unwrap());
+
+    // Flip one byte of the weights: loading names the file and the problem.
+    let path = dir.join(checkpoint::MODEL_FILE);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&path, bytes).unwrap();
+    let err = format!("{:#}", checkpoint::load(&dir).err().unwrap());
+    assert!(err.contains("model.safetensors") && err.contains("checksum"), "{err}");
+    // And resuming refuses without touching the run.
+    let before = std::fs::read(&path).unwrap();
+    assert!(trainer::run(options(&data, &run, 4, true)).is_err());
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+}
+
+#[test]
+fn a_new_run_refuses_to_overwrite_an_existing_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    common::write_toy_dataset(&data, 16);
+    let run = tmp.path().join("run");
+    trainer::run(options(&data, &run, 1, false)).unwrap();
+    let err = trainer::run(options(&data, &run, 2, false)).unwrap_err().to_string();
+    assert!(err.contains("--resume"), "{err}");
+}
