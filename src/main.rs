@@ -49,13 +49,13 @@ struct TrainArgs {
     /// Run directory for checkpoints, metrics.jsonl and loss.png [default: runs/dits].
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Total epochs of the run [default: 4].
+    /// Total epochs of the run [default: 2].
     #[arg(long, conflicts_with = "steps")]
     epochs: Option<u64>,
     /// Total optimizer steps of the run (instead of --epochs).
     #[arg(long)]
     steps: Option<u64>,
-    /// Batch size [default: 128].
+    /// Batch size [default: 64].
     #[arg(long)]
     batch: Option<usize>,
     /// Adam learning rate [default: 0.001].
@@ -76,6 +76,9 @@ struct TrainArgs {
     /// Log metrics every N steps.
     #[arg(long)]
     log_every: Option<u64>,
+    /// Decay of the weights' moving average used for sampling [default: 0.999].
+    #[arg(long)]
+    ema_decay: Option<f64>,
     /// Checkpoints kept on disk (older ones are deleted).
     #[arg(long, default_value_t = 2)]
     keep: usize,
@@ -116,6 +119,9 @@ struct SampleArgs {
     /// Model preset for weight files without a config (PyTorch .pth).
     #[arg(long, default_value = "mnist-dits")]
     model: String,
+    /// Weights of a checkpoint to use: the moving average or the raw weights.
+    #[arg(long, value_enum, default_value = "ema")]
+    weights: dits::sample::WeightsKind,
     /// Write into a non-empty --out directory.
     #[arg(long)]
     force: bool,
@@ -145,6 +151,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
         .without_time()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("DITS_LOG").unwrap_or_else(|_| "info".into()),
@@ -180,7 +187,8 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
     if let Some(run_dir) = a.resume {
         let saved = checkpoint::read_state(&checkpoint::resolve(&run_dir)?)?;
         let t = &saved.train;
-        let fixed: [(&str, bool); 6] = [
+        let fixed: [(&str, bool); 7] = [
+            ("--ema-decay", a.ema_decay.is_some_and(|v| v != t.ema_decay)),
             ("--batch", a.batch.is_some_and(|v| v != t.batch)),
             ("--lr", a.lr.is_some_and(|v| v != t.lr)),
             ("--seed", a.seed.is_some_and(|v| v != t.seed)),
@@ -222,6 +230,7 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
     train.loss = a.loss.unwrap_or(train.loss);
     train.checkpoint_every = a.checkpoint_every.unwrap_or(train.checkpoint_every);
     train.log_every = a.log_every.unwrap_or(train.log_every);
+    train.ema_decay = a.ema_decay.unwrap_or(train.ema_decay);
     train.validate()?;
     let model = DitConfig::preset(a.model.as_deref().unwrap_or("mnist-dits"))?;
     let data_dir = a.data.unwrap_or_else(default_data_dir);
@@ -263,6 +272,7 @@ fn sample_cmd(a: SampleArgs) -> anyhow::Result<()> {
         seed: a.seed,
         batch: a.batch,
         preset: a.model,
+        weights: a.weights,
         force: a.force,
         progress: !a.no_progress && std::io::stderr().is_terminal(),
         device: device(a.common.device)?,

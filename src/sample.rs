@@ -24,20 +24,33 @@ pub struct LoadedModel {
     pub description: String,
 }
 
-/// Load weights from a run directory, a checkpoint directory, a `.safetensors` file (its
-/// `state.json` beside it gives the config, else `preset`) or a PyTorch `.pth` of mnist-dits
-/// (config from `preset`).
-pub fn load_model(path: &Path, preset: &str, device: &Device) -> anyhow::Result<LoadedModel> {
+/// Which weights of a checkpoint to sample with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WeightsKind {
+    /// The moving average of the weights (the better sampler).
+    Ema,
+    /// The weights as the optimizer left them.
+    Raw,
+}
+
+/// Load weights from a run directory, a checkpoint directory (`which` picks EMA or raw), a
+/// `.safetensors` file (its `state.json` beside it gives the config, else `preset`) or a
+/// PyTorch `.pth` of mnist-dits (config from `preset`).
+pub fn load_model(path: &Path, which: WeightsKind, preset: &str, device: &Device) -> anyhow::Result<LoadedModel> {
     if path.is_dir() {
         let dir = checkpoint::resolve(path)?;
         let state = checkpoint::read_state(&dir)?;
-        let bytes = checkpoint::read_verified(&dir, &state, checkpoint::MODEL_FILE)?;
+        let file = match which {
+            WeightsKind::Ema => checkpoint::EMA_FILE,
+            WeightsKind::Raw => checkpoint::MODEL_FILE,
+        };
+        let bytes = checkpoint::read_verified(&dir, &state, file)?;
         let mut model = Dit::new(&state.model, device);
-        weights::load_safetensors_bytes(&mut model, bytes, &dir.join(checkpoint::MODEL_FILE))?;
+        weights::load_safetensors_bytes(&mut model, bytes, &dir.join(file))?;
         return Ok(LoadedModel {
             model,
             schedule: NoiseSchedule::new(state.train.beta_schedule, state.train.timesteps),
-            description: format!("{} (step {})", dir.display(), state.step),
+            description: format!("{} (step {}, {file})", dir.display(), state.step),
             config: state.model,
         });
     }
@@ -74,6 +87,7 @@ pub struct SampleOptions {
     pub batch: usize,
     /// Model preset for weight files that carry no config (PyTorch `.pth`).
     pub preset: String,
+    pub weights: WeightsKind,
     /// Write into a directory that already holds files.
     pub force: bool,
     pub progress: bool,
@@ -91,7 +105,7 @@ pub struct SampleSummary {
 pub fn run(opts: SampleOptions) -> anyhow::Result<SampleSummary> {
     ensure!(opts.per_class > 0, "--per-class must be at least 1");
     ensure!(opts.batch > 0, "--batch must be at least 1");
-    let loaded = load_model(&opts.checkpoint, &opts.preset, &opts.device)?;
+    let loaded = load_model(&opts.checkpoint, opts.weights, &opts.preset, &opts.device)?;
     let cfg = &loaded.config;
     let classes = match &opts.classes {
         Some(c) => c.clone(),

@@ -66,6 +66,8 @@ fn resumed_run_equals_uninterrupted_run_bit_for_bit() {
     assert_eq!(a.state.step, 7);
     assert!(a.model_bytes == b.model_bytes, "weights differ after resume");
     assert!(a.adam == b.adam, "optimizer state differs after resume");
+    assert!(a.ema_bytes == b.ema_bytes, "weight average differs after resume");
+    assert!(a.ema_bytes != a.model_bytes, "the average is not the raw weights");
     assert_eq!((b.state.epoch, b.state.batch_in_epoch), (1, 2));
 
     // The metrics log has one record per step, none duplicated by the resume.

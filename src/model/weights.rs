@@ -16,7 +16,6 @@ use burn::store::{
 };
 
 use super::dit::Dit;
-use super::embed::sinusoid_frequencies;
 
 /// (burn pattern, PyTorch replacement) applied when saving.
 const TO_PYTORCH: &[(&str, &str)] = &[
@@ -109,12 +108,6 @@ pub fn to_pytorch_name(path: &str) -> String {
         format!("{}{}.{leaf}", &c[1], &c[2])
     })
     .into_owned()
-}
-
-/// The frequencies mnist-dits stores as `time_emb.0.half_emb`, for writing a state_dict that
-/// PyTorch loads strictly.
-pub fn frequency_buffer(width: usize) -> (String, Vec<f32>) {
-    (FREQUENCY_BUFFER.to_string(), sinusoid_frequencies(width))
 }
 
 /// Write the weights of `model` to `path` (atomically: temp file + rename).

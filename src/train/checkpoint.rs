@@ -5,7 +5,7 @@
 //! leaves the previous checkpoint intact and loadable.
 //!
 //! ```text
-//! RUN_DIR/checkpoints/step-00001000/{model.safetensors, optimizer.safetensors, state.json}
+//! RUN_DIR/checkpoints/step-00001000/{model,ema,optimizer}.safetensors, state.json
 //! RUN_DIR/checkpoints/latest          (the name of the newest complete checkpoint)
 //! ```
 
@@ -24,6 +24,8 @@ use crate::model::DitConfig;
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// The moving average of the weights (same format as [`MODEL_FILE`]); sampling uses it.
+pub const EMA_FILE: &str = "ema.safetensors";
 pub const STATE_FILE: &str = "state.json";
 const LATEST: &str = "latest";
 const FORMAT_VERSION: u32 = 1;
@@ -60,6 +62,7 @@ pub struct CheckpointState {
 pub struct Checkpoint {
     pub state: CheckpointState,
     pub model_bytes: Vec<u8>,
+    pub ema_bytes: Vec<u8>,
     pub adam: AdamState,
 }
 
@@ -105,7 +108,14 @@ fn adam_from_bytes(bytes: &[u8], expected_len: usize, origin: &Path) -> anyhow::
 
 /// Write a checkpoint for `state.step` under `run_dir`, switch `latest` to it and keep only
 /// the newest `keep` checkpoints. Returns its directory.
-pub fn save(run_dir: &Path, mut state: CheckpointState, model_bytes: &[u8], adam: &AdamState, keep: usize) -> anyhow::Result<PathBuf> {
+pub fn save(
+    run_dir: &Path,
+    mut state: CheckpointState,
+    model_bytes: &[u8],
+    ema_bytes: &[u8],
+    adam: &AdamState,
+    keep: usize,
+) -> anyhow::Result<PathBuf> {
     let root = checkpoints_dir(run_dir);
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     let name = format!("step-{:08}", state.step);
@@ -116,10 +126,12 @@ pub fn save(run_dir: &Path, mut state: CheckpointState, model_bytes: &[u8], adam
     let optimizer_bytes = adam_to_bytes(adam)?;
     state.sha256 = BTreeMap::from([
         (MODEL_FILE.to_string(), sha256_hex(model_bytes)),
+        (EMA_FILE.to_string(), sha256_hex(ema_bytes)),
         (OPTIMIZER_FILE.to_string(), sha256_hex(&optimizer_bytes)),
     ]);
     let written = (|| {
         write_atomic(&tmp.join(MODEL_FILE), model_bytes)?;
+        write_atomic(&tmp.join(EMA_FILE), ema_bytes)?;
         write_atomic(&tmp.join(OPTIMIZER_FILE), &optimizer_bytes)?;
         write_atomic(&tmp.join(STATE_FILE), serde_json::to_string_pretty(&state)?.as_bytes())?;
         let dest = root.join(&name);
@@ -219,6 +231,7 @@ pub fn read_verified(dir: &Path, state: &CheckpointState, file: &str) -> anyhow:
 pub fn load(dir: &Path) -> anyhow::Result<Checkpoint> {
     let state = read_state(dir)?;
     let model_bytes = read_verified(dir, &state, MODEL_FILE)?;
+    let ema_bytes = read_verified(dir, &state, EMA_FILE)?;
     let opt_bytes = read_verified(dir, &state, OPTIMIZER_FILE)?;
     let adam = adam_from_bytes(&opt_bytes, state.params.total, &dir.join(OPTIMIZER_FILE))?;
     ensure!(
@@ -228,7 +241,7 @@ pub fn load(dir: &Path) -> anyhow::Result<Checkpoint> {
         adam.step,
         state.step
     );
-    Ok(Checkpoint { state, model_bytes, adam })
+    Ok(Checkpoint { state, model_bytes, ema_bytes, adam })
 }
 
 impl CheckpointState {

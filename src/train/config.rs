@@ -28,6 +28,8 @@ pub struct TrainConfig {
     pub adam: AdamConfig,
     /// Linear learning-rate warm-up over this many steps (0: none).
     pub warmup_steps: u64,
+    /// Decay of the weights' moving average (see [`super::ema`]); 0 keeps the raw weights.
+    pub ema_decay: f64,
     pub checkpoint_every: u64,
     pub log_every: u64,
     pub timesteps: usize,
@@ -41,6 +43,7 @@ impl TrainConfig {
         ensure!(self.total_steps > 0, "the number of training steps must be at least 1");
         ensure!(self.checkpoint_every > 0, "--checkpoint-every must be at least 1");
         ensure!(self.log_every > 0, "--log-every must be at least 1");
+        ensure!((0.0..1.0).contains(&self.ema_decay), "--ema-decay must be in [0, 1), got {}", self.ema_decay);
         ensure!(self.timesteps >= 2, "the diffusion needs at least 2 timesteps");
         Ok(())
     }

@@ -3,6 +3,7 @@
 pub mod adam;
 pub mod checkpoint;
 pub mod config;
+pub mod ema;
 pub mod metrics;
 pub mod params;
 pub mod trainer;
@@ -22,6 +23,7 @@ pub fn default_train_config() -> TrainConfig {
         loss: LossKind::L1,
         adam: adam::AdamConfig::default(),
         warmup_steps: 0,
+        ema_decay: 0.999,
         checkpoint_every: 500,
         log_every: 50,
         timesteps: 1000,
@@ -30,6 +32,6 @@ pub fn default_train_config() -> TrainConfig {
 }
 
 /// Batch size of the default recipe.
-pub const DEFAULT_BATCH: usize = 128;
+pub const DEFAULT_BATCH: usize = 64;
 /// Epochs of the default recipe.
-pub const DEFAULT_EPOCHS: u64 = 4;
+pub const DEFAULT_EPOCHS: u64 = 2;

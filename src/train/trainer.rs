@@ -29,6 +29,8 @@ pub struct Trainer {
     /// The master copy of the weights; the model's tensors are rebuilt from it after each step.
     params: Vec<f32>,
     adam: AdamState,
+    /// Moving average of `params`.
+    ema: Vec<f32>,
     schedule: NoiseSchedule,
     pub state: CheckpointState,
 }
@@ -51,9 +53,10 @@ impl Trainer {
         let table = ParamTable::of(&model);
         let params = table.read_values(&model);
         let adam = AdamState::new(table.total);
+        let ema = params.clone();
         let schedule = NoiseSchedule::new(train.beta_schedule, train.timesteps);
         let state = CheckpointState::new(model_cfg, train, table.clone(), data_dir);
-        Ok(Self { device, model, table, params, adam, schedule, state })
+        Ok(Self { device, model, table, params, adam, ema, schedule, state })
     }
 
     /// Continue from a loaded checkpoint.
@@ -68,8 +71,11 @@ impl Trainer {
             origin.display()
         );
         let params = table.read_values(&model);
+        let mut ema_model = Dit::new(&ckpt.state.model, &device.clone().inner());
+        weights::load_safetensors_bytes(&mut ema_model, ckpt.ema_bytes, &origin.join(checkpoint::EMA_FILE))?;
+        let ema = table.read_values(&ema_model);
         let schedule = NoiseSchedule::new(ckpt.state.train.beta_schedule, ckpt.state.train.timesteps);
-        Ok(Self { device, model, table, params, adam: ckpt.adam, schedule, state: ckpt.state })
+        Ok(Self { device, model, table, params, adam: ckpt.adam, ema, schedule, state: ckpt.state })
     }
 
     pub fn model(&self) -> &Dit {
@@ -78,6 +84,10 @@ impl Trainer {
 
     pub fn params(&self) -> &[f32] {
         &self.params
+    }
+
+    pub fn ema(&self) -> &[f32] {
+        &self.ema
     }
 
     pub fn table(&self) -> &ParamTable {
@@ -116,6 +126,7 @@ impl Trainer {
 
         let lr = train.lr_at(step);
         self.adam.update(&train.adam, lr, &mut self.params, &g);
+        super::ema::update(&mut self.ema, &self.params, super::ema::decay_at(train.ema_decay, step));
         // Cloning a module clones tensor handles, not data.
         self.model = self.table.write_values(self.model.clone(), &self.params);
 
@@ -126,7 +137,8 @@ impl Trainer {
     /// Save a checkpoint of the current state under `run_dir`.
     pub fn save(&self, run_dir: &Path, keep: usize) -> anyhow::Result<PathBuf> {
         let model_bytes = weights::to_safetensors_bytes(&self.model)?;
-        checkpoint::save(run_dir, self.state.clone(), &model_bytes, &self.adam, keep)
+        let ema_bytes = weights::to_safetensors_bytes(&self.table.write_values(self.model.clone(), &self.ema))?;
+        checkpoint::save(run_dir, self.state.clone(), &model_bytes, &ema_bytes, &self.adam, keep)
     }
 }
 
