@@ -76,6 +76,9 @@ struct TrainArgs {
     /// Log metrics every N steps.
     #[arg(long)]
     log_every: Option<u64>,
+    /// Linear learning-rate warm-up over the first N steps [default: 0].
+    #[arg(long)]
+    warmup_steps: Option<u64>,
     /// Decay of the weights' moving average used for sampling [default: 0.999].
     #[arg(long)]
     ema_decay: Option<f64>,
@@ -187,7 +190,8 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
     if let Some(run_dir) = a.resume {
         let saved = checkpoint::read_state(&checkpoint::resolve(&run_dir)?)?;
         let t = &saved.train;
-        let fixed: [(&str, bool); 7] = [
+        let fixed: [(&str, bool); 8] = [
+            ("--warmup-steps", a.warmup_steps.is_some_and(|v| v != t.warmup_steps)),
             ("--ema-decay", a.ema_decay.is_some_and(|v| v != t.ema_decay)),
             ("--batch", a.batch.is_some_and(|v| v != t.batch)),
             ("--lr", a.lr.is_some_and(|v| v != t.lr)),
@@ -231,6 +235,7 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
     train.checkpoint_every = a.checkpoint_every.unwrap_or(train.checkpoint_every);
     train.log_every = a.log_every.unwrap_or(train.log_every);
     train.ema_decay = a.ema_decay.unwrap_or(train.ema_decay);
+    train.warmup_steps = a.warmup_steps.unwrap_or(train.warmup_steps);
     train.validate()?;
     let model = DitConfig::preset(a.model.as_deref().unwrap_or("mnist-dits"))?;
     let data_dir = a.data.unwrap_or_else(default_data_dir);
