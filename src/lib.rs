@@ -9,6 +9,7 @@ pub mod device;
 pub mod diffusion;
 pub mod fsutil;
 pub mod images;
+pub mod memory;
 pub mod model;
 pub mod rng;
 pub mod sample;

@@ -151,6 +151,7 @@ struct BenchArgs {
 }
 
 fn main() -> ExitCode {
+    dits::memory::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_target(false)
