@@ -11,7 +11,7 @@ use dits::data::default_data_dir;
 use dits::device::{DeviceKind, device, init_threads};
 use dits::diffusion::SamplerKind;
 use dits::model::DitConfig;
-use dits::train::{self, Length, LossKind, TrainOptions, checkpoint, default_train_config};
+use dits::train::{self, Length, LossKind, LrDecay, TrainOptions, checkpoint, default_train_config};
 
 #[derive(Parser)]
 #[command(name = "dits", version, about = "Train, sample and benchmark class-conditional Diffusion Transformers")]
@@ -79,6 +79,9 @@ struct TrainArgs {
     /// Linear learning-rate warm-up over the first N steps [default: 0].
     #[arg(long)]
     warmup_steps: Option<u64>,
+    /// Learning-rate decay after warm-up, over the run's total steps [default: none].
+    #[arg(long, value_enum)]
+    lr_decay: Option<LrDecay>,
     /// Decay of the weights' moving average used for sampling [default: 0.999].
     #[arg(long)]
     ema_decay: Option<f64>,
@@ -191,7 +194,8 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
     if let Some(run_dir) = a.resume {
         let saved = checkpoint::read_state(&checkpoint::resolve(&run_dir)?)?;
         let t = &saved.train;
-        let fixed: [(&str, bool); 8] = [
+        let fixed: [(&str, bool); 9] = [
+            ("--lr-decay", a.lr_decay.is_some_and(|v| v != t.lr_decay)),
             ("--warmup-steps", a.warmup_steps.is_some_and(|v| v != t.warmup_steps)),
             ("--ema-decay", a.ema_decay.is_some_and(|v| v != t.ema_decay)),
             ("--batch", a.batch.is_some_and(|v| v != t.batch)),
@@ -237,6 +241,7 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
     train.log_every = a.log_every.unwrap_or(train.log_every);
     train.ema_decay = a.ema_decay.unwrap_or(train.ema_decay);
     train.warmup_steps = a.warmup_steps.unwrap_or(train.warmup_steps);
+    train.lr_decay = a.lr_decay.unwrap_or(train.lr_decay);
     train.validate()?;
     let model = DitConfig::preset(a.model.as_deref().unwrap_or("mnist-dits"))?;
     let data_dir = a.data.unwrap_or_else(default_data_dir);

@@ -16,6 +16,18 @@ pub enum LossKind {
     Mse,
 }
 
+/// How the learning rate falls after warm-up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LrDecay {
+    /// Constant.
+    #[default]
+    None,
+    /// Half a cosine from the peak to zero at the run's last step: short runs end on small,
+    /// careful steps instead of the jitter of a high constant rate.
+    Cosine,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
@@ -28,6 +40,9 @@ pub struct TrainConfig {
     pub adam: AdamConfig,
     /// Linear learning-rate warm-up over this many steps (0: none).
     pub warmup_steps: u64,
+    /// Decay after warm-up, over the run's `total_steps`.
+    #[serde(default)]
+    pub lr_decay: LrDecay,
     /// Decay of the weights' moving average (see [`super::ema`]); 0 keeps the raw weights.
     pub ema_decay: f64,
     pub checkpoint_every: u64,
@@ -48,12 +63,45 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// Learning rate at `step` (0-based), after warm-up.
+    /// Learning rate at `step` (0-based): linear warm-up, then the decay.
     pub fn lr_at(&self, step: u64) -> f64 {
         if step < self.warmup_steps {
-            self.lr * (step + 1) as f64 / self.warmup_steps as f64
-        } else {
-            self.lr
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
         }
+        match self.lr_decay {
+            LrDecay::None => self.lr,
+            LrDecay::Cosine => {
+                let span = self.total_steps.saturating_sub(self.warmup_steps).max(1) as f64;
+                let progress = ((step - self.warmup_steps) as f64 / span).min(1.0);
+                self.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(warmup_steps: u64, lr_decay: LrDecay) -> TrainConfig {
+        TrainConfig { lr: 2e-3, total_steps: 1100, warmup_steps, lr_decay, ..crate::train::default_train_config() }
+    }
+
+    #[test]
+    fn warm_up_is_linear_then_constant() {
+        let c = cfg(100, LrDecay::None);
+        assert!((c.lr_at(0) - 2e-5).abs() < 1e-12);
+        assert!((c.lr_at(49) - 1e-3).abs() < 1e-12);
+        assert_eq!(c.lr_at(100), 2e-3);
+        assert_eq!(c.lr_at(1099), 2e-3);
+    }
+
+    #[test]
+    fn cosine_falls_from_the_peak_to_zero_at_the_last_step() {
+        let c = cfg(100, LrDecay::Cosine);
+        assert_eq!(c.lr_at(100), 2e-3);
+        assert!((c.lr_at(600) - 1e-3).abs() < 1e-12, "half way: half the peak");
+        assert!(c.lr_at(1099) < 1e-7 && c.lr_at(1099) > 0.0);
+        assert!((1..1000).all(|s| c.lr_at(100 + s) < c.lr_at(100 + s - 1)));
     }
 }

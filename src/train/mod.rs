@@ -8,7 +8,7 @@ pub mod metrics;
 pub mod params;
 pub mod trainer;
 
-pub use config::{LossKind, TrainConfig};
+pub use config::{LossKind, LrDecay, TrainConfig};
 pub use trainer::{Length, TrainOptions, TrainSummary, Trainer};
 
 use crate::diffusion::schedule::BetaSchedule;
@@ -23,6 +23,7 @@ pub fn default_train_config() -> TrainConfig {
         loss: LossKind::L1,
         adam: adam::AdamConfig::default(),
         warmup_steps: 0,
+        lr_decay: config::LrDecay::None,
         ema_decay: 0.999,
         checkpoint_every: 500,
         log_every: 50,
