@@ -79,6 +79,10 @@ struct TrainArgs {
     /// Linear learning-rate warm-up over the first N steps [default: 0].
     #[arg(long)]
     warmup_steps: Option<u64>,
+    /// Probability of training on the null label instead of the image's label, which enables
+    /// classifier-free guidance at sampling time [default: 0].
+    #[arg(long)]
+    label_dropout: Option<f64>,
     /// Learning-rate decay after warm-up, over the run's total steps [default: none].
     #[arg(long, value_enum)]
     lr_decay: Option<LrDecay>,
@@ -119,6 +123,10 @@ struct SampleArgs {
     steps: Option<usize>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Classifier-free guidance scale: 1 = conditional only, 0 = unconditional, > 1 guided
+    /// (needs a model trained with --label-dropout).
+    #[arg(long, default_value_t = 1.0)]
+    cfg_scale: f64,
     /// Images denoised together.
     #[arg(long, default_value_t = 256)]
     batch: usize,
@@ -194,7 +202,8 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
     if let Some(run_dir) = a.resume {
         let saved = checkpoint::read_state(&checkpoint::resolve(&run_dir)?)?;
         let t = &saved.train;
-        let fixed: [(&str, bool); 9] = [
+        let fixed: [(&str, bool); 10] = [
+            ("--label-dropout", a.label_dropout.is_some_and(|v| v != t.label_dropout)),
             ("--lr-decay", a.lr_decay.is_some_and(|v| v != t.lr_decay)),
             ("--warmup-steps", a.warmup_steps.is_some_and(|v| v != t.warmup_steps)),
             ("--ema-decay", a.ema_decay.is_some_and(|v| v != t.ema_decay)),
@@ -202,7 +211,13 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
             ("--lr", a.lr.is_some_and(|v| v != t.lr)),
             ("--seed", a.seed.is_some_and(|v| v != t.seed)),
             ("--loss", a.loss.is_some_and(|v| v != t.loss)),
-            ("--model", a.model.as_ref().is_some_and(|m| DitConfig::preset(m).ok().as_ref() != Some(&saved.model))),
+            (
+                "--model",
+                a.model.as_ref().is_some_and(|m| {
+                    let preset = DitConfig::preset(m).ok().map(|p| DitConfig { null_class: saved.model.null_class, ..p });
+                    preset.as_ref() != Some(&saved.model)
+                }),
+            ),
             ("--data", a.data.as_ref().is_some_and(|d| d.display().to_string() != saved.data_dir)),
         ];
         if let Some((flag, _)) = fixed.iter().find(|(_, differs)| *differs) {
@@ -242,8 +257,10 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
     train.ema_decay = a.ema_decay.unwrap_or(train.ema_decay);
     train.warmup_steps = a.warmup_steps.unwrap_or(train.warmup_steps);
     train.lr_decay = a.lr_decay.unwrap_or(train.lr_decay);
+    train.label_dropout = a.label_dropout.unwrap_or(train.label_dropout);
     train.validate()?;
-    let model = DitConfig::preset(a.model.as_deref().unwrap_or("mnist-dits"))?;
+    let mut model = DitConfig::preset(a.model.as_deref().unwrap_or("mnist-dits"))?;
+    model.null_class = train.label_dropout > 0.0;
     let data_dir = a.data.unwrap_or_else(default_data_dir);
     let opts = TrainOptions {
         data_dir,
@@ -281,6 +298,7 @@ fn sample_cmd(a: SampleArgs) -> anyhow::Result<()> {
         sampler: a.sampler,
         steps: a.steps,
         seed: a.seed,
+        cfg_scale: a.cfg_scale,
         batch: a.batch,
         preset: a.model,
         weights: a.weights,

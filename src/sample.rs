@@ -7,6 +7,7 @@ use anyhow::{Context, bail, ensure};
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use crate::diffusion::guidance::Guided;
 use crate::diffusion::sampler::{SamplerKind, sample_batch};
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::images::{FloatImage, grid};
@@ -84,6 +85,8 @@ pub struct SampleOptions {
     /// None: the schedule's full length for DDPM, 50 for DDIM.
     pub steps: Option<usize>,
     pub seed: u64,
+    /// Classifier-free guidance scale (1: conditional only; see [`Guided`]).
+    pub cfg_scale: f64,
     pub batch: usize,
     /// Model preset for weight files that carry no config (PyTorch `.pth`).
     pub preset: String,
@@ -107,6 +110,7 @@ pub fn run(opts: SampleOptions) -> anyhow::Result<SampleSummary> {
     ensure!(opts.batch > 0, "--batch must be at least 1");
     let loaded = load_model(&opts.checkpoint, opts.weights, &opts.preset, &opts.device)?;
     let cfg = &loaded.config;
+    let denoiser = Guided::new(&loaded.model, opts.cfg_scale, cfg.null_label())?;
     let classes = match &opts.classes {
         Some(c) => c.clone(),
         None => (0..cfg.classes).collect(),
@@ -151,7 +155,7 @@ pub fn run(opts: SampleOptions) -> anyhow::Result<SampleSummary> {
             .filter(|(_, (_, i))| *i == 0)
             .map(|(row, &(c, _))| (row, classes.iter().position(|&k| k == c).unwrap()))
             .collect();
-        let x = sample_batch(&loaded.model, &loaded.schedule, opts.sampler, steps, &labels, shape, opts.seed, bi as u64, &opts.device, |k, x| {
+        let x = sample_batch(&denoiser, &loaded.schedule, opts.sampler, steps, &labels, shape, opts.seed, bi as u64, &opts.device, |k, x| {
             if k > 0 {
                 bar.inc(1);
             }

@@ -27,7 +27,8 @@ fn fails_with(out: &Output, needle: &str) {
 fn train_resume_sample_on_the_shipped_mnist() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let common = ["--batch", "16", "--checkpoint-every", "2", "--threads", "2", "--log-every", "1"];
+    let common =
+        ["--batch", "16", "--checkpoint-every", "2", "--threads", "2", "--log-every", "1", "--label-dropout", "0.1"];
     let mut args = vec!["train", "--out", "run", "--steps", "2"];
     args.extend(common);
     let text = ok(&dits(&args, dir));
@@ -51,6 +52,13 @@ fn train_resume_sample_on_the_shipped_mnist() {
     let process = image::open(dir.join("samples/process.png")).unwrap();
     assert_eq!(process.height(), 2 * 30 + 2, "a row per class");
     assert_eq!(process.width(), 20 * 30 + 2, "20 columns from noise to image");
+
+    // Classifier-free guidance on the run trained with label dropout.
+    let text = ok(&dits(
+        &["sample", "--checkpoint", "run", "--out", "guided", "--classes", "5", "--per-class", "3", "--sampler", "ddim", "--steps", "5", "--cfg-scale", "3"],
+        dir,
+    ));
+    assert!(text.contains("wrote 3 images"), "{text}");
 
     // A non-empty output directory is never overwritten silently.
     fails_with(&dits(&["sample", "--checkpoint", "run", "--out", "samples", "--steps", "2"], dir), "not empty");
@@ -84,6 +92,12 @@ fn bad_input_is_one_error_line_and_a_failure() {
         &dits(&["sample", "--checkpoint", pth.to_str().unwrap(), "--out", "s", "--classes", "12"], dir),
         "class 12",
     );
+    // Guidance needs a null label, which the original mnist-dits never learned.
+    fails_with(
+        &dits(&["sample", "--checkpoint", pth.to_str().unwrap(), "--out", "s", "--cfg-scale", "2"], dir),
+        "label dropout",
+    );
+    fails_with(&dits(&["train", "--label-dropout", "1.5", "--out", "r3"], dir), "--label-dropout");
 }
 
 #[test]

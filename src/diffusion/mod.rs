@@ -1,5 +1,6 @@
-//! Diffusion: the noise schedule, forward noising, and the reverse samplers.
+//! Diffusion: the noise schedule, forward noising, the reverse samplers and guidance.
 
+pub mod guidance;
 pub mod sampler;
 pub mod schedule;
 

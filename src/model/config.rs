@@ -34,6 +34,11 @@ pub struct DitConfig {
     /// Number of classes (label ids `0..classes`).
     pub classes: usize,
     pub attn_scale: AttnScale,
+    /// One more label-embedding row, id `classes`, meaning "no label": trained by label
+    /// dropout, it gives the unconditional prediction classifier-free guidance needs. The
+    /// original mnist-dits has none (its `.pth` files load with `false`).
+    #[serde(default)]
+    pub null_class: bool,
 }
 
 /// Named presets, for `--model NAME`.
@@ -53,6 +58,7 @@ impl DitConfig {
             mlp_ratio: 4,
             classes: 10,
             attn_scale: AttnScale::SeqLen,
+            null_class: false,
         }
     }
 
@@ -61,6 +67,16 @@ impl DitConfig {
             "mnist-dits" => Ok(Self::mnist_dits()),
             other => bail!("unknown model preset '{other}' (known: {})", PRESETS.join(", ")),
         }
+    }
+
+    /// Rows of the label embedding.
+    pub fn label_rows(&self) -> usize {
+        self.classes + usize::from(self.null_class)
+    }
+
+    /// The label id meaning "no label", if the model has one.
+    pub fn null_label(&self) -> Option<usize> {
+        self.null_class.then_some(self.classes)
     }
 
     /// Patches per image side.
@@ -102,6 +118,11 @@ impl DitConfig {
         ] {
             ensure!(v > 0, "model {name} must be at least 1");
         }
+        ensure!(
+            self.label_rows() <= 256,
+            "at most 256 label ids (classes plus the null label), got {}",
+            self.label_rows()
+        );
         ensure!(
             self.image_size % self.patch == 0,
             "patch size {} does not divide the image size {}",

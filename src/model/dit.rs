@@ -44,7 +44,7 @@ impl Dit {
                 device,
             )),
             time_emb: TimeEmbedding::new(cfg.width, device),
-            label_emb: label_embedding(cfg.classes, cfg.width, device),
+            label_emb: label_embedding(cfg.label_rows(), cfg.width, device),
             dits: (0..cfg.depth).map(|_| DitBlock::new(cfg, device)).collect(),
             ln: LayerNormConfig::new(cfg.width).init(device),
             linear: LinearConfig::new(cfg.width, pv).init(device),

@@ -40,9 +40,9 @@ pub fn sinusoid_frequencies(width: usize) -> Vec<f32> {
     (0..half).map(|i| (i as f32 * step).exp()).collect()
 }
 
-/// Learned class embedding; `classes` rows.
-pub fn label_embedding(classes: usize, width: usize, device: &Device) -> Embedding {
-    EmbeddingConfig::new(classes, width).init(device)
+/// Learned class embedding, one row per label id.
+pub fn label_embedding(rows: usize, width: usize, device: &Device) -> Embedding {
+    EmbeddingConfig::new(rows, width).init(device)
 }
 
 /// `y`: `[batch]` labels → `[batch, width]`.

@@ -43,6 +43,10 @@ pub struct TrainConfig {
     /// Decay after warm-up, over the run's `total_steps`.
     #[serde(default)]
     pub lr_decay: LrDecay,
+    /// Probability that a training image's label is replaced by the null label, so the model
+    /// also learns the unconditional prediction (classifier-free guidance). 0: never.
+    #[serde(default)]
+    pub label_dropout: f64,
     /// Decay of the weights' moving average (see [`super::ema`]); 0 keeps the raw weights.
     pub ema_decay: f64,
     pub checkpoint_every: u64,
@@ -59,6 +63,11 @@ impl TrainConfig {
         ensure!(self.checkpoint_every > 0, "--checkpoint-every must be at least 1");
         ensure!(self.log_every > 0, "--log-every must be at least 1");
         ensure!((0.0..1.0).contains(&self.ema_decay), "--ema-decay must be in [0, 1), got {}", self.ema_decay);
+        ensure!(
+            (0.0..1.0).contains(&self.label_dropout),
+            "--label-dropout must be in [0, 1), got {}",
+            self.label_dropout
+        );
         ensure!(self.timesteps >= 2, "the diffusion needs at least 2 timesteps");
         Ok(())
     }

@@ -24,6 +24,7 @@ pub fn default_train_config() -> TrainConfig {
         adam: adam::AdamConfig::default(),
         warmup_steps: 0,
         lr_decay: config::LrDecay::None,
+        label_dropout: 0.0,
         ema_decay: 0.999,
         checkpoint_every: 500,
         log_every: 50,

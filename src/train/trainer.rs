@@ -47,6 +47,10 @@ impl Trainer {
     pub fn new(model_cfg: DitConfig, train: TrainConfig, data_dir: String, device: &Device) -> anyhow::Result<Self> {
         model_cfg.validate()?;
         train.validate()?;
+        ensure!(
+            train.label_dropout == 0.0 || model_cfg.null_class,
+            "label dropout needs a model with a null label (null_class = true)"
+        );
         let device = device.clone().autodiff();
         device.seed(derive_seed(train.seed, Purpose::Init, 0));
         let model = Dit::new(&model_cfg, &device);
@@ -101,7 +105,11 @@ impl Trainer {
         let mut rng = stream(self.state.train.seed, Purpose::TrainNoise, self.state.step);
         let t: Vec<usize> = (0..b).map(|_| rng.random_range(0..self.schedule.timesteps())).collect();
         let eps = gaussian(&mut rng, batch.images.len());
-        self.step_on(&batch.images, &batch.labels, &t, eps)
+        let labels = match self.state.model.null_label() {
+            Some(null) => drop_labels(&batch.labels, self.state.train.label_dropout, null as u8, &mut rng),
+            None => batch.labels.clone(),
+        };
+        self.step_on(&batch.images, &labels, &t, eps)
     }
 
     /// One optimizer step with given timesteps `t` and noise `eps` (one row per image).
@@ -140,6 +148,15 @@ impl Trainer {
         let ema_bytes = weights::to_safetensors_bytes(&self.table.write_values(self.model.clone(), &self.ema))?;
         checkpoint::save(run_dir, self.state.clone(), &model_bytes, &ema_bytes, &self.adam, keep)
     }
+}
+
+/// Replace each label by `null` with probability `p` (label dropout for classifier-free
+/// guidance). Draws nothing when `p` is 0, so runs without dropout keep their noise streams.
+pub fn drop_labels(labels: &[u8], p: f64, null: u8, rng: &mut impl Rng) -> Vec<u8> {
+    if p == 0.0 {
+        return labels.to_vec();
+    }
+    labels.iter().map(|&l| if rng.random_bool(p) { null } else { l }).collect()
 }
 
 /// The training objective: the loss between predicted and true noise.
@@ -320,4 +337,22 @@ fn progress_bar(visible: bool, start: u64, total: u64) -> ProgressBar {
     );
     bar.set_position(start);
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_dropout_replaces_about_p_of_the_labels_reproducibly() {
+        let labels: Vec<u8> = (0..10_000).map(|i| (i % 10) as u8).collect();
+        let run = |seed| drop_labels(&labels, 0.1, 10, &mut stream(seed, Purpose::TrainNoise, 0));
+        let dropped = run(1);
+        let nulls = dropped.iter().filter(|&&l| l == 10).count();
+        assert!((900..1100).contains(&nulls), "{nulls} of 10000 dropped at p = 0.1");
+        assert!(dropped.iter().zip(&labels).all(|(&d, &l)| d == l || d == 10));
+        assert_eq!(run(1), dropped);
+        assert_ne!(run(2), dropped);
+        assert_eq!(drop_labels(&labels, 0.0, 10, &mut stream(1, Purpose::TrainNoise, 0)), labels);
+    }
 }
