@@ -66,6 +66,8 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
 
     let mut train = default_train_config();
     train.batch = b;
+    // Throughput does not depend on the label ids; the preset may have no null label.
+    train.label_dropout = 0.0;
     let mut trainer = Trainer::new(cfg.clone(), train, String::new(), &opts.device)?;
     let params = trainer.table().total;
     let train_step_ms = time(opts.warmup, opts.iters, || {

@@ -49,7 +49,7 @@ struct TrainArgs {
     /// Run directory for checkpoints, metrics.jsonl and loss.png [default: runs/dits].
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Total epochs of the run [default: 2].
+    /// Total epochs of the run [default: 6].
     #[arg(long, conflicts_with = "steps")]
     epochs: Option<u64>,
     /// Total optimizer steps of the run (instead of --epochs).
@@ -58,13 +58,13 @@ struct TrainArgs {
     /// Batch size [default: 64].
     #[arg(long)]
     batch: Option<usize>,
-    /// Adam learning rate [default: 0.001].
+    /// Peak Adam learning rate [default: 0.002].
     #[arg(long, allow_negative_numbers = true)]
     lr: Option<f64>,
     /// Seed of every random number in the run [default: 0].
     #[arg(long)]
     seed: Option<u64>,
-    /// Loss between predicted and true noise [default: l1].
+    /// Loss between predicted and true noise [default: mse].
     #[arg(long, value_enum)]
     loss: Option<LossKind>,
     /// Model preset.
@@ -76,19 +76,23 @@ struct TrainArgs {
     /// Log metrics every N steps.
     #[arg(long)]
     log_every: Option<u64>,
-    /// Linear learning-rate warm-up over the first N steps [default: 0].
+    /// Linear learning-rate warm-up over the first N steps [default: 200].
     #[arg(long)]
     warmup_steps: Option<u64>,
     /// Probability of training on the null label instead of the image's label, which enables
-    /// classifier-free guidance at sampling time [default: 0].
+    /// classifier-free guidance at sampling time [default: 0.1].
     #[arg(long)]
     label_dropout: Option<f64>,
-    /// Learning-rate decay after warm-up, over the run's total steps [default: none].
+    /// Learning-rate decay after warm-up, over the run's total steps [default: cosine].
     #[arg(long, value_enum)]
     lr_decay: Option<LrDecay>,
     /// Decay of the weights' moving average used for sampling [default: 0.999].
     #[arg(long)]
     ema_decay: Option<f64>,
+    /// Stop at this step with a checkpoint; the run and its learning-rate schedule keep the
+    /// length of --steps/--epochs, and --resume continues it.
+    #[arg(long, value_name = "STEP")]
+    stop_after: Option<u64>,
     /// Checkpoints kept on disk (older ones are deleted).
     #[arg(long, default_value_t = 2)]
     keep: usize,
@@ -118,15 +122,15 @@ struct SampleArgs {
     per_class: usize,
     #[arg(long, value_enum, default_value = "ddpm")]
     sampler: SamplerKind,
-    /// Denoising steps [default: 1000 for ddpm, 50 for ddim].
+    /// Denoising steps [default: 100 for ddpm, 50 for ddim; ddpm 1000 = mnist-dits].
     #[arg(long)]
     steps: Option<usize>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Classifier-free guidance scale: 1 = conditional only, 0 = unconditional, > 1 guided
-    /// (needs a model trained with --label-dropout).
-    #[arg(long, default_value_t = 1.0)]
-    cfg_scale: f64,
+    /// (needs a model trained with --label-dropout) [default: 2 for such models, else 1].
+    #[arg(long)]
+    cfg_scale: Option<f64>,
     /// Images denoised together.
     #[arg(long, default_value_t = 256)]
     batch: usize,
@@ -240,6 +244,7 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
             length: length_arg.unwrap_or(Length::Steps(saved.train.total_steps)),
             train,
             resume: true,
+            stop_after: a.stop_after,
             keep: a.keep,
             progress,
             device: dev,
@@ -269,6 +274,7 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
         train,
         length: length_arg.unwrap_or(Length::Epochs(train::DEFAULT_EPOCHS)),
         resume: false,
+        stop_after: a.stop_after,
         keep: a.keep,
         progress,
         device: dev,

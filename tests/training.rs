@@ -11,6 +11,10 @@ use dits::train::trainer::{self, Length, TrainOptions, Trainer};
 use dits::train::{checkpoint, default_train_config, metrics};
 
 fn options(data: &Path, run: &Path, steps: u64, resume: bool) -> TrainOptions {
+    options_stopping(data, run, steps, None, resume)
+}
+
+fn options_stopping(data: &Path, run: &Path, steps: u64, stop_after: Option<u64>, resume: bool) -> TrainOptions {
     let mut train = default_train_config();
     train.batch = 8;
     train.checkpoint_every = 2;
@@ -19,10 +23,12 @@ fn options(data: &Path, run: &Path, steps: u64, resume: bool) -> TrainOptions {
     TrainOptions {
         data_dir: data.to_path_buf(),
         run_dir: run.to_path_buf(),
-        model: DitConfig::mnist_dits(),
+        // The default recipe: label dropout (hence a null label) and a decaying learning rate.
+        model: DitConfig { null_class: true, ..DitConfig::mnist_dits() },
         train,
         length: Length::Steps(steps),
         resume,
+        stop_after,
         keep: 2,
         progress: false,
         device: Device::flex(),
@@ -33,6 +39,11 @@ fn options(data: &Path, run: &Path, steps: u64, resume: bool) -> TrainOptions {
 fn overfits_one_small_batch() {
     let mut train = default_train_config();
     train.batch = 16;
+    // A constant rate from the first step: the test is whether the model can learn at all.
+    train.warmup_steps = 0;
+    train.lr_decay = dits::train::LrDecay::None;
+    train.label_dropout = 0.0;
+    train.lr = 1e-3;
     let mut trainer = Trainer::new(DitConfig::mnist_dits(), train, String::new(), &Device::flex()).unwrap();
     use rand::Rng;
     let mut rng = dits::rng::stream(1, dits::rng::Purpose::Bench, 0);
@@ -56,7 +67,9 @@ fn resumed_run_equals_uninterrupted_run_bit_for_bit() {
     assert_eq!(s.steps, 7);
 
     let split = tmp.path().join("split");
-    trainer::run(options(&data, &split, 3, false)).unwrap();
+    // Interrupted at step 3 of 7: the learning-rate schedule still spans 7 steps.
+    let first = trainer::run(options_stopping(&data, &split, 7, Some(3), false)).unwrap();
+    assert_eq!(first.steps, 3);
     // Crossing an epoch boundary (40 images / batch 8 = 5 steps per epoch) after the resume.
     let r = trainer::run(options(&data, &split, 7, true)).unwrap();
     assert_eq!(r.steps, 7);

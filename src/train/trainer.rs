@@ -185,6 +185,9 @@ pub struct TrainOptions {
     pub length: Length,
     /// Continue the run in `run_dir` from its latest checkpoint.
     pub resume: bool,
+    /// Stop at this step with a checkpoint, although the run (and so its learning-rate
+    /// schedule) is sized by `length`; `--resume` continues it.
+    pub stop_after: Option<u64>,
     /// Checkpoints kept on disk.
     pub keep: usize,
     pub progress: bool,
@@ -248,6 +251,12 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
         "the run is already at step {} of {total}: pass a larger --steps/--epochs to continue it",
         trainer.state.step
     );
+    let stop = opts.stop_after.map_or(total, |s| s.min(total));
+    ensure!(
+        trainer.state.step < stop,
+        "--stop-after {stop} is not past the run's current step {}",
+        trainer.state.step
+    );
     std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
 
     let start_step = trainer.state.step;
@@ -268,7 +277,7 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
         "training {} parameters from step {start_step} to {total} ({per_epoch} steps per epoch, batch {batch})",
         trainer.table().total
     );
-    while trainer.state.step < total {
+    while trainer.state.step < stop {
         let b = loader.next_batch();
         let out = trainer.step(&b);
         if !out.loss.is_finite() {
@@ -286,7 +295,7 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
         interval.1 += out.loss as f64;
         interval.2 += 1;
         bar.set_position(step);
-        if step % log_every == 0 || step == total {
+        if step % log_every == 0 || step == stop {
             let secs = interval.0.elapsed().as_secs_f64();
             let rate = (interval.2 as usize * batch) as f64 / secs.max(1e-9);
             last_loss = interval.1 / interval.2 as f64;
@@ -304,7 +313,7 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
             )?;
             interval = (Instant::now(), 0.0, 0);
         }
-        if step % ckpt_every == 0 || step == total {
+        if step % ckpt_every == 0 || step == stop {
             trainer.state.elapsed_s = elapsed_before + run_start.elapsed().as_secs_f64();
             let dir = trainer.save(run_dir, opts.keep)?;
             if let Err(e) = metrics::plot_loss(run_dir) {
