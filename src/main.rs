@@ -128,7 +128,7 @@ struct SampleArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Classifier-free guidance scale: 1 = conditional only, 0 = unconditional, > 1 guided
-    /// (needs a model trained with --label-dropout) [default: 2 for such models, else 1].
+    /// (needs a model trained with --label-dropout) [default: 3 for such models, else 1].
     #[arg(long)]
     cfg_scale: Option<f64>,
     /// Images denoised together.

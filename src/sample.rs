@@ -16,7 +16,7 @@ use crate::train::checkpoint;
 
 /// Default guidance scale for models trained with label dropout (chosen by measurement; see
 /// the README).
-pub const DEFAULT_CFG_SCALE: f64 = 2.0;
+pub const DEFAULT_CFG_SCALE: f64 = 3.0;
 /// Default number of DDPM steps: 100 respaced ancestral steps sample as well as the full 1000
 /// (measured; see the README) in a tenth of the time.
 pub const DEFAULT_DDPM_STEPS: usize = 100;
