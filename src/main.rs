@@ -27,8 +27,33 @@ enum Command {
     Train(TrainArgs),
     /// Generate images with a trained model.
     Sample(SampleArgs),
+    /// Score samples: accuracy of the intended class and FID-CNN, with a classifier trained
+    /// on the real data.
+    Eval(EvalArgs),
     /// Measure training and sampling throughput.
     Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Directory of samples named <class>_<index>.png (other files are ignored).
+    samples: PathBuf,
+    /// Data set the samples imitate (MNIST layout) [default: the shipped MNIST].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Where the trained classifier is cached [default: $XDG_CACHE_HOME/dits or ~/.cache/dits].
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Seed of the classifier's training and of the real subset for the floor.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    #[arg(long)]
+    no_progress: bool,
+    #[command(flatten)]
+    common: Common,
 }
 
 #[derive(Args)]
@@ -172,14 +197,13 @@ fn main() -> ExitCode {
         .with_target(false)
         .with_ansi(std::io::stderr().is_terminal())
         .without_time()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DITS_LOG").unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("DITS_LOG").unwrap_or_else(|_| "info".into()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(a) => train_cmd(a),
         Command::Sample(a) => sample_cmd(a),
+        Command::Eval(a) => eval_cmd(a),
         Command::Bench(a) => bench_cmd(a),
     };
     match result {
@@ -218,14 +242,17 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
             (
                 "--model",
                 a.model.as_ref().is_some_and(|m| {
-                    let preset = DitConfig::preset(m).ok().map(|p| DitConfig { null_class: saved.model.null_class, ..p });
+                    let preset =
+                        DitConfig::preset(m).ok().map(|p| DitConfig { null_class: saved.model.null_class, ..p });
                     preset.as_ref() != Some(&saved.model)
                 }),
             ),
             ("--data", a.data.as_ref().is_some_and(|d| d.display().to_string() != saved.data_dir)),
         ];
         if let Some((flag, _)) = fixed.iter().find(|(_, differs)| *differs) {
-            bail!("{flag} differs from the run being resumed; a resumed run keeps its settings (only --steps/--epochs may grow)");
+            bail!(
+                "{flag} differs from the run being resumed; a resumed run keeps its settings (only --steps/--epochs may grow)"
+            );
         }
         if let Some(out) = &a.out {
             ensure!(out == &run_dir, "--out {} differs from --resume {}", out.display(), run_dir.display());
@@ -319,6 +346,29 @@ fn sample_cmd(a: SampleArgs) -> anyhow::Result<()> {
         s.images_per_s,
         s.out.display()
     );
+    Ok(())
+}
+
+fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
+    init_threads(a.common.threads)?;
+    let opts = dits::eval::EvalOptions {
+        samples: a.samples,
+        data_dir: a.data.unwrap_or_else(default_data_dir),
+        cache_dir: a.cache.unwrap_or_else(dits::eval::default_cache_dir),
+        seed: a.seed,
+        progress: !a.no_progress && std::io::stderr().is_terminal(),
+        device: device(a.common.device)?,
+    };
+    let r = dits::eval::run(&opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!("{} samples: accuracy {:.4}, mean confidence {:.4}", r.samples, r.accuracy, r.mean_confidence);
+    let per: Vec<String> = r.per_class.iter().map(|c| format!("{}:{:.2}", c.class, c.accuracy)).collect();
+    println!("per class: {}", per.join(" "));
+    println!("FID-CNN {:.3}  (floor {:.3}: {} real training images vs the test split)", r.fid, r.fid_floor, r.samples);
+    println!("classifier: test accuracy {:.4}, {}", r.classifier_test_accuracy, r.classifier.display());
     Ok(())
 }
 
