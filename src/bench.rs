@@ -79,8 +79,12 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
     let model = Dit::new(cfg, device);
     let dims = [b, cfg.channels, cfg.image_size, cfg.image_size];
     let x = Tensor::<4>::from_data(TensorData::new(gaussian(&mut rng, b * n), dims), device);
-    let t = Tensor::<1, Int>::from_data(TensorData::new((0..b as i64).map(|i| i * 7 % 1000).collect::<Vec<_>>(), [b]), device);
-    let y = Tensor::<1, Int>::from_data(TensorData::new(labels.iter().map(|&l| l as i64).collect::<Vec<_>>(), [b]), device);
+    let t = Tensor::<1, Int>::from_data(
+        TensorData::new((0..b as i64).map(|i| i * 7 % 1000).collect::<Vec<_>>(), [b]),
+        device,
+    );
+    let y =
+        Tensor::<1, Int>::from_data(TensorData::new(labels.iter().map(|&l| l as i64).collect::<Vec<_>>(), [b]), device);
     let forward_ms = time(opts.warmup, opts.iters, || {
         let out = model.forward(x.clone(), t.clone(), y.clone());
         // Reading one value forces the computation on lazy backends.

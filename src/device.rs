@@ -22,7 +22,10 @@ pub fn device(kind: DeviceKind) -> anyhow::Result<Device> {
         #[cfg(feature = "wgpu")]
         DeviceKind::Wgpu => Ok(Device::wgpu(Default::default())),
         #[allow(unreachable_patterns)]
-        other => bail!("this dits was built without the {other:?} backend: rebuild with --features {}", format!("{other:?}").to_lowercase()),
+        other => bail!(
+            "this dits was built without the {other:?} backend: rebuild with --features {}",
+            format!("{other:?}").to_lowercase()
+        ),
     }
 }
 

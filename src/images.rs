@@ -28,7 +28,8 @@ impl FloatImage {
                 GrayImage::from_raw(w, h, self.data.iter().map(|&v| to_u8(v)).collect()).context("image size")?,
             )),
             3 => {
-                let interleaved = (0..plane).flat_map(|i| (0..3).map(move |c| c * plane + i)).map(|j| to_u8(self.data[j])).collect();
+                let interleaved =
+                    (0..plane).flat_map(|i| (0..3).map(move |c| c * plane + i)).map(|j| to_u8(self.data[j])).collect();
                 Ok(DynamicImage::ImageRgb8(RgbImage::from_raw(w, h, interleaved).context("image size")?))
             }
             c => anyhow::bail!("cannot write a {c}-channel image (1 or 3 supported)"),

@@ -137,8 +137,7 @@ pub fn run(opts: SampleOptions) -> anyhow::Result<SampleSummary> {
     prepare_out_dir(&opts.out, opts.force)?;
 
     // (class, index within class) for every image, class-major.
-    let jobs: Vec<(usize, usize)> =
-        classes.iter().flat_map(|&c| (0..opts.per_class).map(move |i| (c, i))).collect();
+    let jobs: Vec<(usize, usize)> = classes.iter().flat_map(|&c| (0..opts.per_class).map(move |i| (c, i))).collect();
     let batches: Vec<&[(usize, usize)]> = jobs.chunks(opts.batch).collect();
     let snapshot_at = process_columns(steps);
     let mut process: Vec<Vec<FloatImage>> = vec![Vec::new(); classes.len()];
@@ -152,8 +151,10 @@ pub fn run(opts: SampleOptions) -> anyhow::Result<SampleSummary> {
         if opts.progress { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
     );
     bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30.cyan/blue}] {pos}/{len} model calls, ETA {eta} | {msg}")
-            .expect("static template"),
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30.cyan/blue}] {pos}/{len} model calls, ETA {eta} | {msg}",
+        )
+        .expect("static template"),
     );
     let start = std::time::Instant::now();
     for (bi, batch) in batches.iter().enumerate() {
@@ -166,18 +167,29 @@ pub fn run(opts: SampleOptions) -> anyhow::Result<SampleSummary> {
             .filter(|(_, (_, i))| *i == 0)
             .map(|(row, &(c, _))| (row, classes.iter().position(|&k| k == c).unwrap()))
             .collect();
-        let x = sample_batch(&denoiser, &loaded.schedule, opts.sampler, steps, &labels, shape, opts.seed, bi as u64, &opts.device, |k, x| {
-            if k > 0 {
-                bar.inc(1);
-            }
-            if firsts.is_empty() || !snapshot_at.contains(&k) {
-                return;
-            }
-            let data = x.to_data().try_to_vec::<f32>().expect("f32 samples");
-            for &(row, ci) in &firsts {
-                process[ci].push(to_image(data[row * image_len..(row + 1) * image_len].to_vec()));
-            }
-        })?;
+        let x = sample_batch(
+            &denoiser,
+            &loaded.schedule,
+            opts.sampler,
+            steps,
+            &labels,
+            shape,
+            opts.seed,
+            bi as u64,
+            &opts.device,
+            |k, x| {
+                if k > 0 {
+                    bar.inc(1);
+                }
+                if firsts.is_empty() || !snapshot_at.contains(&k) {
+                    return;
+                }
+                let data = x.to_data().try_to_vec::<f32>().expect("f32 samples");
+                for &(row, ci) in &firsts {
+                    process[ci].push(to_image(data[row * image_len..(row + 1) * image_len].to_vec()));
+                }
+            },
+        )?;
         let data = x.into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("reading samples: {e:?}"))?;
         for (row, &(c, i)) in batch.iter().enumerate() {
             let img = to_image(data[row * image_len..(row + 1) * image_len].to_vec());

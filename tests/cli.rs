@@ -55,7 +55,23 @@ fn train_resume_sample_on_the_shipped_mnist() {
 
     // Classifier-free guidance on the run trained with label dropout.
     let text = ok(&dits(
-        &["sample", "--checkpoint", "run", "--out", "guided", "--classes", "5", "--per-class", "3", "--sampler", "ddim", "--steps", "5", "--cfg-scale", "3"],
+        &[
+            "sample",
+            "--checkpoint",
+            "run",
+            "--out",
+            "guided",
+            "--classes",
+            "5",
+            "--per-class",
+            "3",
+            "--sampler",
+            "ddim",
+            "--steps",
+            "5",
+            "--cfg-scale",
+            "3",
+        ],
         dir,
     ));
     assert!(text.contains("wrote 3 images"), "{text}");
@@ -105,7 +121,19 @@ fn samples_from_an_original_mnist_dits_pth() {
     let tmp = tempfile::tempdir().unwrap();
     let pth = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden_mnist_dits.pth");
     let text = ok(&dits(
-        &["sample", "--checkpoint", pth.to_str().unwrap(), "--out", "s", "--classes", "1", "--per-class", "1", "--steps", "3"],
+        &[
+            "sample",
+            "--checkpoint",
+            pth.to_str().unwrap(),
+            "--out",
+            "s",
+            "--classes",
+            "1",
+            "--per-class",
+            "1",
+            "--steps",
+            "3",
+        ],
         tmp.path(),
     ));
     assert!(text.contains("wrote 1 images"), "{text}");

@@ -71,10 +71,7 @@ impl ImageDataset {
             );
         }
         if let Some((i, &l)) = labels.data.iter().enumerate().find(|&(_, &l)| l as usize >= num_classes) {
-            bail!(
-                "{}: label {l} at index {i} is outside the {num_classes} classes",
-                labels_path.display()
-            );
+            bail!("{}: label {l} at index {i} is outside the {num_classes} classes", labels_path.display());
         }
         Ok(Self {
             pixels: images.data,
@@ -121,11 +118,7 @@ mod tests {
             encode_idx(&[n_images, 2, 2], &vec![7; n_images as usize * 4]),
         )
         .unwrap();
-        std::fs::write(
-            dir.join("train-labels-idx1-ubyte"),
-            encode_idx(&[labels.len() as u32], labels),
-        )
-        .unwrap();
+        std::fs::write(dir.join("train-labels-idx1-ubyte"), encode_idx(&[labels.len() as u32], labels)).unwrap();
     }
 
     #[test]

@@ -52,18 +52,14 @@ pub struct IdxArray {
 /// Read an IDX file of `rank` dimensions, transparently gunzipping `*.gz` (detected by the gzip
 /// magic bytes, not the name).
 pub fn read_idx_file(path: &Path, rank: usize) -> anyhow::Result<IdxArray> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), IdxError::Io(e.to_string())))?;
+    let bytes =
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), IdxError::Io(e.to_string())))?;
     parse_idx(&bytes, rank).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 /// Parse IDX bytes (gzip or raw). The header is validated before the payload is allocated.
 pub fn parse_idx(bytes: &[u8], rank: usize) -> Result<IdxArray, IdxError> {
-    if bytes.starts_with(&[0x1f, 0x8b]) {
-        parse_stream(GzDecoder::new(bytes), rank)
-    } else {
-        parse_stream(bytes, rank)
-    }
+    if bytes.starts_with(&[0x1f, 0x8b]) { parse_stream(GzDecoder::new(bytes), rank) } else { parse_stream(bytes, rank) }
 }
 
 fn parse_stream(mut reader: impl Read, rank: usize) -> Result<IdxArray, IdxError> {
@@ -82,10 +78,7 @@ fn parse_stream(mut reader: impl Read, rank: usize) -> Result<IdxArray, IdxError
     let header_len = 4 + 4 * rank;
     let mut dim_bytes = vec![0u8; 4 * rank];
     read_header(&mut reader, &mut dim_bytes, header_len)?;
-    let dims: Vec<u32> = dim_bytes
-        .chunks_exact(4)
-        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    let dims: Vec<u32> = dim_bytes.chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]])).collect();
     if let Some(index) = dims.iter().position(|&d| d == 0) {
         return Err(IdxError::ZeroDimension { index });
     }
@@ -97,10 +90,7 @@ fn parse_stream(mut reader: impl Read, rank: usize) -> Result<IdxArray, IdxError
     // Read at most one byte more than promised: enough to detect trailing data without letting
     // a gzip bomb grow the buffer.
     let mut data = Vec::with_capacity(bytes as usize);
-    let read = (&mut reader)
-        .take(bytes + 1)
-        .read_to_end(&mut data)
-        .map_err(|e| IdxError::Io(e.to_string()))? as u64;
+    let read = (&mut reader).take(bytes + 1).read_to_end(&mut data).map_err(|e| IdxError::Io(e.to_string()))? as u64;
     if read < bytes {
         return Err(IdxError::TruncatedData { expected: bytes, found: read });
     }
@@ -157,10 +147,7 @@ mod tests {
         bad[2] = 0x0D;
         assert_eq!(parse_idx(&bad, 2), Err(IdxError::UnsupportedType(0x0D)));
         assert_eq!(parse_idx(&good, 3), Err(IdxError::WrongRank { expected: 3, found: 2 }));
-        assert_eq!(
-            parse_idx(&good[..good.len() - 1], 2),
-            Err(IdxError::TruncatedData { expected: 4, found: 3 })
-        );
+        assert_eq!(parse_idx(&good[..good.len() - 1], 2), Err(IdxError::TruncatedData { expected: 4, found: 3 }));
         let mut long = good.clone();
         long.extend_from_slice(&[9, 9]);
         assert_eq!(parse_idx(&long, 2), Err(IdxError::TrailingData(2)));

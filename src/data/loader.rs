@@ -93,10 +93,7 @@ impl BatchLoader {
     }
 
     pub fn next_batch(&mut self) -> Batch {
-        self.rx
-            .as_ref()
-            .and_then(|rx| rx.recv().ok())
-            .expect("the loader thread stopped unexpectedly")
+        self.rx.as_ref().and_then(|rx| rx.recv().ok()).expect("the loader thread stopped unexpectedly")
     }
 }
 

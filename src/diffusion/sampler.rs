@@ -70,10 +70,8 @@ pub fn sample_batch(
     let n = dims.iter().product();
     let mut rng = stream(seed, Purpose::Sampling, batch_index);
     let mut x = Tensor::<4>::from_data(TensorData::new(gaussian(&mut rng, n), dims), device);
-    let y = Tensor::<1, Int>::from_data(
-        TensorData::new(labels.iter().map(|&l| l as i64).collect::<Vec<_>>(), [b]),
-        device,
-    );
+    let y =
+        Tensor::<1, Int>::from_data(TensorData::new(labels.iter().map(|&l| l as i64).collect::<Vec<_>>(), [b]), device);
     observe(0, &x);
     for (k, &t) in ts.iter().enumerate() {
         let ab = schedule.alpha_bar[t];

@@ -124,13 +124,13 @@ impl DitConfig {
             self.label_rows()
         );
         ensure!(
-            self.image_size % self.patch == 0,
+            self.image_size.is_multiple_of(self.patch),
             "patch size {} does not divide the image size {}",
             self.patch,
             self.image_size
         );
         ensure!(
-            self.width % 2 == 0 && self.width >= 4,
+            self.width.is_multiple_of(2) && self.width >= 4,
             "model width {} must be even and at least 4 (sin/cos time embedding)",
             self.width
         );

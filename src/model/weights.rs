@@ -11,8 +11,7 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 use burn::store::{
-    ApplyResult, BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, PytorchStore,
-    SafetensorsStore,
+    ApplyResult, BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, PytorchStore, SafetensorsStore,
 };
 
 use super::dit::Dit;
@@ -49,7 +48,7 @@ pub fn to_safetensors_bytes(model: &Dit) -> anyhow::Result<Vec<u8>> {
         store = store.with_key_remapping(*from, *to);
     }
     model.save_into(&mut store).context("collecting the model weights")?;
-    Ok(store.get_bytes().context("serialising the model weights")?)
+    store.get_bytes().context("serialising the model weights")
 }
 
 /// Load safetensors bytes (as written by [`to_safetensors_bytes`]) into `model`.
@@ -90,7 +89,10 @@ fn check_complete(result: &ApplyResult, origin: &Path) -> anyhow::Result<()> {
     }
     let unexpected: Vec<&String> = result.unused.iter().filter(|k| k.as_str() != FREQUENCY_BUFFER).collect();
     if let Some(k) = unexpected.first() {
-        bail!("{name}: unexpected tensor '{k}' ({} unexpected in all): is this a checkpoint of another model?", unexpected.len());
+        bail!(
+            "{name}: unexpected tensor '{k}' ({} unexpected in all): is this a checkpoint of another model?",
+            unexpected.len()
+        );
     }
     Ok(())
 }

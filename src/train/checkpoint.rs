@@ -75,10 +75,7 @@ fn adam_to_bytes(adam: &AdamState) -> anyhow::Result<Vec<u8>> {
     let as_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let (m, v) = (as_bytes(&adam.m), as_bytes(&adam.v));
     let n = adam.m.len();
-    let views = [
-        ("m", TensorView::new(Dtype::F32, vec![n], &m)?),
-        ("v", TensorView::new(Dtype::F32, vec![n], &v)?),
-    ];
+    let views = [("m", TensorView::new(Dtype::F32, vec![n], &m)?), ("v", TensorView::new(Dtype::F32, vec![n], &v)?)];
     let meta = std::collections::HashMap::from([("step".to_string(), adam.step.to_string())]);
     Ok(safetensors::serialize(views, Some(meta))?)
 }
@@ -189,7 +186,12 @@ pub fn resolve(path: &Path) -> anyhow::Result<PathBuf> {
     if latest.is_file() {
         let name = std::fs::read_to_string(&latest).with_context(|| format!("reading {}", latest.display()))?;
         let dir = root.join(name.trim());
-        ensure!(dir.join(STATE_FILE).is_file(), "{} names {}, which is not a checkpoint", latest.display(), dir.display());
+        ensure!(
+            dir.join(STATE_FILE).is_file(),
+            "{} names {}, which is not a checkpoint",
+            latest.display(),
+            dir.display()
+        );
         return Ok(dir);
     }
     if !path.exists() {
@@ -217,7 +219,8 @@ pub fn read_state(dir: &Path) -> anyhow::Result<CheckpointState> {
 pub fn read_verified(dir: &Path, state: &CheckpointState, file: &str) -> anyhow::Result<Vec<u8>> {
     let path = dir.join(file);
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    let expected = state.sha256.get(file).with_context(|| format!("{}: no checksum recorded for {file}", dir.display()))?;
+    let expected =
+        state.sha256.get(file).with_context(|| format!("{}: no checksum recorded for {file}", dir.display()))?;
     let found = sha256_hex(&bytes);
     ensure!(
         &found == expected,

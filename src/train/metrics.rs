@@ -94,16 +94,8 @@ fn draw(records: &[MetricsRecord], path: &Path) -> Result<(), Box<dyn std::error
             .x_label_area_size(40)
             .y_label_area_size(60)
             .build_cartesian_2d(0u64..max_step, (lo..hi).log_scale())?;
-        chart
-            .configure_mesh()
-            .x_desc("step")
-            .y_desc("loss")
-            .y_label_formatter(&|v| format!("{v:.3}"))
-            .draw()?;
-        chart.draw_series(LineSeries::new(
-            records.iter().filter(|r| r.loss > 0.0).map(|r| (r.step, r.loss)),
-            &BLUE,
-        ))?;
+        chart.configure_mesh().x_desc("step").y_desc("loss").y_label_formatter(&|v| format!("{v:.3}")).draw()?;
+        chart.draw_series(LineSeries::new(records.iter().filter(|r| r.loss > 0.0).map(|r| (r.step, r.loss)), &BLUE))?;
         root.present()?;
     }
     let img = image::RgbImage::from_raw(w, h, buf).ok_or("plot buffer size")?;

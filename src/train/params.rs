@@ -48,14 +48,26 @@ impl ParamTable {
 
     /// All parameter values, concatenated.
     pub fn read_values<M: Module>(&self, module: &M) -> Vec<f32> {
-        let mut v = Collect { path: Vec::new(), slots: Vec::new(), total: 0, values: Some(Vec::with_capacity(self.total)), grads: None };
+        let mut v = Collect {
+            path: Vec::new(),
+            slots: Vec::new(),
+            total: 0,
+            values: Some(Vec::with_capacity(self.total)),
+            grads: None,
+        };
         module.visit(&mut v);
         v.values.unwrap()
     }
 
     /// All gradients in `grads`, concatenated (zeros for a parameter without one).
     pub fn read_grads<M: Module>(&self, module: &M, grads: &Gradients) -> Vec<f32> {
-        let mut v = Collect { path: Vec::new(), slots: Vec::new(), total: 0, values: Some(Vec::with_capacity(self.total)), grads: Some(grads) };
+        let mut v = Collect {
+            path: Vec::new(),
+            slots: Vec::new(),
+            total: 0,
+            values: Some(Vec::with_capacity(self.total)),
+            grads: Some(grads),
+        };
         module.visit(&mut v);
         v.values.unwrap()
     }

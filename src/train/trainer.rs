@@ -126,7 +126,8 @@ impl Trainer {
         let xt = Tensor::<4>::from_data(TensorData::new(xt, dims), d);
         let eps = Tensor::<4>::from_data(TensorData::new(eps, dims), d);
         let tt = Tensor::<1, Int>::from_data(TensorData::new(t.iter().map(|&v| v as i64).collect::<Vec<_>>(), [b]), d);
-        let y = Tensor::<1, Int>::from_data(TensorData::new(labels.iter().map(|&v| v as i64).collect::<Vec<_>>(), [b]), d);
+        let y =
+            Tensor::<1, Int>::from_data(TensorData::new(labels.iter().map(|&v| v as i64).collect::<Vec<_>>(), [b]), d);
         let loss = noise_loss(&self.model, xt, tt, y, eps, train.loss);
         let loss_value = loss.to_data().iter::<f32>().next().unwrap_or(f32::NAN);
         let grads = loss.backward();
@@ -160,7 +161,14 @@ pub fn drop_labels(labels: &[u8], p: f64, null: u8, rng: &mut impl Rng) -> Vec<u
 }
 
 /// The training objective: the loss between predicted and true noise.
-pub fn noise_loss(model: &Dit, xt: Tensor<4>, t: Tensor<1, Int>, y: Tensor<1, Int>, eps: Tensor<4>, kind: LossKind) -> Tensor<1> {
+pub fn noise_loss(
+    model: &Dit,
+    xt: Tensor<4>,
+    t: Tensor<1, Int>,
+    y: Tensor<1, Int>,
+    eps: Tensor<4>,
+    kind: LossKind,
+) -> Tensor<1> {
     let diff = model.forward(xt, t, y) - eps;
     match kind {
         LossKind::L1 => diff.abs().mean(),
@@ -252,11 +260,7 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
         trainer.state.step
     );
     let stop = opts.stop_after.map_or(total, |s| s.min(total));
-    ensure!(
-        trainer.state.step < stop,
-        "--stop-after {stop} is not past the run's current step {}",
-        trainer.state.step
-    );
+    ensure!(trainer.state.step < stop, "--stop-after {stop} is not past the run's current step {}", trainer.state.step);
     std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
 
     let start_step = trainer.state.step;
