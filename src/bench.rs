@@ -8,7 +8,7 @@ use rand::Rng;
 
 use crate::data::Batch;
 use crate::diffusion::sampler::gaussian;
-use crate::model::{Dit, DitConfig};
+use crate::model::{DitConfig, DitNet};
 use crate::rng::{Purpose, stream};
 use crate::train::{Trainer, default_train_config};
 
@@ -76,7 +76,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
 
     let device = &opts.device;
     opts.device.seed(1);
-    let model = Dit::new(cfg, device);
+    let model = DitNet::new(cfg, device);
     let dims = [b, cfg.channels, cfg.image_size, cfg.image_size];
     let x = Tensor::<4>::from_data(TensorData::new(gaussian(&mut rng, b * n), dims), device);
     let t = Tensor::<1, Int>::from_data(

@@ -10,8 +10,8 @@ use clap::{Args, Parser, Subcommand};
 use dits::data::default_data_dir;
 use dits::device::{DeviceKind, device, init_threads};
 use dits::diffusion::SamplerKind;
-use dits::model::DitConfig;
-use dits::train::{self, Length, LossKind, LrDecay, TrainOptions, checkpoint, default_train_config};
+use dits::train::recipe::{ModelOverrides, RecipeFile, TrainOverrides};
+use dits::train::{self, Length, TrainOptions, checkpoint, default_train_config};
 
 #[derive(Parser)]
 #[command(name = "dits", version, about = "Train, sample and benchmark class-conditional Diffusion Transformers")]
@@ -23,8 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train a DiT with DDPM (ε-prediction) on an IDX image data set.
-    Train(TrainArgs),
+    /// Train a DiT (DDPM ε-prediction or flow matching) on an IDX image data set.
+    Train(Box<TrainArgs>),
     /// Generate images with a trained model.
     Sample(SampleArgs),
     /// Score samples: accuracy of the intended class and FID-CNN, with a classifier trained
@@ -74,46 +74,14 @@ struct TrainArgs {
     /// Run directory for checkpoints, metrics.jsonl and loss.png [default: runs/dits].
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Total epochs of the run [default: 6].
-    #[arg(long, conflicts_with = "steps")]
-    epochs: Option<u64>,
-    /// Total optimizer steps of the run (instead of --epochs).
-    #[arg(long)]
-    steps: Option<u64>,
-    /// Batch size [default: 64].
-    #[arg(long)]
-    batch: Option<usize>,
-    /// Peak Adam learning rate [default: 0.002].
-    #[arg(long, allow_negative_numbers = true)]
-    lr: Option<f64>,
-    /// Seed of every random number in the run [default: 0].
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Loss between predicted and true noise [default: mse].
-    #[arg(long, value_enum)]
-    loss: Option<LossKind>,
-    /// Model preset.
-    #[arg(long)]
-    model: Option<String>,
-    /// Save a checkpoint every N steps (and always at the end).
-    #[arg(long)]
-    checkpoint_every: Option<u64>,
-    /// Log metrics every N steps.
-    #[arg(long)]
-    log_every: Option<u64>,
-    /// Linear learning-rate warm-up over the first N steps [default: 200].
-    #[arg(long)]
-    warmup_steps: Option<u64>,
-    /// Probability of training on the null label instead of the image's label, which enables
-    /// classifier-free guidance at sampling time [default: 0.1].
-    #[arg(long)]
-    label_dropout: Option<f64>,
-    /// Learning-rate decay after warm-up, over the run's total steps [default: cosine].
-    #[arg(long, value_enum)]
-    lr_decay: Option<LrDecay>,
-    /// Decay of the weights' moving average used for sampling [default: 0.999].
-    #[arg(long)]
-    ema_decay: Option<f64>,
+    /// A TOML recipe: [model] and [train] tables whose keys are this command's flags
+    /// (flags given here override it).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelOverrides,
+    #[command(flatten)]
+    train: TrainOverrides,
     /// Stop at this step with a checkpoint; the run and its learning-rate schedule keep the
     /// length of --steps/--epochs, and --resume continues it.
     #[arg(long, value_name = "STEP")]
@@ -122,7 +90,7 @@ struct TrainArgs {
     #[arg(long, default_value_t = 2)]
     keep: usize,
     /// Continue the run in RUN_DIR from its latest checkpoint.
-    #[arg(long, value_name = "RUN_DIR")]
+    #[arg(long, value_name = "RUN_DIR", conflicts_with = "config")]
     resume: Option<PathBuf>,
     /// No progress bar.
     #[arg(long)]
@@ -145,11 +113,25 @@ struct SampleArgs {
     /// Images per class.
     #[arg(long, default_value_t = 10)]
     per_class: usize,
+    /// Sampler: ddpm (ancestral), ddim (with --eta), euler (= ddim, η 0), accelerated
+    /// (γ 2, μ 0), gen (smalldiffusion's generalised sampler, --gamma and --mu).
     #[arg(long, value_enum, default_value = "ddpm")]
     sampler: SamplerKind,
-    /// Denoising steps [default: 100 for ddpm, 50 for ddim; ddpm 1000 = mnist-dits].
+    /// Denoising steps, on trailing levels [default: 100; ddpm 1000 with --clip xt = mnist-dits].
     #[arg(long)]
     steps: Option<usize>,
+    /// DDIM's η: 0 deterministic, 1 as much fresh noise as DDPM.
+    #[arg(long, default_value_t = 0.0)]
+    eta: f64,
+    /// Generalised sampler's γ (1: this step's prediction; 2: extrapolate from the last one).
+    #[arg(long, default_value_t = 1.0)]
+    gamma: f64,
+    /// Generalised sampler's μ in [0, 1) (0: deterministic; 0.5: DDPM).
+    #[arg(long, default_value_t = 0.0)]
+    mu: f64,
+    /// Keep the predicted clean image (x0) or the noisy image itself (xt, as mnist-dits) in [-1, 1].
+    #[arg(long, value_enum, default_value = "xt")]
+    clip: dits::diffusion::sampler::Clip,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Classifier-free guidance scale: 1 = conditional only, 0 = unconditional, > 1 guided
@@ -178,8 +160,8 @@ struct SampleArgs {
 struct BenchArgs {
     #[arg(long, default_value_t = 256)]
     batch: usize,
-    #[arg(long, default_value = "mnist-dits")]
-    model: String,
+    #[command(flatten)]
+    model: ModelOverrides,
     /// Untimed iterations first.
     #[arg(long, default_value_t = 3)]
     warmup: usize,
@@ -201,7 +183,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train(a) => train_cmd(a),
+        Command::Train(a) => train_cmd(*a),
         Command::Sample(a) => sample_cmd(a),
         Command::Eval(a) => eval_cmd(a),
         Command::Bench(a) => bench_cmd(a),
@@ -219,90 +201,93 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
     let threads = init_threads(a.common.threads)?;
     let dev = device(a.common.device)?;
     let progress = !a.no_progress && std::io::stderr().is_terminal();
-    let length_arg = match (a.steps, a.epochs) {
+    if let Some(run_dir) = a.resume {
+        return resume_cmd(run_dir, a.out, a.data, a.model, a.train, a.stop_after, a.keep, progress, dev, threads);
+    }
+    let file = match &a.config {
+        Some(path) => RecipeFile::read(path)?,
+        None => RecipeFile::default(),
+    };
+    let overrides = a.train.or(file.train);
+    let length = length_of(&overrides)?;
+    let train = overrides.apply(default_train_config())?;
+    train.validate()?;
+    let mut model = a.model.or(file.model).resolve()?;
+    model.null_class = train.label_dropout > 0.0;
+    let opts = TrainOptions {
+        data_dir: a.data.unwrap_or_else(default_data_dir),
+        run_dir: a.out.unwrap_or_else(|| PathBuf::from("runs/dits")),
+        model,
+        train,
+        length: length.unwrap_or(Length::Epochs(train::DEFAULT_EPOCHS)),
+        resume: false,
+        stop_after: a.stop_after,
+        keep: a.keep,
+        progress,
+        device: dev,
+    };
+    report_train(train::trainer::run(opts)?, threads)
+}
+
+/// The run length the flags or file give, if any.
+fn length_of(t: &TrainOverrides) -> anyhow::Result<Option<Length>> {
+    let length = match (t.steps, t.epochs) {
         (Some(s), _) => Some(Length::Steps(s)),
         (_, Some(e)) => Some(Length::Epochs(e)),
         _ => None,
     };
-    if let Some(Length::Steps(0) | Length::Epochs(0)) = length_arg {
+    if let Some(Length::Steps(0) | Length::Epochs(0)) = length {
         bail!("--steps/--epochs must be at least 1");
     }
-    if let Some(run_dir) = a.resume {
-        let saved = checkpoint::read_state(&checkpoint::resolve(&run_dir)?)?;
-        let t = &saved.train;
-        let fixed: [(&str, bool); 10] = [
-            ("--label-dropout", a.label_dropout.is_some_and(|v| v != t.label_dropout)),
-            ("--lr-decay", a.lr_decay.is_some_and(|v| v != t.lr_decay)),
-            ("--warmup-steps", a.warmup_steps.is_some_and(|v| v != t.warmup_steps)),
-            ("--ema-decay", a.ema_decay.is_some_and(|v| v != t.ema_decay)),
-            ("--batch", a.batch.is_some_and(|v| v != t.batch)),
-            ("--lr", a.lr.is_some_and(|v| v != t.lr)),
-            ("--seed", a.seed.is_some_and(|v| v != t.seed)),
-            ("--loss", a.loss.is_some_and(|v| v != t.loss)),
-            (
-                "--model",
-                a.model.as_ref().is_some_and(|m| {
-                    let preset =
-                        DitConfig::preset(m).ok().map(|p| DitConfig { null_class: saved.model.null_class, ..p });
-                    preset.as_ref() != Some(&saved.model)
-                }),
-            ),
-            ("--data", a.data.as_ref().is_some_and(|d| d.display().to_string() != saved.data_dir)),
-        ];
-        if let Some((flag, _)) = fixed.iter().find(|(_, differs)| *differs) {
-            bail!(
-                "{flag} differs from the run being resumed; a resumed run keeps its settings (only --steps/--epochs may grow)"
-            );
-        }
-        if let Some(out) = &a.out {
-            ensure!(out == &run_dir, "--out {} differs from --resume {}", out.display(), run_dir.display());
-        }
-        let mut train = saved.train.clone();
-        if let Some(e) = a.checkpoint_every {
-            train.checkpoint_every = e;
-        }
-        if let Some(l) = a.log_every {
-            train.log_every = l;
-        }
-        let opts = TrainOptions {
-            data_dir: PathBuf::from(&saved.data_dir),
-            run_dir,
-            model: saved.model.clone(),
-            length: length_arg.unwrap_or(Length::Steps(saved.train.total_steps)),
-            train,
-            resume: true,
-            stop_after: a.stop_after,
-            keep: a.keep,
-            progress,
-            device: dev,
-        };
-        return report_train(train::trainer::run(opts)?, threads);
-    }
+    Ok(length)
+}
 
-    let mut train = default_train_config();
-    train.batch = a.batch.unwrap_or(train.batch);
-    train.lr = a.lr.unwrap_or(train.lr);
-    train.seed = a.seed.unwrap_or(train.seed);
-    train.loss = a.loss.unwrap_or(train.loss);
-    train.checkpoint_every = a.checkpoint_every.unwrap_or(train.checkpoint_every);
-    train.log_every = a.log_every.unwrap_or(train.log_every);
-    train.ema_decay = a.ema_decay.unwrap_or(train.ema_decay);
-    train.warmup_steps = a.warmup_steps.unwrap_or(train.warmup_steps);
-    train.lr_decay = a.lr_decay.unwrap_or(train.lr_decay);
-    train.label_dropout = a.label_dropout.unwrap_or(train.label_dropout);
-    train.validate()?;
-    let mut model = DitConfig::preset(a.model.as_deref().unwrap_or("mnist-dits"))?;
-    model.null_class = train.label_dropout > 0.0;
-    let data_dir = a.data.unwrap_or_else(default_data_dir);
+/// `dits train --resume RUN_DIR`: the run's own settings, where only its length and logging
+/// may change.
+#[allow(clippy::too_many_arguments)]
+fn resume_cmd(
+    run_dir: PathBuf,
+    out: Option<PathBuf>,
+    data: Option<PathBuf>,
+    model: ModelOverrides,
+    overrides: TrainOverrides,
+    stop_after: Option<u64>,
+    keep: usize,
+    progress: bool,
+    dev: burn::prelude::Device,
+    threads: usize,
+) -> anyhow::Result<()> {
+    let saved = checkpoint::read_state(&checkpoint::resolve(&run_dir)?)?;
+    ensure!(model.is_empty(), "a resumed run keeps its model: drop --model and the size flags");
+    if let Some(out) = &out {
+        ensure!(out == &run_dir, "--out {} differs from --resume {}", out.display(), run_dir.display());
+    }
+    if data.as_ref().is_some_and(|d| d.display().to_string() != saved.data_dir) {
+        bail!("--data differs from the run being resumed ({}); a resumed run keeps its data", saved.data_dir);
+    }
+    let length = length_of(&overrides)?;
+    // Everything but the length and the logging intervals must stay as the run has it.
+    let fixed =
+        TrainOverrides { epochs: None, steps: None, checkpoint_every: None, log_every: None, ..overrides.clone() };
+    let mut train = fixed.apply(saved.train.clone())?;
+    if train != saved.train {
+        bail!(
+            "a resumed run keeps its settings (only --steps/--epochs, --checkpoint-every and --log-every may change): \
+             a flag differs from the run in {}",
+            run_dir.display()
+        );
+    }
+    train.checkpoint_every = overrides.checkpoint_every.unwrap_or(train.checkpoint_every);
+    train.log_every = overrides.log_every.unwrap_or(train.log_every);
     let opts = TrainOptions {
-        data_dir,
-        run_dir: a.out.unwrap_or_else(|| PathBuf::from("runs/dits")),
-        model,
+        data_dir: PathBuf::from(&saved.data_dir),
+        run_dir,
+        model: saved.model.clone(),
+        length: length.unwrap_or(Length::Steps(saved.train.total_steps)),
         train,
-        length: length_arg.unwrap_or(Length::Epochs(train::DEFAULT_EPOCHS)),
-        resume: false,
-        stop_after: a.stop_after,
-        keep: a.keep,
+        resume: true,
+        stop_after,
+        keep,
         progress,
         device: dev,
     };
@@ -329,6 +314,10 @@ fn sample_cmd(a: SampleArgs) -> anyhow::Result<()> {
         classes: a.classes,
         per_class: a.per_class,
         sampler: a.sampler,
+        eta: a.eta,
+        gamma: a.gamma,
+        mu: a.mu,
+        clip: a.clip,
         steps: a.steps,
         seed: a.seed,
         cfg_scale: a.cfg_scale,
@@ -374,15 +363,17 @@ fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
 
 fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
     let threads = init_threads(a.common.threads)?;
+    let model = a.model.resolve()?;
+    let name = a.model.preset.clone().unwrap_or_else(|| "mnist-dits".into());
     let opts = dits::bench::BenchOptions {
-        model: DitConfig::preset(&a.model)?,
+        model,
         batch: a.batch,
         warmup: a.warmup,
         iters: a.iters,
         device: device(a.common.device)?,
     };
     let r = dits::bench::run(&opts)?;
-    println!("model={} params={} batch={} threads={threads} device={:?}", a.model, r.params, a.batch, a.common.device);
+    println!("model={name} params={} batch={} threads={threads} device={:?}", r.params, a.batch, a.common.device);
     let line = |what: &str, s: dits::bench::Stats| {
         println!("{what}: median {:.2} ms (min {:.2}, max {:.2}) over {} iterations", s.median, s.min, s.max, a.iters)
     };

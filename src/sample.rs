@@ -8,27 +8,24 @@ use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::diffusion::guidance::Guided;
-use crate::diffusion::sampler::{SamplerKind, sample_batch};
+use crate::diffusion::sampler::{Chain, Clip, SamplerKind, SeededNoise, StepRule, sample_batch};
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::images::{FloatImage, grid};
-use crate::model::{Dit, DitConfig, weights};
+use crate::model::{DitConfig, DitNet, weights};
 use crate::train::checkpoint;
 
 /// Default guidance scale for models trained with label dropout (chosen by measurement; see
 /// the README).
 pub const DEFAULT_CFG_SCALE: f64 = 3.0;
-/// Default number of DDPM steps: 100 respaced ancestral steps sample as well as the full 1000
-/// (measured; see the README) in a tenth of the time.
-pub const DEFAULT_DDPM_STEPS: usize = 100;
-/// Default number of DDIM steps.
-pub const DEFAULT_DDIM_STEPS: usize = 50;
+/// Default number of sampling steps (measured; see the README).
+pub const DEFAULT_STEPS: usize = 100;
 
 /// Columns of the denoising-process figure.
 const PROCESS_COLUMNS: usize = 20;
 
 /// A model ready for inference, and where it came from.
 pub struct LoadedModel {
-    pub model: Dit,
+    pub model: DitNet,
     pub config: DitConfig,
     pub schedule: NoiseSchedule,
     pub description: String,
@@ -55,11 +52,11 @@ pub fn load_model(path: &Path, which: WeightsKind, preset: &str, device: &Device
             WeightsKind::Raw => checkpoint::MODEL_FILE,
         };
         let bytes = checkpoint::read_verified(&dir, &state, file)?;
-        let mut model = Dit::new(&state.model, device);
+        let mut model = DitNet::new(&state.model, device);
         weights::load_safetensors_bytes(&mut model, bytes, &dir.join(file))?;
         return Ok(LoadedModel {
             model,
-            schedule: NoiseSchedule::new(state.train.beta_schedule, state.train.timesteps),
+            schedule: NoiseSchedule::new(state.train.schedule, state.train.timesteps),
             description: format!("{} (step {}, {file})", dir.display(), state.step),
             config: state.model,
         });
@@ -75,10 +72,10 @@ pub fn load_model(path: &Path, which: WeightsKind, preset: &str, device: &Device
         _ => None,
     };
     let (config, schedule) = match &state {
-        Some(s) => (s.model.clone(), NoiseSchedule::new(s.train.beta_schedule, s.train.timesteps)),
+        Some(s) => (s.model.clone(), NoiseSchedule::new(s.train.schedule, s.train.timesteps)),
         None => (DitConfig::preset(preset)?, NoiseSchedule::ddpm()),
     };
-    let mut model = Dit::new(&config, device);
+    let mut model = DitNet::new(&config, device);
     weights::load_weights_file(&mut model, path)?;
     Ok(LoadedModel { model, config, schedule, description: path.display().to_string() })
 }
@@ -91,7 +88,12 @@ pub struct SampleOptions {
     pub classes: Option<Vec<usize>>,
     pub per_class: usize,
     pub sampler: SamplerKind,
-    /// None: the schedule's full length for DDPM, 50 for DDIM.
+    /// DDIM's η, the generalised sampler's γ and μ.
+    pub eta: f64,
+    pub gamma: f64,
+    pub mu: f64,
+    pub clip: Clip,
+    /// None: [`DEFAULT_STEPS`] (at most the schedule's length).
     pub steps: Option<usize>,
     pub seed: u64,
     /// Classifier-free guidance scale (1: conditional only; see [`Guided`]). None:
@@ -130,10 +132,9 @@ pub fn run(opts: SampleOptions) -> anyhow::Result<SampleSummary> {
     if let Some(&bad) = classes.iter().find(|&&c| c >= cfg.classes) {
         bail!("class {bad} is outside the model's {} classes (0..{})", cfg.classes, cfg.classes - 1);
     }
-    let steps = opts.steps.unwrap_or(match opts.sampler {
-        SamplerKind::Ddpm => DEFAULT_DDPM_STEPS.min(loaded.schedule.timesteps()),
-        SamplerKind::Ddim => DEFAULT_DDIM_STEPS.min(loaded.schedule.timesteps()),
-    });
+    let steps = opts.steps.unwrap_or(DEFAULT_STEPS.min(loaded.schedule.timesteps()));
+    let rule = StepRule::of(opts.sampler, opts.eta, opts.gamma, opts.mu)?;
+    let chain = Chain::trailing(&loaded.schedule, steps, rule, opts.clip)?;
     prepare_out_dir(&opts.out, opts.force)?;
 
     // (class, index within class) for every image, class-major.
@@ -170,12 +171,10 @@ pub fn run(opts: SampleOptions) -> anyhow::Result<SampleSummary> {
         let x = sample_batch(
             &denoiser,
             &loaded.schedule,
-            opts.sampler,
-            steps,
+            &chain,
             &labels,
             shape,
-            opts.seed,
-            bi as u64,
+            &mut SeededNoise::new(opts.seed, bi as u64),
             &opts.device,
             |k, x| {
                 if k > 0 {

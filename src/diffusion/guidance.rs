@@ -1,9 +1,10 @@
-//! Classifier-free guidance (Ho & Salimans 2022): extrapolate from the unconditional noise
-//! prediction towards the conditional one, `ε̂ = ε̂(∅) + s·(ε̂(y) - ε̂(∅))`.
+//! Classifier-free guidance (Ho & Salimans 2022): extrapolate from the unconditional
+//! prediction towards the conditional one, `ε̂ = ε̂(∅) + s·(ε̂(y) - ε̂(∅))` (applied to the raw
+//! network output: ε̂ and the flow velocity are both affine in it, so either works).
 //!
 //! Convention: `s = 1` is the plain conditional model, `s = 0` the unconditional one, `s > 1`
-//! guided. Both predictions come from one model call on a doubled batch, which keeps the
-//! matrix products large.
+//! guided (smalldiffusion's `cfg_scale` is our s − 1). Both predictions come from one model
+//! call on a doubled batch, which keeps the matrix products large.
 
 use anyhow::ensure;
 use burn::prelude::*;
@@ -32,14 +33,14 @@ impl<'a, D: Denoiser> Guided<'a, D> {
 }
 
 impl<D: Denoiser> Denoiser for Guided<'_, D> {
-    fn predict_noise(&self, x: Tensor<4>, t: Tensor<1, Int>, y: Tensor<1, Int>) -> Tensor<4> {
+    fn predict(&self, x: Tensor<4>, t: Tensor<1, Int>, y: Tensor<1, Int>) -> Tensor<4> {
         let null = match self.null_label {
             Some(null) if self.scale != 1.0 => null,
-            _ => return self.model.predict_noise(x, t, y),
+            _ => return self.model.predict(x, t, y),
         };
         let b = x.dims()[0];
         let y_null = y.zeros_like() + null as i64;
-        let both = self.model.predict_noise(
+        let both = self.model.predict(
             Tensor::cat(vec![x.clone(), x], 0),
             Tensor::cat(vec![t.clone(), t], 0),
             Tensor::cat(vec![y, y_null], 0),
@@ -59,7 +60,7 @@ mod tests {
     struct Linear;
 
     impl Denoiser for Linear {
-        fn predict_noise(&self, x: Tensor<4>, t: Tensor<1, Int>, y: Tensor<1, Int>) -> Tensor<4> {
+        fn predict(&self, x: Tensor<4>, t: Tensor<1, Int>, y: Tensor<1, Int>) -> Tensor<4> {
             let shift = (y.float() * 10.0 + t.float()).reshape([-1, 1, 1, 1]);
             x + shift
         }
@@ -79,7 +80,7 @@ mod tests {
         // cond = x + 10y + t, uncond = x + 100 + t; guided = uncond + s·(10y - 100).
         for (s, want) in [(1.0, [23.5f32, 56.0]), (0.0, [103.5, 106.0]), (3.0, [103.5 - 240.0, 106.0 - 150.0])] {
             let g = Guided::new(&Linear, s, Some(null)).unwrap();
-            assert_eq!(values(g.predict_noise(x.clone(), t.clone(), y.clone())), want, "scale {s}");
+            assert_eq!(values(g.predict(x.clone(), t.clone(), y.clone())), want, "scale {s}");
         }
     }
 

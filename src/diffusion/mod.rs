@@ -1,6 +1,7 @@
 //! Diffusion: the noise schedule, forward noising, the reverse samplers and guidance.
 
 pub mod guidance;
+pub mod oracle;
 pub mod sampler;
 pub mod schedule;
 

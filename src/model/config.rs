@@ -14,10 +14,28 @@ pub enum AttnScale {
     SeqLen,
 }
 
+/// Which network: the two differ in every detail of conditioning and initialisation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Family {
+    /// owenliang/mnist-dits: learned positions, adaLN γ/β/α from separate Linears of the
+    /// condition, ReLU FFN, affine LayerNorms, PyTorch default initialisation.
+    #[default]
+    MnistDits,
+    /// The DiT paper (Peebles & Xie 2023), as smalldiffusion uses it: adaLN-Zero (shift, scale
+    /// and gate from one SiLU → Linear, zero-initialised), LayerNorms without affine
+    /// parameters, fixed 2-D sin-cos positions, GELU-tanh MLP, Xavier initialisation and a
+    /// zero-initialised output layer.
+    Dit,
+}
+
 /// A class-conditional DiT over `channels × image_size × image_size` images.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DitConfig {
+    /// Absent in checkpoints written before the DiT-paper family existed: mnist-dits.
+    #[serde(default)]
+    pub family: Family,
     pub image_size: usize,
     pub channels: usize,
     /// Side of the square patches; must divide `image_size`.
@@ -27,7 +45,8 @@ pub struct DitConfig {
     /// Number of DiT blocks.
     pub depth: usize,
     pub heads: usize,
-    /// Width of each head; mnist-dits gives every head the full token width.
+    /// Width of each head; mnist-dits gives every head the full token width, the DiT family
+    /// splits it (`heads · head_dim = width`).
     pub head_dim: usize,
     /// Hidden width of the feed-forward network, as a multiple of `width`.
     pub mlp_ratio: usize,
@@ -42,12 +61,13 @@ pub struct DitConfig {
 }
 
 /// Named presets, for `--model NAME`.
-pub const PRESETS: &[&str] = &["mnist-dits"];
+pub const PRESETS: &[&str] = &["mnist-dits", "dit-s2", "dit-s4"];
 
 impl DitConfig {
     /// owenliang/mnist-dits: patch 4 → 49 tokens of width 64, 3 blocks, 4 heads of 64.
     pub fn mnist_dits() -> Self {
         Self {
+            family: Family::MnistDits,
             image_size: 28,
             channels: 1,
             patch: 4,
@@ -62,9 +82,32 @@ impl DitConfig {
         }
     }
 
+    /// The DiT-paper family with `patch`, `depth` and `heads` of `head_dim` (width
+    /// `heads · head_dim`), MLP ratio 4, a null label for guidance.
+    pub fn dit(patch: usize, depth: usize, heads: usize, head_dim: usize) -> Self {
+        Self {
+            family: Family::Dit,
+            image_size: 28,
+            channels: 1,
+            patch,
+            width: heads * head_dim,
+            depth,
+            heads,
+            head_dim,
+            mlp_ratio: 4,
+            classes: 10,
+            attn_scale: AttnScale::HeadDim,
+            null_class: true,
+        }
+    }
+
+    /// `mnist-dits`; `dit-s2`: smalldiffusion's Fashion-MNIST DiT (patch 2 → 196 tokens,
+    /// depth 6, 6 heads × 32); `dit-s4`: the same at patch 4 (49 tokens, ~4× cheaper).
     pub fn preset(name: &str) -> anyhow::Result<Self> {
         match name {
             "mnist-dits" => Ok(Self::mnist_dits()),
+            "dit-s2" => Ok(Self::dit(2, 6, 6, 32)),
+            "dit-s4" => Ok(Self::dit(4, 6, 6, 32)),
             other => bail!("unknown model preset '{other}' (known: {})", PRESETS.join(", ")),
         }
     }
@@ -134,6 +177,20 @@ impl DitConfig {
             "model width {} must be even and at least 4 (sin/cos time embedding)",
             self.width
         );
+        if self.family == Family::Dit {
+            ensure!(
+                self.heads * self.head_dim == self.width,
+                "heads × head width ({} × {}) must equal the model width {} in the DiT family",
+                self.heads,
+                self.head_dim,
+                self.width
+            );
+            ensure!(
+                self.width.is_multiple_of(4),
+                "model width {} must be a multiple of 4 (2-D sin-cos positions)",
+                self.width
+            );
+        }
         Ok(())
     }
 }
@@ -159,6 +216,18 @@ mod tests {
         c.heads = 0;
         assert!(c.validate().unwrap_err().to_string().contains("heads"));
         assert!(DitConfig::preset("nope").is_err());
+        let mut c = DitConfig::preset("dit-s2").unwrap();
+        c.validate().unwrap();
+        assert_eq!((c.tokens(), c.width), (196, 192));
+        c.heads = 5;
+        assert!(c.validate().unwrap_err().to_string().contains("must equal the model width"));
+    }
+
+    #[test]
+    fn configs_written_before_the_family_field_read_as_mnist_dits() {
+        let mut v = serde_json::to_value(DitConfig::mnist_dits()).unwrap();
+        v.as_object_mut().unwrap().remove("family");
+        assert_eq!(serde_json::from_value::<DitConfig>(v).unwrap(), DitConfig::mnist_dits());
     }
 
     #[test]

@@ -1,10 +1,13 @@
-//! The DiT: config, embeddings, blocks, the whole network, and its weights on disk.
+//! The networks: a config, the two DiT families (owenliang/mnist-dits and the DiT paper), one
+//! type over both, and their weights on disk.
 
-pub mod block;
 pub mod config;
-pub mod dit;
-pub mod embed;
+pub mod mnist_dits;
+pub mod net;
+pub mod paper;
 pub mod weights;
 
-pub use config::{AttnScale, DitConfig};
-pub use dit::Dit;
+pub use config::{AttnScale, DitConfig, Family};
+pub use mnist_dits::MnistDits;
+pub use net::DitNet;
+pub use paper::PaperDit;

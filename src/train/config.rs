@@ -4,7 +4,7 @@ use anyhow::ensure;
 use serde::{Deserialize, Serialize};
 
 use super::adam::AdamConfig;
-use crate::diffusion::schedule::BetaSchedule;
+use crate::diffusion::schedule::Schedule;
 
 /// The regression loss between predicted and true noise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -26,6 +26,32 @@ pub enum LrDecay {
     /// Half a cosine from the peak to zero at the run's last step: short runs end on small,
     /// careful steps instead of the jitter of a high constant rate.
     Cosine,
+}
+
+/// Which noise levels training visits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub enum TimestepSampling {
+    /// Every level equally often (DDPM).
+    #[default]
+    Uniform,
+    /// t = sigmoid(n), n ~ N(mean, std²), rounded to a level: more training in the middle of
+    /// the schedule, where the prediction is hardest (Esser et al. 2024, for flow matching).
+    LogitNormal { mean: f64, std: f64 },
+}
+
+impl TimestepSampling {
+    /// A level in `0..levels`.
+    pub fn draw(&self, levels: usize, rng: &mut impl rand::Rng) -> usize {
+        match *self {
+            TimestepSampling::Uniform => rng.random_range(0..levels),
+            TimestepSampling::LogitNormal { mean, std } => {
+                let n: f64 = rand_distr::Distribution::sample(&rand_distr::StandardNormal, rng);
+                let t = 1.0 / (1.0 + (-(mean + std * n)).exp());
+                ((t * levels as f64).ceil() as usize).clamp(1, levels) - 1
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,8 +77,13 @@ pub struct TrainConfig {
     pub ema_decay: f64,
     pub checkpoint_every: u64,
     pub log_every: u64,
+    /// Number of noise levels T.
     pub timesteps: usize,
-    pub beta_schedule: BetaSchedule,
+    /// The noise schedule (named `beta_schedule` in checkpoints of earlier versions).
+    #[serde(alias = "beta_schedule")]
+    pub schedule: Schedule,
+    #[serde(default)]
+    pub timestep_sampling: TimestepSampling,
 }
 
 impl TrainConfig {
@@ -69,6 +100,13 @@ impl TrainConfig {
             self.label_dropout
         );
         ensure!(self.timesteps >= 2, "the diffusion needs at least 2 timesteps");
+        self.schedule.validate()?;
+        if let TimestepSampling::LogitNormal { mean, std } = self.timestep_sampling {
+            ensure!(
+                mean.is_finite() && std.is_finite() && std > 0.0,
+                "logit-normal sampling needs a finite mean and std > 0"
+            );
+        }
         Ok(())
     }
 
@@ -103,6 +141,27 @@ mod tests {
         assert!((c.lr_at(49) - 1e-3).abs() < 1e-12);
         assert_eq!(c.lr_at(100), 2e-3);
         assert_eq!(c.lr_at(1099), 2e-3);
+    }
+
+    #[test]
+    fn logit_normal_levels_cluster_in_the_middle_and_stay_in_range() {
+        let s = TimestepSampling::LogitNormal { mean: 0.0, std: 1.0 };
+        let mut rng = crate::rng::stream(0, crate::rng::Purpose::Bench, 0);
+        let draws: Vec<usize> = (0..20_000).map(|_| s.draw(1000, &mut rng)).collect();
+        assert!(draws.iter().all(|&t| t < 1000));
+        let middle = draws.iter().filter(|&&t| (250..750).contains(&t)).count() as f64 / 20_000.0;
+        // P(|n| < logit(0.75) = 1.0986) = 0.728 for n ~ N(0, 1).
+        assert!((middle - 0.728).abs() < 0.02, "{middle}");
+    }
+
+    #[test]
+    fn checkpoints_of_earlier_versions_still_read() {
+        let mut v = serde_json::to_value(cfg(0, LrDecay::None)).unwrap();
+        let o = v.as_object_mut().unwrap();
+        let sched = o.remove("schedule").unwrap();
+        o.insert("beta_schedule".into(), sched);
+        o.remove("timestep_sampling");
+        assert_eq!(serde_json::from_value::<TrainConfig>(v).unwrap(), cfg(0, LrDecay::None));
     }
 
     #[test]

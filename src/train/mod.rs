@@ -6,12 +6,13 @@ pub mod config;
 pub mod ema;
 pub mod metrics;
 pub mod params;
+pub mod recipe;
 pub mod trainer;
 
-pub use config::{LossKind, LrDecay, TrainConfig};
+pub use config::{LossKind, LrDecay, TimestepSampling, TrainConfig};
 pub use trainer::{Length, TrainOptions, TrainSummary, Trainer};
 
-use crate::diffusion::schedule::BetaSchedule;
+use crate::diffusion::schedule::Schedule;
 
 /// The default recipe, chosen by measurement (README, "Choosing the default recipe"): MSE and
 /// a learning rate twice mnist-dits', warmed up then decayed, train faster than mnist-dits'
@@ -31,7 +32,8 @@ pub fn default_train_config() -> TrainConfig {
         checkpoint_every: 500,
         log_every: 50,
         timesteps: 1000,
-        beta_schedule: BetaSchedule::default(),
+        schedule: Schedule::default(),
+        timestep_sampling: config::TimestepSampling::Uniform,
     }
 }
 

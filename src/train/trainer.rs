@@ -18,13 +18,13 @@ use super::params::ParamTable;
 use crate::data::{Batch, BatchLoader, ImageDataset, Position, Split};
 use crate::diffusion::sampler::gaussian;
 use crate::diffusion::schedule::NoiseSchedule;
-use crate::model::{Dit, DitConfig, weights};
+use crate::model::{DitConfig, DitNet, weights};
 use crate::rng::{Purpose, derive_seed, stream};
 
 /// A model with its optimizer state and counters.
 pub struct Trainer {
     device: Device,
-    model: Dit,
+    model: DitNet,
     table: ParamTable,
     /// The master copy of the weights; the model's tensors are rebuilt from it after each step.
     params: Vec<f32>,
@@ -53,12 +53,12 @@ impl Trainer {
         );
         let device = device.clone().autodiff();
         device.seed(derive_seed(train.seed, Purpose::Init, 0));
-        let model = Dit::new(&model_cfg, &device);
+        let model = DitNet::new(&model_cfg, &device);
         let table = ParamTable::of(&model);
         let params = table.read_values(&model);
         let adam = AdamState::new(table.total);
         let ema = params.clone();
-        let schedule = NoiseSchedule::new(train.beta_schedule, train.timesteps);
+        let schedule = NoiseSchedule::new(train.schedule, train.timesteps);
         let state = CheckpointState::new(model_cfg, train, table.clone(), data_dir);
         Ok(Self { device, model, table, params, adam, ema, schedule, state })
     }
@@ -66,7 +66,7 @@ impl Trainer {
     /// Continue from a loaded checkpoint.
     pub fn from_checkpoint(ckpt: Checkpoint, origin: &Path, device: &Device) -> anyhow::Result<Self> {
         let device = device.clone().autodiff();
-        let mut model = Dit::new(&ckpt.state.model, &device);
+        let mut model = DitNet::new(&ckpt.state.model, &device);
         weights::load_safetensors_bytes(&mut model, ckpt.model_bytes, &origin.join(checkpoint::MODEL_FILE))?;
         let table = ParamTable::of(&model);
         ensure!(
@@ -75,14 +75,14 @@ impl Trainer {
             origin.display()
         );
         let params = table.read_values(&model);
-        let mut ema_model = Dit::new(&ckpt.state.model, &device.clone().inner());
+        let mut ema_model = DitNet::new(&ckpt.state.model, &device.clone().inner());
         weights::load_safetensors_bytes(&mut ema_model, ckpt.ema_bytes, &origin.join(checkpoint::EMA_FILE))?;
         let ema = table.read_values(&ema_model);
-        let schedule = NoiseSchedule::new(ckpt.state.train.beta_schedule, ckpt.state.train.timesteps);
+        let schedule = NoiseSchedule::new(ckpt.state.train.schedule, ckpt.state.train.timesteps);
         Ok(Self { device, model, table, params, adam: ckpt.adam, ema, schedule, state: ckpt.state })
     }
 
-    pub fn model(&self) -> &Dit {
+    pub fn model(&self) -> &DitNet {
         &self.model
     }
 
@@ -103,7 +103,8 @@ impl Trainer {
     pub fn step(&mut self, batch: &Batch) -> StepOutcome {
         let b = batch.labels.len();
         let mut rng = stream(self.state.train.seed, Purpose::TrainNoise, self.state.step);
-        let t: Vec<usize> = (0..b).map(|_| rng.random_range(0..self.schedule.timesteps())).collect();
+        let sampling = self.state.train.timestep_sampling;
+        let t: Vec<usize> = (0..b).map(|_| sampling.draw(self.schedule.timesteps(), &mut rng)).collect();
         let eps = gaussian(&mut rng, batch.images.len());
         let labels = match self.state.model.null_label() {
             Some(null) => drop_labels(&batch.labels, self.state.train.label_dropout, null as u8, &mut rng),
@@ -112,7 +113,7 @@ impl Trainer {
         self.step_on(&batch.images, &labels, &t, eps)
     }
 
-    /// One optimizer step with given timesteps `t` and noise `eps` (one row per image).
+    /// One optimizer step with given levels `t` and noise `eps` (one row per image).
     pub fn step_on(&mut self, x0: &[f32], labels: &[u8], t: &[usize], eps: Vec<f32>) -> StepOutcome {
         let step = self.state.step;
         let train = &self.state.train;
@@ -121,14 +122,16 @@ impl Trainer {
         let dims = [b, cfg.channels, cfg.image_size, cfg.image_size];
         let mut xt = vec![0f32; x0.len()];
         self.schedule.add_noise(x0, t, &eps, &mut xt);
+        let mut target = vec![0f32; x0.len()];
+        self.schedule.target(x0, &eps, &mut target);
 
         let d = &self.device;
         let xt = Tensor::<4>::from_data(TensorData::new(xt, dims), d);
-        let eps = Tensor::<4>::from_data(TensorData::new(eps, dims), d);
+        let target = Tensor::<4>::from_data(TensorData::new(target, dims), d);
         let tt = Tensor::<1, Int>::from_data(TensorData::new(t.iter().map(|&v| v as i64).collect::<Vec<_>>(), [b]), d);
         let y =
             Tensor::<1, Int>::from_data(TensorData::new(labels.iter().map(|&v| v as i64).collect::<Vec<_>>(), [b]), d);
-        let loss = noise_loss(&self.model, xt, tt, y, eps, train.loss);
+        let loss = noise_loss(&self.model, xt, tt, y, target, train.loss);
         let loss_value = loss.to_data().iter::<f32>().next().unwrap_or(f32::NAN);
         let grads = loss.backward();
         let g = self.table.read_grads(&self.model, &grads);
@@ -160,16 +163,17 @@ pub fn drop_labels(labels: &[u8], p: f64, null: u8, rng: &mut impl Rng) -> Vec<u
     labels.iter().map(|&l| if rng.random_bool(p) { null } else { l }).collect()
 }
 
-/// The training objective: the loss between predicted and true noise.
+/// The training objective: the loss between the network's prediction and its target (the
+/// noise ε, or the flow velocity ε − x_0; see [`NoiseSchedule::target`]).
 pub fn noise_loss(
-    model: &Dit,
+    model: &DitNet,
     xt: Tensor<4>,
     t: Tensor<1, Int>,
     y: Tensor<1, Int>,
-    eps: Tensor<4>,
+    target: Tensor<4>,
     kind: LossKind,
 ) -> Tensor<1> {
-    let diff = model.forward(xt, t, y) - eps;
+    let diff = model.forward(xt, t, y) - target;
     match kind {
         LossKind::L1 => diff.abs().mean(),
         LossKind::Mse => diff.square().mean(),

@@ -1,4 +1,8 @@
-//! The whole DiT: patchify → blocks → final norm and projection → unpatchify.
+//! owenliang/mnist-dits, layer for layer: patchify → blocks → final norm and projection →
+//! unpatchify.
+
+pub mod block;
+pub mod embed;
 
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -6,14 +10,14 @@ use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 
-use super::block::DitBlock;
 use super::config::DitConfig;
-use super::embed::{TimeEmbedding, embed_labels, label_embedding};
+use block::DitBlock;
+use embed::{TimeEmbedding, embed_labels, label_embedding};
 
 /// Field names follow the PyTorch `state_dict` of owenliang/mnist-dits (see
-/// [`super::names`] for the few that differ).
+/// [`super::weights`] for the few that differ).
 #[derive(Module, Debug)]
-pub struct Dit {
+pub struct MnistDits {
     /// Patchify: `Conv2d(C → C·p², kernel p, stride p)`.
     pub conv: Conv2d,
     pub patch_emb: Linear,
@@ -28,7 +32,7 @@ pub struct Dit {
     pub patch: usize,
 }
 
-impl Dit {
+impl MnistDits {
     /// A freshly initialised model (PyTorch's default initialisations; seed the device first
     /// for reproducible weights).
     pub fn new(cfg: &DitConfig, device: &Device) -> Self {

@@ -7,7 +7,7 @@ use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{relu, softmax};
 
-use super::config::DitConfig;
+use crate::model::config::DitConfig;
 
 /// `Linear(width → ratio·width) → ReLU → Linear(ratio·width → width)`; PyTorch keys `ff.0`
 /// and `ff.2`.

@@ -1,0 +1,121 @@
+//! The DiT block with adaLN-Zero conditioning, and DiT's final layer.
+//!
+//! `shift, scale, gate = Linear(SiLU(c))` (zero-initialised, so every block starts as the
+//! identity and the network as zero);
+//! `x += gate₁·Attn(LN(x)·(1+scale₁) + shift₁)`, `x += gate₂·MLP(LN(x)·(1+scale₂) + shift₂)`,
+//! with LayerNorms that have no parameters of their own.
+
+use burn::nn::Linear;
+use burn::prelude::*;
+use burn::tensor::activation::{gelu_approximate, silu, softmax};
+use burn::tensor::module::layer_norm;
+
+use super::embed::{xavier_linear, zero_linear};
+use crate::model::config::DitConfig;
+
+/// DiT's LayerNorm epsilon.
+const LN_EPS: f64 = 1e-6;
+
+/// LayerNorm without affine parameters over the last axis.
+pub fn plain_layer_norm(x: Tensor<3>) -> Tensor<3> {
+    let width = x.dims()[2];
+    let ones = Tensor::<1>::ones([width], &x.device());
+    layer_norm(x, ones, None, LN_EPS)
+}
+
+/// `x·(1 + scale) + shift`, with `scale`, `shift`: `[B, W]` broadcast over tokens.
+fn modulate(x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>) -> Tensor<3> {
+    x * (scale.unsqueeze_dim::<3>(1) + 1.0) + shift.unsqueeze_dim::<3>(1)
+}
+
+/// timm's `Attention`: one `qkv` projection, heads of `head_dim`, `proj` back to the width.
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub qkv: Linear,
+    pub proj: Linear,
+    pub heads: usize,
+    pub scale: f64,
+}
+
+impl Attention {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, s, w] = x.dims();
+        let d = w / self.heads;
+        let mut qkv = self.qkv.forward(x).chunk(3, 2).into_iter(); // 3 × [B, S, W]
+        let mut split = || qkv.next().expect("three chunks").reshape([b, s, self.heads, d]).swap_dims(1, 2); // [B,H,S,D]
+        let (q, k, v) = (split(), split(), split());
+        let scores = softmax(q.matmul(k.swap_dims(2, 3)) * self.scale, 3); // [B,H,S,S]
+        self.proj.forward(scores.matmul(v).swap_dims(1, 2).reshape([b, s, w])) // [B,S,W]
+    }
+}
+
+/// `fc1 → GELU(tanh) → fc2`; PyTorch keys `mlp.fc1`, `mlp.fc2`.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.fc2.forward(gelu_approximate(self.fc1.forward(x)))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct DitBlock {
+    pub attn: Attention,
+    pub mlp: Mlp,
+    /// `SiLU → Linear(width → 6·width)`, PyTorch key `adaLN_modulation.1`.
+    pub ada_ln: Linear,
+}
+
+impl DitBlock {
+    pub fn new(cfg: &DitConfig, device: &Device) -> Self {
+        let w = cfg.width;
+        Self {
+            attn: Attention {
+                qkv: xavier_linear(w, 3 * w, device),
+                proj: xavier_linear(w, w, device),
+                heads: cfg.heads,
+                scale: cfg.attn_scale_value(),
+            },
+            mlp: Mlp {
+                fc1: xavier_linear(w, w * cfg.mlp_ratio, device),
+                fc2: xavier_linear(w * cfg.mlp_ratio, w, device),
+            },
+            ada_ln: zero_linear(w, 6 * w, device),
+        }
+    }
+
+    /// `x`: `[B, S, W]`, `c`: `[B, W]` → `[B, S, W]`.
+    pub fn forward(&self, x: Tensor<3>, c: Tensor<2>) -> Tensor<3> {
+        let m = self.ada_ln.forward(silu(c)).chunk(6, 1); // 6 × [B, W]
+        let [shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp] =
+            <[Tensor<2>; 6]>::try_from(m).expect("six chunks");
+        let h = modulate(plain_layer_norm(x.clone()), shift_msa, scale_msa);
+        let x = x + gate_msa.unsqueeze_dim::<3>(1) * self.attn.forward(h);
+        let h = modulate(plain_layer_norm(x.clone()), shift_mlp, scale_mlp);
+        x + gate_mlp.unsqueeze_dim::<3>(1) * self.mlp.forward(h)
+    }
+}
+
+/// `LN → modulate(shift, scale) → Linear(width → p²·C)`, both Linears zero-initialised.
+/// PyTorch keys `final_layer.linear`, `final_layer.adaLN_modulation.1`.
+#[derive(Module, Debug)]
+pub struct FinalLayer {
+    pub linear: Linear,
+    pub ada_ln: Linear,
+}
+
+impl FinalLayer {
+    pub fn new(width: usize, patch_values: usize, device: &Device) -> Self {
+        Self { linear: zero_linear(width, patch_values, device), ada_ln: zero_linear(width, 2 * width, device) }
+    }
+
+    /// `[B, S, W]`, `[B, W]` → `[B, S, p²·C]`.
+    pub fn forward(&self, x: Tensor<3>, c: Tensor<2>) -> Tensor<3> {
+        let [shift, scale] = <[Tensor<2>; 2]>::try_from(self.ada_ln.forward(silu(c)).chunk(2, 1)).expect("two chunks");
+        self.linear.forward(modulate(plain_layer_norm(x), shift, scale))
+    }
+}

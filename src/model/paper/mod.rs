@@ -1,0 +1,59 @@
+//! The DiT of Peebles & Xie (2023), "Scalable Diffusion Models with Transformers", as
+//! facebookresearch/DiT `models.py` builds it: patch embedding + fixed 2-D sin-cos positions →
+//! adaLN-Zero blocks → final layer → unpatchify. Parameter names follow its `state_dict`.
+
+pub mod block;
+pub mod embed;
+
+use burn::prelude::*;
+
+use super::config::DitConfig;
+use block::{DitBlock, FinalLayer};
+use embed::{LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d};
+
+#[derive(Module, Debug)]
+pub struct PaperDit {
+    pub x_embedder: PatchEmbed,
+    /// `[1, tokens, width]`, fixed: a constant of the module, not a parameter.
+    pub pos_embed: Tensor<3>,
+    pub t_embedder: TimestepEmbedder,
+    pub y_embedder: LabelEmbedder,
+    pub blocks: Vec<DitBlock>,
+    pub final_layer: FinalLayer,
+    pub channels: usize,
+    pub patch: usize,
+}
+
+impl PaperDit {
+    /// A freshly initialised model (seed the device first for reproducible weights).
+    pub fn new(cfg: &DitConfig, device: &Device) -> Self {
+        let pos = sincos_2d(cfg.width, cfg.grid());
+        Self {
+            x_embedder: PatchEmbed::new(cfg.channels, cfg.patch, cfg.width, device),
+            pos_embed: Tensor::from_data(TensorData::new(pos, [1, cfg.tokens(), cfg.width]), device),
+            t_embedder: TimestepEmbedder::new(cfg.width, device),
+            y_embedder: LabelEmbedder::new(cfg.label_rows(), cfg.width, device),
+            blocks: (0..cfg.depth).map(|_| DitBlock::new(cfg, device)).collect(),
+            final_layer: FinalLayer::new(cfg.width, cfg.patch_values(), device),
+            channels: cfg.channels,
+            patch: cfg.patch,
+        }
+    }
+
+    /// `x` `[B, C, H, W]`, `t` `[B]` level indices, `y` `[B]` labels → `[B, C, H, W]`.
+    pub fn forward(&self, x: Tensor<4>, t: Tensor<1, Int>, y: Tensor<1, Int>) -> Tensor<4> {
+        let [b, c, height, width] = x.dims();
+        let p = self.patch;
+        let (gh, gw) = (height / p, width / p);
+        let mut x = self.x_embedder.forward(x) + self.pos_embed.clone(); // [B, S, W]
+        let cond = self.t_embedder.forward(t) + self.y_embedder.forward(y); // [B, W]
+        for block in &self.blocks {
+            x = block.forward(x, cond.clone());
+        }
+        let x = self.final_layer.forward(x, cond); // [B, S, p·p·C]
+        // Unpatchify: token (i, j) holds rows i·p.., columns j·p.., values ordered (p, q, C).
+        x.reshape([b, gh, gw, p, p, c]) // [B, gh, gw, p, p, C]
+            .permute([0, 5, 1, 3, 2, 4]) // [B, C, gh, p, gw, p]
+            .reshape([b, c, height, width])
+    }
+}
