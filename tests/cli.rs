@@ -138,3 +138,63 @@ fn samples_from_an_original_mnist_dits_pth() {
     ));
     assert!(text.contains("wrote 1 images"), "{text}");
 }
+
+#[test]
+fn a_toml_recipe_trains_the_dit_family_with_flow_matching() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    common::write_toy_dataset(&dir.join("data"), 20);
+    std::fs::write(
+        dir.join("run.toml"),
+        "[model]\nmodel = \"dit-s4\"\ndepth = 1\nheads = 2\n\n[train]\nschedule = \"flow\"\n\
+         timestep-sampling = \"logit-normal\"\nsteps = 3\nbatch = 4\nlog-every = 1\n",
+    )
+    .unwrap();
+    // A flag overrides the file: 2 steps, not 3.
+    let text = ok(&dits(&["train", "--config", "run.toml", "--data", "data", "--out", "run", "--steps", "2"], dir));
+    assert!(text.contains("trained to step 2"), "{text}");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("run/checkpoints/step-00000002/state.json")).unwrap()).unwrap();
+    assert_eq!(state["model"]["family"], "dit");
+    assert_eq!(state["model"]["width"], 64);
+    assert_eq!(state["train"]["schedule"], "flow");
+
+    // Every sampler runs on it; the flow model samples with Euler steps.
+    for sampler in [
+        &["--sampler", "euler"][..],
+        &["--sampler", "accelerated"],
+        &["--sampler", "gen", "--gamma", "1.6", "--mu", "0.3"],
+    ] {
+        let out = format!("s-{}", sampler[1]);
+        let mut args =
+            vec!["sample", "--checkpoint", "run", "--out", &out, "--classes", "1", "--per-class", "2", "--steps", "4"];
+        args.extend(sampler);
+        assert!(ok(&dits(&args, dir)).contains("wrote 2 images"));
+    }
+
+    // A resumed run keeps its recipe.
+    fails_with(&dits(&["train", "--resume", "run", "--steps", "4", "--schedule", "linear"], dir), "keeps its settings");
+    fails_with(&dits(&["train", "--resume", "run", "--steps", "4", "--depth", "2"], dir), "keeps its model");
+    ok(&dits(&["train", "--resume", "run", "--steps", "3"], dir));
+}
+
+#[test]
+fn bad_recipes_and_sampler_settings_are_one_error_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("typo.toml"), "[train]\nlearning-rate = 0.1\n").unwrap();
+    fails_with(&dits(&["train", "--config", "typo.toml", "--out", "r"], dir), "learning-rate");
+    fails_with(&dits(&["train", "--config", "absent.toml", "--out", "r"], dir), "absent.toml");
+    fails_with(&dits(&["train", "--schedule", "quadratic", "--out", "r"], dir), "unknown schedule");
+    fails_with(&dits(&["train", "--patch", "5", "--out", "r"], dir), "does not divide");
+    fails_with(
+        &dits(&["train", "--model", "dit-s4", "--heads", "5", "--width", "64", "--out", "r"], dir),
+        "does not divide",
+    );
+    assert!(!dir.join("r").exists(), "a failed run wrote its run directory");
+    let pth = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden_mnist_dits.pth");
+    let pth = pth.to_str().unwrap();
+    fails_with(&dits(&["sample", "--checkpoint", pth, "--out", "s", "--sampler", "gen", "--mu", "1"], dir), "--mu");
+    fails_with(&dits(&["sample", "--checkpoint", pth, "--out", "s", "--sampler", "ddim", "--eta", "2"], dir), "--eta");
+    fails_with(&dits(&["sample", "--checkpoint", pth, "--out", "s", "--steps", "0"], dir), "at least 1");
+}
