@@ -138,6 +138,9 @@ struct SampleArgs {
     /// (needs a model trained with --label-dropout) [default: 3 for such models, else 1].
     #[arg(long)]
     cfg_scale: Option<f64>,
+    /// Guide only at noise levels with σ (noise/signal) in LO,HI, e.g. 0.3,5 [default: every step].
+    #[arg(long, value_name = "LO,HI", value_parser = dits::diffusion::guidance::parse_interval)]
+    cfg_interval: Option<(f64, f64)>,
     /// Images denoised together.
     #[arg(long, default_value_t = 256)]
     batch: usize,
@@ -321,6 +324,7 @@ fn sample_cmd(a: SampleArgs) -> anyhow::Result<()> {
         steps: a.steps,
         seed: a.seed,
         cfg_scale: a.cfg_scale,
+        cfg_interval: a.cfg_interval,
         batch: a.batch,
         preset: a.model,
         weights: a.weights,

@@ -99,6 +99,8 @@ pub struct SampleOptions {
     /// Classifier-free guidance scale (1: conditional only; see [`Guided`]). None:
     /// [`DEFAULT_CFG_SCALE`] if the model has a null label, else 1.
     pub cfg_scale: Option<f64>,
+    /// Guide only where σ is in `[lo, hi]` (None: at every step).
+    pub cfg_interval: Option<(f64, f64)>,
     pub batch: usize,
     /// Model preset for weight files that carry no config (PyTorch `.pth`).
     pub preset: String,
@@ -123,7 +125,10 @@ pub fn run(opts: SampleOptions) -> anyhow::Result<SampleSummary> {
     let loaded = load_model(&opts.checkpoint, opts.weights, &opts.preset, &opts.device)?;
     let cfg = &loaded.config;
     let cfg_scale = opts.cfg_scale.unwrap_or(if cfg.null_class { DEFAULT_CFG_SCALE } else { 1.0 });
-    let denoiser = Guided::new(&loaded.model, cfg_scale, cfg.null_label())?;
+    let mut denoiser = Guided::new(&loaded.model, cfg_scale, cfg.null_label())?;
+    if let Some((lo, hi)) = opts.cfg_interval {
+        denoiser = denoiser.within(&loaded.schedule.sigmas(), lo, hi)?;
+    }
     let classes = match &opts.classes {
         Some(c) => c.clone(),
         None => (0..cfg.classes).collect(),
