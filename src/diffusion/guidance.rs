@@ -50,7 +50,7 @@ impl<'a, D: Denoiser> Guided<'a, D> {
         match &self.active {
             None => true,
             Some(active) => {
-                let level = t.clone().slice([0..1]).into_data().iter::<i64>().next().unwrap_or(0);
+                let level = t.clone().narrow(0, 0, 1).into_data().iter::<i64>().next().unwrap_or(0);
                 active.get(level as usize).copied().unwrap_or(true)
             }
         }
