@@ -16,6 +16,8 @@ use crate::train::{Trainer, default_train_config};
 pub struct BenchOptions {
     pub model: DitConfig,
     pub batch: usize,
+    /// Micro-batches of a training step (None: the default recipe's).
+    pub micro_batches: Option<usize>,
     pub warmup: usize,
     pub iters: usize,
     pub device: Device,
@@ -66,6 +68,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
 
     let mut train = default_train_config();
     train.batch = b;
+    train.micro_batches = opts.micro_batches.unwrap_or(train.micro_batches).min(b);
     // Throughput does not depend on the label ids; the preset may have no null label.
     train.label_dropout = 0.0;
     let mut trainer = Trainer::new(cfg.clone(), train, String::new(), &opts.device)?;

@@ -115,9 +115,9 @@ struct SampleArgs {
     per_class: usize,
     /// Sampler: ddpm (ancestral), ddim (with --eta), euler (= ddim, η 0), accelerated
     /// (γ 2, μ 0), gen (smalldiffusion's generalised sampler, --gamma and --mu).
-    #[arg(long, value_enum, default_value = "ddpm")]
+    #[arg(long, value_enum, default_value = "euler")]
     sampler: SamplerKind,
-    /// Denoising steps, on trailing levels [default: 100; ddpm 1000 with --clip xt = mnist-dits].
+    /// Denoising steps, on trailing levels [default: 20; ddpm 1000 with --clip xt = mnist-dits].
     #[arg(long)]
     steps: Option<usize>,
     /// DDIM's η: 0 deterministic, 1 as much fresh noise as DDPM.
@@ -130,15 +130,16 @@ struct SampleArgs {
     #[arg(long, default_value_t = 0.0)]
     mu: f64,
     /// Keep the predicted clean image (x0) or the noisy image itself (xt, as mnist-dits) in [-1, 1].
-    #[arg(long, value_enum, default_value = "xt")]
+    #[arg(long, value_enum, default_value = "x0")]
     clip: dits::diffusion::sampler::Clip,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Classifier-free guidance scale: 1 = conditional only, 0 = unconditional, > 1 guided
-    /// (needs a model trained with --label-dropout) [default: 3 for such models, else 1].
+    /// (needs a model trained with --label-dropout) [default: 1.5 for such models, else 1].
     #[arg(long)]
     cfg_scale: Option<f64>,
-    /// Guide only at noise levels with σ (noise/signal) in LO,HI, e.g. 0.3,5 [default: every step].
+    /// Guide only at noise levels with σ (noise/signal) in LO,HI; 0,inf guides every step
+    /// [default: 0.3,5].
     #[arg(long, value_name = "LO,HI", value_parser = dits::diffusion::guidance::parse_interval)]
     cfg_interval: Option<(f64, f64)>,
     /// Images denoised together.
@@ -163,6 +164,9 @@ struct SampleArgs {
 struct BenchArgs {
     #[arg(long, default_value_t = 256)]
     batch: usize,
+    /// Micro-batches of a training step, computed in parallel [default: the recipe's, 2].
+    #[arg(long)]
+    micro_batches: Option<usize>,
     #[command(flatten)]
     model: ModelOverrides,
     /// Untimed iterations first.
@@ -372,6 +376,7 @@ fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
     let opts = dits::bench::BenchOptions {
         model,
         batch: a.batch,
+        micro_batches: a.micro_batches,
         warmup: a.warmup,
         iters: a.iters,
         device: device(a.common.device)?,

@@ -53,6 +53,20 @@ fn train_resume_sample_on_the_shipped_mnist() {
     assert_eq!(process.height(), 2 * 30 + 2, "a row per class");
     assert_eq!(process.width(), 20 * 30 + 2, "20 columns from noise to image");
 
+    // Each image has its own noise stream: batching and threads do not change the samples,
+    // even with the fresh noise of every DDPM step.
+    for (out, extra) in [("ddpm-a", ["--threads", "2"]), ("ddpm-b", ["--batch", "1"])] {
+        let mut args = vec!["sample", "--checkpoint", "run", "--out", out, "--classes", "3,7", "--per-class", "2"];
+        args.extend(["--sampler", "ddpm", "--steps", "5"]);
+        args.extend(extra);
+        ok(&dits(&args, dir));
+    }
+    for name in ["3_00000.png", "3_00001.png", "7_00000.png", "7_00001.png"] {
+        let a = std::fs::read(dir.join("ddpm-a").join(name)).unwrap();
+        let b = std::fs::read(dir.join("ddpm-b").join(name)).unwrap();
+        assert!(a == b, "{name} depends on the batch size");
+    }
+
     // Classifier-free guidance on the run trained with label dropout.
     let text = ok(&dits(
         &[

@@ -133,3 +133,41 @@ fn a_new_run_refuses_to_overwrite_an_existing_one() {
     let err = trainer::run(options(&data, &run, 2, false)).unwrap_err().to_string();
     assert!(err.contains("--resume"), "{err}");
 }
+
+/// Micro-batches change how a step is computed, not what it computes: three steps with the
+/// batch of 11 split 1, 2 and 3 ways (uneven parts) give the same weights up to float rounding.
+#[test]
+fn micro_batched_steps_equal_whole_batch_steps() {
+    use rand::Rng;
+    let mut rng = dits::rng::stream(2, dits::rng::Purpose::Bench, 0);
+    let b = 11;
+    let x0: Vec<f32> = (0..b * 784).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let labels: Vec<u8> = (0..b).map(|i| (i % 11) as u8).collect();
+    let t: Vec<usize> = (0..b).map(|_| rng.random_range(0..1000)).collect();
+    let eps = dits::diffusion::sampler::gaussian(&mut rng, b * 784);
+    let weights_after = |parts: usize| {
+        let mut train = default_train_config();
+        train.batch = b;
+        train.micro_batches = parts;
+        train.warmup_steps = 0;
+        // Adam divides by √v: on a weight whose gradient is nearly zero, rounding alone can
+        // flip the step's sign. An ε far above √v makes the step proportional to the gradient,
+        // so the comparison measures the gradients' agreement.
+        train.adam.eps = 1.0;
+        train.lr = 0.1;
+        let cfg = DitConfig { null_class: true, ..DitConfig::mnist_dits() };
+        let mut trainer = Trainer::new(cfg, train, String::new(), &Device::flex()).unwrap();
+        let losses: Vec<f32> = (0..3).map(|_| trainer.step_on(&x0, &labels, &t, eps.clone()).loss).collect();
+        (losses, trainer.params().to_vec())
+    };
+    let (loss1, w1) = weights_after(1);
+    for parts in [2, 3] {
+        let (loss, w) = weights_after(parts);
+        for (a, b) in loss1.iter().zip(&loss) {
+            assert!((a - b).abs() <= 1e-5 * a.abs(), "{parts} parts: loss {b} vs {a}");
+        }
+        let max_diff = w1.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(max_diff <= 1e-5, "{parts} parts: weights differ by {max_diff}");
+        assert!(w1 != w || parts == 1, "{parts} parts: bit-identical weights; was the batch split at all?");
+    }
+}

@@ -183,6 +183,28 @@ impl NoiseSource for SeededNoise {
     }
 }
 
+/// One stream per image, keyed by (seed, class, index within the class): an image comes out
+/// the same whatever batch it is denoised in, so `--batch` and the thread count do not change
+/// the samples.
+pub struct ImageNoise(Vec<rand_chacha::ChaCha8Rng>);
+
+impl ImageNoise {
+    pub fn new(seed: u64, images: impl IntoIterator<Item = (usize, usize)>) -> Self {
+        Self(images.into_iter().map(|(c, i)| stream(seed, Purpose::Sampling, ((c as u64) << 32) | i as u64)).collect())
+    }
+}
+
+impl NoiseSource for ImageNoise {
+    fn noise(&mut self, _k: usize, len: usize) -> Vec<f32> {
+        let per_image = len / self.0.len();
+        let mut out = Vec::with_capacity(len);
+        for rng in &mut self.0 {
+            out.extend(gaussian(rng, per_image));
+        }
+        out
+    }
+}
+
 /// Run `chain` on one batch of `labels`. `observe(k, x)` sees the starting noise (k = 0) and
 /// the image after each of the K steps (k = 1..=K), in the model's coordinates.
 #[allow(clippy::too_many_arguments)]

@@ -58,6 +58,13 @@ impl TimestepSampling {
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
     pub batch: usize,
+    /// The batch's gradient is the size-weighted mean of this many micro-batches' gradients,
+    /// computed in parallel: burn-flex's kernels barely use a second core at these sizes, a
+    /// second micro-batch does. The same step as one batch up to float rounding, and a
+    /// setting of the run (checkpointed), so a run's numbers do not depend on the machine's
+    /// thread count. 1 in checkpoints of earlier versions.
+    #[serde(default = "one")]
+    pub micro_batches: usize,
     pub lr: f64,
     /// The run's total number of optimizer steps (a resumed run continues up to it).
     pub total_steps: u64,
@@ -86,9 +93,19 @@ pub struct TrainConfig {
     pub timestep_sampling: TimestepSampling,
 }
 
+fn one() -> usize {
+    1
+}
+
 impl TrainConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         ensure!(self.batch > 0, "--batch must be at least 1");
+        ensure!(
+            (1..=self.batch).contains(&self.micro_batches),
+            "--micro-batches must be between 1 and the batch size {}, got {}",
+            self.batch,
+            self.micro_batches
+        );
         ensure!(self.lr.is_finite() && self.lr > 0.0, "--lr must be a positive number, got {}", self.lr);
         ensure!(self.total_steps > 0, "the number of training steps must be at least 1");
         ensure!(self.checkpoint_every > 0, "--checkpoint-every must be at least 1");
@@ -156,12 +173,20 @@ mod tests {
 
     #[test]
     fn checkpoints_of_earlier_versions_still_read() {
-        let mut v = serde_json::to_value(cfg(0, LrDecay::None)).unwrap();
+        // Before these fields existed every run was uniform in t and computed whole batches.
+        let old = TrainConfig {
+            timestep_sampling: TimestepSampling::Uniform,
+            micro_batches: 1,
+            schedule: Schedule::default(),
+            ..cfg(0, LrDecay::None)
+        };
+        let mut v = serde_json::to_value(&old).unwrap();
         let o = v.as_object_mut().unwrap();
         let sched = o.remove("schedule").unwrap();
         o.insert("beta_schedule".into(), sched);
         o.remove("timestep_sampling");
-        assert_eq!(serde_json::from_value::<TrainConfig>(v).unwrap(), cfg(0, LrDecay::None));
+        o.remove("micro_batches");
+        assert_eq!(serde_json::from_value::<TrainConfig>(v).unwrap(), old);
     }
 
     #[test]

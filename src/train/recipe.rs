@@ -101,15 +101,20 @@ impl ModelOverrides {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct TrainOverrides {
-    /// Total epochs of the run [default: 6].
+    /// Total epochs of the run [default: 12].
     #[arg(long, conflicts_with = "steps")]
     pub epochs: Option<u64>,
     /// Total optimizer steps of the run (instead of --epochs).
     #[arg(long)]
     pub steps: Option<u64>,
-    /// Batch size [default: 64].
+    /// Batch size [default: 32].
     #[arg(long)]
     pub batch: Option<usize>,
+    /// Micro-batches per batch, their gradients computed in parallel (one per core) and
+    /// averaged; part of the recipe, not the machine, so results do not depend on --threads
+    /// [default: 2].
+    #[arg(long)]
+    pub micro_batches: Option<usize>,
     /// Peak Adam learning rate [default: 0.002].
     #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f64>,
@@ -132,10 +137,11 @@ pub struct TrainOverrides {
     /// Decay of the weights' moving average used for sampling [default: 0.999].
     #[arg(long, allow_negative_numbers = true)]
     pub ema_decay: Option<f64>,
-    /// Noise schedule: linear, cosine, sigmoid, log-linear, flow [default: linear].
+    /// Noise schedule: linear, cosine, sigmoid, log-linear, flow [default: flow].
     #[arg(long)]
     pub schedule: Option<String>,
-    /// Noise levels visited in training: uniform, or logit-normal (mean 0, std 1).
+    /// Noise levels visited in training: uniform, or logit-normal (mean 0, std 1) [default:
+    /// logit-normal].
     #[arg(long, value_enum)]
     pub timestep_sampling: Option<TimestepSamplingName>,
     /// Save a checkpoint every N steps (and always at the end) [default: 500].
@@ -167,6 +173,7 @@ impl TrainOverrides {
             epochs,
             steps,
             batch: self.batch.or(base.batch),
+            micro_batches: self.micro_batches.or(base.micro_batches),
             lr: self.lr.or(base.lr),
             seed: self.seed.or(base.seed),
             loss: self.loss.or(base.loss),
@@ -184,6 +191,7 @@ impl TrainOverrides {
     /// `base` with every given setting applied (not validated: see [`TrainConfig::validate`]).
     pub fn apply(&self, mut t: TrainConfig) -> anyhow::Result<TrainConfig> {
         t.batch = self.batch.unwrap_or(t.batch);
+        t.micro_batches = self.micro_batches.unwrap_or(t.micro_batches);
         t.lr = self.lr.unwrap_or(t.lr);
         t.seed = self.seed.unwrap_or(t.seed);
         t.loss = self.loss.unwrap_or(t.loss);

@@ -9,6 +9,7 @@ use anyhow::{Context, bail, ensure};
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::Rng;
+use rayon::prelude::*;
 
 use super::adam::AdamState;
 use super::checkpoint::{self, Checkpoint, CheckpointState};
@@ -116,26 +117,13 @@ impl Trainer {
     /// One optimizer step with given levels `t` and noise `eps` (one row per image).
     pub fn step_on(&mut self, x0: &[f32], labels: &[u8], t: &[usize], eps: Vec<f32>) -> StepOutcome {
         let step = self.state.step;
-        let train = &self.state.train;
-        let cfg = &self.state.model;
-        let b = labels.len();
-        let dims = [b, cfg.channels, cfg.image_size, cfg.image_size];
         let mut xt = vec![0f32; x0.len()];
         self.schedule.add_noise(x0, t, &eps, &mut xt);
         let mut target = vec![0f32; x0.len()];
         self.schedule.target(x0, &eps, &mut target);
+        let (loss, g) = self.gradient(&xt, &target, t, labels);
 
-        let d = &self.device;
-        let xt = Tensor::<4>::from_data(TensorData::new(xt, dims), d);
-        let target = Tensor::<4>::from_data(TensorData::new(target, dims), d);
-        let tt = Tensor::<1, Int>::from_data(TensorData::new(t.iter().map(|&v| v as i64).collect::<Vec<_>>(), [b]), d);
-        let y =
-            Tensor::<1, Int>::from_data(TensorData::new(labels.iter().map(|&v| v as i64).collect::<Vec<_>>(), [b]), d);
-        let loss = noise_loss(&self.model, xt, tt, y, target, train.loss);
-        let loss_value = loss.to_data().iter::<f32>().next().unwrap_or(f32::NAN);
-        let grads = loss.backward();
-        let g = self.table.read_grads(&self.model, &grads);
-
+        let train = &self.state.train;
         let lr = train.lr_at(step);
         self.adam.update(&train.adam, lr, &mut self.params, &g);
         super::ema::update(&mut self.ema, &self.params, super::ema::decay_at(train.ema_decay, step));
@@ -143,7 +131,62 @@ impl Trainer {
         self.model = self.table.write_values(self.model.clone(), &self.params);
 
         self.state.step += 1;
-        StepOutcome { loss: loss_value, lr }
+        StepOutcome { loss, lr }
+    }
+
+    /// The batch's loss and flat gradient: the size-weighted mean over the run's micro-batches,
+    /// each on its own copy of the model (its own autodiff graph), in parallel.
+    fn gradient(&self, xt: &[f32], target: &[f32], t: &[usize], labels: &[u8]) -> (f32, Vec<f32>) {
+        let b = labels.len();
+        let row = xt.len() / b;
+        let parts = micro_batches(b, self.state.train.micro_batches);
+        let results: Vec<(f32, Vec<f32>)> = parts
+            .par_iter()
+            .map(|r| {
+                let model = if r.start == 0 {
+                    self.model.clone()
+                } else {
+                    self.table.write_values(self.model.clone(), &self.params)
+                };
+                let rows = r.start * row..r.end * row;
+                self.micro_gradient(&model, &xt[rows.clone()], &target[rows], &t[r.clone()], &labels[r.clone()])
+            })
+            .collect();
+        if let [(loss, g)] = &results[..] {
+            return (*loss, g.clone());
+        }
+        // A fixed order of summation: the step does not depend on which thread finished first.
+        let mut loss = 0f32;
+        let mut g = vec![0f32; self.table.total];
+        for (r, (part_loss, part_g)) in parts.iter().zip(&results) {
+            let w = r.len() as f32 / b as f32;
+            loss += w * part_loss;
+            g.iter_mut().zip(part_g).for_each(|(a, &v)| *a += w * v);
+        }
+        (loss, g)
+    }
+
+    fn micro_gradient(
+        &self,
+        model: &DitNet,
+        xt: &[f32],
+        target: &[f32],
+        t: &[usize],
+        labels: &[u8],
+    ) -> (f32, Vec<f32>) {
+        let cfg = &self.state.model;
+        let b = labels.len();
+        let dims = [b, cfg.channels, cfg.image_size, cfg.image_size];
+        let d = &self.device;
+        let xt = Tensor::<4>::from_data(TensorData::new(xt.to_vec(), dims), d);
+        let target = Tensor::<4>::from_data(TensorData::new(target.to_vec(), dims), d);
+        let tt = Tensor::<1, Int>::from_data(TensorData::new(t.iter().map(|&v| v as i64).collect::<Vec<_>>(), [b]), d);
+        let y =
+            Tensor::<1, Int>::from_data(TensorData::new(labels.iter().map(|&v| v as i64).collect::<Vec<_>>(), [b]), d);
+        let loss = noise_loss(model, xt, tt, y, target, self.state.train.loss);
+        let loss_value = loss.to_data().iter::<f32>().next().unwrap_or(f32::NAN);
+        let grads = loss.backward();
+        (loss_value, self.table.read_grads(model, &grads))
     }
 
     /// Save a checkpoint of the current state under `run_dir`.
@@ -152,6 +195,21 @@ impl Trainer {
         let ema_bytes = weights::to_safetensors_bytes(&self.table.write_values(self.model.clone(), &self.ema))?;
         checkpoint::save(run_dir, self.state.clone(), &model_bytes, &ema_bytes, &self.adam, keep)
     }
+}
+
+/// `parts` contiguous, non-empty row ranges covering `0..batch`, sizes differing by at most one
+/// (the first ones larger).
+pub fn micro_batches(batch: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
+    let parts = parts.clamp(1, batch.max(1));
+    let (size, extra) = (batch / parts, batch % parts);
+    let mut start = 0;
+    (0..parts)
+        .map(|i| {
+            let len = size + usize::from(i < extra);
+            start += len;
+            start - len..start
+        })
+        .collect()
 }
 
 /// Replace each label by `null` with probability `p` (label dropout for classifier-free
@@ -359,6 +417,14 @@ fn progress_bar(visible: bool, start: u64, total: u64) -> ProgressBar {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn micro_batches_cover_the_batch_in_near_equal_contiguous_parts() {
+        assert_eq!(micro_batches(11, 3), vec![0..4, 4..8, 8..11]);
+        assert_eq!(micro_batches(32, 2), vec![0..16, 16..32]);
+        assert_eq!(micro_batches(3, 5), vec![0..1, 1..2, 2..3]);
+        assert_eq!(micro_batches(7, 1), vec![0..7]);
+    }
 
     #[test]
     fn label_dropout_replaces_about_p_of_the_labels_reproducibly() {
