@@ -2,20 +2,23 @@
 # dits vs the PyTorch reference of mnist-dits, in the same run, on the same machine.
 #
 #   bench/compare_torch.sh [--batch 256] [--threads 2] [--iters 20] [--rounds 1]
+#                          [--also "dit-s4"]
 #
 # Installs torch into bench/.venv on first use (or set DITS_TORCH_PYTHON to a python with
 # torch). Runs dits and PyTorch alternately --rounds times and prints the median of each,
-# their ratios, and each process's peak RSS.
+# their ratios, and each process's peak RSS; then dits alone on the presets in --also (the
+# reference exists for mnist-dits only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-batch=256 threads=2 iters=20 rounds=1
+batch=256 threads=2 iters=20 rounds=1 also="dit-s4"
 while [ $# -gt 0 ]; do
   case "$1" in
     --batch) batch=$2; shift 2 ;;
     --threads) threads=$2; shift 2 ;;
     --iters) iters=$2; shift 2 ;;
     --rounds) rounds=$2; shift 2 ;;
+    --also) also=$2; shift 2 ;;
     *) echo "error: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -49,6 +52,7 @@ for r in $(seq "$rounds"); do
   d_train+=("$(sed -n 's/^train_samples_per_s=//p' <<<"$out")")
   d_sample+=("$(sed -n 's/^sample_images_per_s=//p' <<<"$out")")
   d_rss=$rss
+  dits_out=$out
   run_measured env OMP_NUM_THREADS="$threads" "$py" "$ref" --threads "$threads" --batch "$batch" --steps "$iters" --what train,infer
   t_train+=("$(sed -n 's/^train .*samples\/s=\([0-9.]*\).*/\1/p' <<<"$out")")
   t_infer+=("$(sed -n 's/^infer .*samples\/s=\([0-9.]*\).*/\1/p' <<<"$out")")
@@ -64,3 +68,8 @@ printf '%-28s %12s %12s %8s\n' "" dits pytorch ratio
 printf '%-28s %12.1f %12.1f %8.2f\n' "train samples/s" "$dt" "$tt" "$(ratio "$dt" "$tt")"
 printf '%-28s %12.1f %12.1f %8.2f\n' "sampling images/s (fwd)" "$ds" "$ti" "$(ratio "$ds" "$ti")"
 printf '%-28s %12s %12s %8.2f\n' "peak RSS MiB" "$d_rss" "$t_rss" "$(ratio "$d_rss" "$t_rss")"
+grep '^achieved' <<<"$dits_out" | sed 's/^/dits mnist-dits /'
+for preset in $also; do
+  out=$(env RAYON_NUM_THREADS="$threads" "$dits" bench --model "$preset" --batch "$batch" --threads "$threads" --iters "$iters")
+  echo "dits $preset: train $(sed -n 's/^train_samples_per_s=//p' <<<"$out") samples/s, sampling $(sed -n 's/^sample_images_per_s=//p' <<<"$out") images/s; $(grep '^achieved' <<<"$out")"
+done

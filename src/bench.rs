@@ -5,11 +5,13 @@ use std::time::Instant;
 
 use burn::prelude::*;
 use rand::Rng;
+use rayon::prelude::*;
 
 use crate::data::Batch;
 use crate::diffusion::sampler::gaussian;
 use crate::model::{DitConfig, DitNet};
 use crate::rng::{Purpose, stream};
+use crate::train::trainer::micro_batches;
 use crate::train::{Trainer, default_train_config};
 
 #[derive(Debug, Clone)]
@@ -30,6 +32,8 @@ pub struct BenchResult {
     pub train_samples_per_s: f64,
     pub sample_images_per_s: f64,
     pub params: usize,
+    /// Micro-batches of the timed training step.
+    pub micro_batches: usize,
 }
 
 /// Median, min and max of timed iterations, in milliseconds.
@@ -71,6 +75,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
     train.micro_batches = opts.micro_batches.unwrap_or(train.micro_batches).min(b);
     // Throughput does not depend on the label ids; the preset may have no null label.
     train.label_dropout = 0.0;
+    let step_parts = train.micro_batches;
     let mut trainer = Trainer::new(cfg.clone(), train, String::new(), &opts.device)?;
     let params = trainer.table().total;
     let train_step_ms = time(opts.warmup, opts.iters, || {
@@ -88,10 +93,18 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
     );
     let y =
         Tensor::<1, Int>::from_data(TensorData::new(labels.iter().map(|&l| l as i64).collect::<Vec<_>>(), [b]), device);
+    // As `dits sample` runs: the batch split into one part per thread, the parts in parallel.
+    let parts = micro_batches(b, rayon::current_num_threads());
     let forward_ms = time(opts.warmup, opts.iters, || {
-        let out = model.forward(x.clone(), t.clone(), y.clone());
-        // Reading one value forces the computation on lazy backends.
-        let _ = out.slice([0..1, 0..1, 0..1, 0..1]).into_data();
+        parts.par_iter().for_each(|r| {
+            let out = model.forward(
+                x.clone().narrow(0, r.start, r.len()),
+                t.clone().narrow(0, r.start, r.len()),
+                y.clone().narrow(0, r.start, r.len()),
+            );
+            // Reading one value forces the computation on lazy backends.
+            let _ = out.slice([0..1, 0..1, 0..1, 0..1]).into_data();
+        });
     });
     Ok(BenchResult {
         train_samples_per_s: b as f64 / (train_step_ms.median / 1e3),
@@ -99,5 +112,6 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
         train_step_ms,
         forward_ms,
         params,
+        micro_batches: step_parts,
     })
 }

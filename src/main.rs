@@ -382,12 +382,23 @@ fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
         device: device(a.common.device)?,
     };
     let r = dits::bench::run(&opts)?;
-    println!("model={name} params={} batch={} threads={threads} device={:?}", r.params, a.batch, a.common.device);
+    println!(
+        "model={name} params={} batch={} micro_batches={} threads={threads} device={:?}",
+        r.params, a.batch, r.micro_batches, a.common.device
+    );
     let line = |what: &str, s: dits::bench::Stats| {
         println!("{what}: median {:.2} ms (min {:.2}, max {:.2}) over {} iterations", s.median, s.min, s.max, a.iters)
     };
     line("train step (forward+backward+adam)", r.train_step_ms);
     line("sampling forward (no grad)", r.forward_ms);
+    let flops = opts.model.forward_flops();
+    println!(
+        "achieved: train {:.1} GFLOP/s, sampling {:.1} GFLOP/s ({:.1} MFLOP per image forward, matmuls only); peak RSS {}",
+        3.0 * flops * r.train_samples_per_s / 1e9,
+        flops * r.sample_images_per_s / 1e9,
+        flops / 1e6,
+        dits::memory::peak_rss_bytes().map_or("unknown".into(), |b| format!("{} MiB", b >> 20))
+    );
     println!("train_samples_per_s={:.1}", r.train_samples_per_s);
     println!("sample_images_per_s={:.1}", r.sample_images_per_s);
     Ok(())

@@ -22,3 +22,26 @@ pub fn keep_freed_memory() {
         }
     }
 }
+
+/// The process's peak resident memory so far (`VmHWM`), where the kernel reports it (Linux).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn peak_rss_is_reported_on_linux_and_grows_with_touched_memory() {
+        if !cfg!(target_os = "linux") {
+            return;
+        }
+        let before = super::peak_rss_bytes().expect("VmHWM on Linux");
+        let touched = vec![1u8; 64 << 20];
+        let after = super::peak_rss_bytes().unwrap();
+        assert!(after >= before && after >= (64 << 20), "{before} -> {after}");
+        drop(std::hint::black_box(touched));
+    }
+}
