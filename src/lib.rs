@@ -10,6 +10,7 @@ pub mod diffusion;
 pub mod eval;
 pub mod fsutil;
 pub mod images;
+pub mod kernels;
 pub mod memory;
 pub mod model;
 pub mod rng;

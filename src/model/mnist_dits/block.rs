@@ -5,8 +5,10 @@
 
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::{relu, softmax};
+use burn::tensor::activation::relu;
+use burn::tensor::module::linear;
 
+use crate::kernels::{gated_residual, modulated_layer_norm, packed_attention};
 use crate::model::config::DitConfig;
 
 /// `Linear(width → ratio·width) → ReLU → Linear(ratio·width → width)`; PyTorch keys `ff.0`
@@ -21,6 +23,16 @@ impl FeedForward {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         self.contract.forward(relu(self.expand.forward(x)))
     }
+}
+
+/// PyTorch's `nn.LayerNorm` epsilon, which mnist-dits keeps.
+const LN_EPS: f64 = 1e-5;
+
+/// `ln(x)·(1 + scale) + shift` through the fused kernel, with `ln`'s own weight and bias.
+fn adaln(ln: &LayerNorm, x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>) -> Tensor<3> {
+    let weight = ln.gamma.val();
+    let bias = ln.beta.as_ref().map(|b| b.val()).unwrap_or_else(|| weight.zeros_like());
+    modulated_layer_norm(x, weight, bias, shift, scale, LN_EPS)
 }
 
 #[derive(Module, Debug)]
@@ -71,26 +83,28 @@ impl DitBlock {
 
     /// `x`: `[batch, tokens, width]`, `cond`: `[batch, width]` → `[batch, tokens, width]`.
     pub fn forward(&self, x: Tensor<3>, cond: Tensor<2>) -> Tensor<3> {
-        let modulation = |l: &Linear| l.forward(cond.clone()).unsqueeze_dim::<3>(1); // [B,1,W]
+        let modulation = |l: &Linear| l.forward(cond.clone()); // [B,W]
         let (g1, b1, a1) = (modulation(&self.gamma1), modulation(&self.beta1), modulation(&self.alpha1));
         let (g2, b2, a2) = (modulation(&self.gamma2), modulation(&self.beta2), modulation(&self.alpha2));
 
-        let h = self.ln1.forward(x.clone()) * (g1 + 1.0) + b1; // [B,S,W]
-        let x = x + a1 * self.lv.forward(self.attention(h)); // [B,S,W]
-
-        let h = self.ln2.forward(x.clone()) * (g2 + 1.0) + b2; // [B,S,W]
-        x + a2 * self.ff.forward(h)
+        let h = adaln(&self.ln1, x.clone(), b1, g1); // LN(x)·(1+γ₁) + β₁
+        let x = gated_residual(x, a1, self.lv.forward(self.attention(h))); // x + α₁·Attn(h)
+        let h = adaln(&self.ln2, x.clone(), b2, g2);
+        gated_residual(x, a2, self.ff.forward(h))
     }
 
     /// Multi-head self-attention without the output projection: `[B,S,W] → [B,S,H·D]`.
+    ///
+    /// `wq`, `wk`, `wv` run as one projection (their weights side by side), which is the
+    /// packed layout the attention kernel reads.
     fn attention(&self, h: Tensor<3>) -> Tensor<3> {
-        let [b, s, _] = h.dims();
-        let (nh, d) = (self.heads, self.head_dim);
-        let split = |l: &Linear| l.forward(h.clone()).reshape([b, s, nh, d]).swap_dims(1, 2); // [B,H,S,D]
-        let q = split(&self.wq);
-        let k = split(&self.wk).swap_dims(2, 3); // [B,H,D,S]
-        let v = split(&self.wv);
-        let scores = softmax(q.matmul(k) * self.attn_scale, 3); // [B,H,S,S]
-        scores.matmul(v).swap_dims(1, 2).reshape([b, s, nh * d]) // [B,S,H·D]
+        let layers = [&self.wq, &self.wk, &self.wv];
+        let weight = Tensor::cat(layers.iter().map(|l| l.weight.val()).collect(), 1); // [W, 3·H·D]
+        let bias = layers
+            .iter()
+            .map(|l| l.bias.as_ref().map(|b| b.val()))
+            .collect::<Option<Vec<_>>>()
+            .map(|b| Tensor::cat(b, 0));
+        packed_attention(linear(h, weight, bias), self.heads, self.attn_scale)
     }
 }

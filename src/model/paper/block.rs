@@ -7,25 +7,21 @@
 
 use burn::nn::Linear;
 use burn::prelude::*;
-use burn::tensor::activation::{sigmoid, silu, softmax};
-use burn::tensor::module::layer_norm;
+use burn::tensor::activation::{sigmoid, silu};
 
 use super::embed::{xavier_linear, zero_linear};
+use crate::kernels::{gated_residual, modulated_layer_norm, packed_attention};
 use crate::model::config::DitConfig;
 
 /// DiT's LayerNorm epsilon.
 const LN_EPS: f64 = 1e-6;
 
-/// LayerNorm without affine parameters over the last axis.
-pub fn plain_layer_norm(x: Tensor<3>) -> Tensor<3> {
+/// `LN(x)·(1 + scale) + shift` (the LayerNorm without parameters of its own), with `scale`,
+/// `shift`: `[B, W]` broadcast over tokens; one fused kernel on the CPU.
+fn modulated_norm(x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>) -> Tensor<3> {
     let width = x.dims()[2];
-    let ones = Tensor::<1>::ones([width], &x.device());
-    layer_norm(x, ones, None, LN_EPS)
-}
-
-/// `x·(1 + scale) + shift`, with `scale`, `shift`: `[B, W]` broadcast over tokens.
-fn modulate(x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>) -> Tensor<3> {
-    x * (scale.unsqueeze_dim::<3>(1) + 1.0) + shift.unsqueeze_dim::<3>(1)
+    let (ones, zeros) = (Tensor::<1>::ones([width], &x.device()), Tensor::<1>::zeros([width], &x.device()));
+    modulated_layer_norm(x, ones, zeros, shift, scale, LN_EPS)
 }
 
 /// timm's `Attention`: one `qkv` projection, heads of `head_dim`, `proj` back to the width.
@@ -39,13 +35,7 @@ pub struct Attention {
 
 impl Attention {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let [b, s, w] = x.dims();
-        let d = w / self.heads;
-        let mut qkv = self.qkv.forward(x).chunk(3, 2).into_iter(); // 3 × [B, S, W]
-        let mut split = || qkv.next().expect("three chunks").reshape([b, s, self.heads, d]).swap_dims(1, 2); // [B,H,S,D]
-        let (q, k, v) = (split(), split(), split());
-        let scores = softmax(q.matmul(k.swap_dims(2, 3)) * self.scale, 3); // [B,H,S,S]
-        self.proj.forward(scores.matmul(v).swap_dims(1, 2).reshape([b, s, w])) // [B,S,W]
+        self.proj.forward(packed_attention(self.qkv.forward(x), self.heads, self.scale))
     }
 }
 
@@ -102,10 +92,10 @@ impl DitBlock {
         let m = self.ada_ln.forward(silu(c)).chunk(6, 1); // 6 × [B, W]
         let [shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp] =
             <[Tensor<2>; 6]>::try_from(m).expect("six chunks");
-        let h = modulate(plain_layer_norm(x.clone()), shift_msa, scale_msa);
-        let x = x + gate_msa.unsqueeze_dim::<3>(1) * self.attn.forward(h);
-        let h = modulate(plain_layer_norm(x.clone()), shift_mlp, scale_mlp);
-        x + gate_mlp.unsqueeze_dim::<3>(1) * self.mlp.forward(h)
+        let h = modulated_norm(x.clone(), shift_msa, scale_msa);
+        let x = gated_residual(x, gate_msa, self.attn.forward(h));
+        let h = modulated_norm(x.clone(), shift_mlp, scale_mlp);
+        gated_residual(x, gate_mlp, self.mlp.forward(h))
     }
 }
 
@@ -125,7 +115,7 @@ impl FinalLayer {
     /// `[B, S, W]`, `[B, W]` → `[B, S, p²·C]`.
     pub fn forward(&self, x: Tensor<3>, c: Tensor<2>) -> Tensor<3> {
         let [shift, scale] = <[Tensor<2>; 2]>::try_from(self.ada_ln.forward(silu(c)).chunk(2, 1)).expect("two chunks");
-        self.linear.forward(modulate(plain_layer_norm(x), shift, scale))
+        self.linear.forward(modulated_norm(x, shift, scale))
     }
 }
 

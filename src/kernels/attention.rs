@@ -1,0 +1,147 @@
+//! Multi-head self-attention over short sequences (a DiT's 49–196 tokens), forward and
+//! backward, on the CPU.
+//!
+//! Input is the packed projection `qkv` `[B, S, 3·H·D]` exactly as the Linear layer wrote it
+//! (queries, keys, values side by side; head `h` at columns `h·D..`). Each (image, head) is two
+//! small strided GEMMs around a row softmax, so no head is ever permuted or copied into a
+//! `[B, H, S, D]` layout, and the output comes out as `[B, S, H·D]`, ready for the output
+//! projection. The composed burn version spent its time in those permute copies, in a scalar
+//! `expf`, and in separate scale/softmax passes (see the README's speed section).
+
+use rayon::prelude::*;
+
+use super::simd::{softmax_backward_rows, softmax_rows};
+
+/// Sizes of one attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnDims {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttnDims {
+    /// Width of the attention output, `H·D`.
+    pub fn inner(&self) -> usize {
+        self.heads * self.head_dim
+    }
+    /// Width of one `qkv` row, `3·H·D`.
+    pub fn row(&self) -> usize {
+        3 * self.inner()
+    }
+}
+
+/// `dst = lhs · rhs` for strided f32 matrices (`m×k` times `k×n`), single-threaded: the
+/// callers parallelise over images instead, which keeps both cores busy at these sizes.
+///
+/// Strides are `(row, column)` in elements.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: *const f32,
+    lhs_s: (usize, usize),
+    rhs: *const f32,
+    rhs_s: (usize, usize),
+) {
+    // SAFETY: every caller passes pointers into live buffers whose extents cover the strided
+    // ranges; `dst` is written only (read_dst = false) and never aliases `lhs`/`rhs`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            false,
+            lhs,
+            lhs_s.1 as isize,
+            lhs_s.0 as isize,
+            rhs,
+            rhs_s.1 as isize,
+            rhs_s.0 as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Forward pass. Returns the output `[B, S, H·D]` and, when `keep_probs`, the attention
+/// probabilities `[B, H, S, S]` that the backward pass needs.
+pub fn forward(qkv: &[f32], d: AttnDims, scale: f32, keep_probs: bool) -> (Vec<f32>, Option<Vec<f32>>) {
+    let AttnDims { batch, seq: s, heads, head_dim: dh } = d;
+    let (hd, row) = (d.inner(), d.row());
+    assert_eq!(qkv.len(), batch * s * row, "attention: qkv has the wrong length");
+    let mut out = vec![0.0f32; batch * s * hd];
+    let mut probs = vec![0.0f32; if keep_probs { batch * heads * s * s } else { 0 }];
+
+    let one_image = |bi: usize, o: &mut [f32], p: &mut [f32]| {
+        let x = qkv[bi * s * row..(bi + 1) * s * row].as_ptr();
+        for h in 0..heads {
+            // SAFETY (pointer offsets): all within this image's `s·row` block of `qkv`.
+            let (q, k, v) = unsafe { (x.add(h * dh), x.add(hd + h * dh), x.add(2 * hd + h * dh)) };
+            let ph = &mut p[h * s * s..(h + 1) * s * s];
+            // scores = Q Kᵀ: Kᵀ's element (d, j) is key j's component d.
+            gemm(s, s, dh, ph.as_mut_ptr(), s, q, (row, 1), k, (1, row));
+            softmax_rows(ph, s, scale);
+            // out_h = P V, written straight into this head's columns of the output rows.
+            gemm(s, dh, s, o[h * dh..].as_mut_ptr(), hd, ph.as_ptr(), (s, 1), v, (row, 1));
+        }
+    };
+
+    if keep_probs {
+        out.par_chunks_mut(s * hd)
+            .zip(probs.par_chunks_mut(heads * s * s))
+            .enumerate()
+            .for_each(|(bi, (o, p))| one_image(bi, o, p));
+    } else {
+        out.par_chunks_mut(s * hd)
+            .enumerate()
+            .for_each_init(|| vec![0.0f32; heads * s * s], |p, (bi, o)| one_image(bi, o, p));
+    }
+    (out, keep_probs.then_some(probs))
+}
+
+/// Backward pass: the gradient of `qkv` (`[B, S, 3·H·D]`) from that of the output.
+pub fn backward(qkv: &[f32], probs: &[f32], grad_out: &[f32], d: AttnDims, scale: f32) -> Vec<f32> {
+    let AttnDims { batch, seq: s, heads, head_dim: dh } = d;
+    let (hd, row) = (d.inner(), d.row());
+    assert_eq!(qkv.len(), batch * s * row, "attention backward: qkv has the wrong length");
+    assert_eq!(probs.len(), batch * heads * s * s, "attention backward: probs have the wrong length");
+    assert_eq!(grad_out.len(), batch * s * hd, "attention backward: gradient has the wrong length");
+    let mut grad = vec![0.0f32; batch * s * row];
+
+    grad.par_chunks_mut(s * row).enumerate().for_each_init(
+        || vec![0.0f32; s * s],
+        |ds, (bi, g)| {
+            let x = qkv[bi * s * row..(bi + 1) * s * row].as_ptr();
+            let go = grad_out[bi * s * hd..(bi + 1) * s * hd].as_ptr();
+            let g = g.as_mut_ptr();
+            for h in 0..heads {
+                let p = &probs[(bi * heads + h) * s * s..(bi * heads + h + 1) * s * s];
+                // SAFETY (pointer offsets): within this image's blocks of `qkv`, `grad_out`, `grad`.
+                let (q, k, v, doh) =
+                    unsafe { (x.add(h * dh), x.add(hd + h * dh), x.add(2 * hd + h * dh), go.add(h * dh)) };
+                let (dq, dk, dv) = unsafe { (g.add(h * dh), g.add(hd + h * dh), g.add(2 * hd + h * dh)) };
+                // dV = Pᵀ dO
+                gemm(s, dh, s, dv, row, p.as_ptr(), (1, s), doh, (hd, 1));
+                // dP = dO Vᵀ, then the softmax backward (times the scale) in place.
+                gemm(s, s, dh, ds.as_mut_ptr(), s, doh, (hd, 1), v, (1, row));
+                softmax_backward_rows(p, ds, s, scale);
+                // dQ = dS K, dK = dSᵀ Q
+                gemm(s, dh, s, dq, row, ds.as_ptr(), (s, 1), k, (row, 1));
+                gemm(s, dh, s, dk, row, ds.as_ptr(), (1, s), q, (row, 1));
+            }
+        },
+    );
+    grad
+}
