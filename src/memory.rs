@@ -5,7 +5,9 @@
 //! back to the kernel, so each step page-faults (and zero-fills) those buffers anew: measured
 //! here, that cost 40% of a batch-64 training step. Raising both thresholds keeps the pages
 //! mapped between steps; peak memory does not grow, because the same sizes come back each
-//! step.
+//! step. One arena for all threads: the worker threads' own arenas are separate `mmap`ed heaps
+//! that glibc unmaps whenever they empty, which happened every step (kernel page-fault time
+//! fell from 9% to 4.5% of a batch-256 training step with a single arena).
 
 /// Call once, before the first large allocation. Does nothing outside glibc.
 pub fn keep_freed_memory() {
@@ -19,6 +21,7 @@ pub fn keep_freed_memory() {
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
             libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+            libc::mallopt(libc::M_ARENA_MAX, 1);
         }
     }
 }

@@ -3,14 +3,14 @@
 //!
 //! Input is the packed projection `qkv` `[B, S, 3·H·D]` exactly as the Linear layer wrote it
 //! (queries, keys, values side by side; head `h` at columns `h·D..`). Each (image, head) is two
-//! small strided GEMMs around a row softmax, so no head is ever permuted or copied into a
+//! small strided GEMMs around a softmax, so no head is ever permuted or copied into a
 //! `[B, H, S, D]` layout, and the output comes out as `[B, S, H·D]`, ready for the output
 //! projection. The composed burn version spent its time in those permute copies, in a scalar
 //! `expf`, and in separate scale/softmax passes (see the README's speed section).
 
 use rayon::prelude::*;
 
-use super::simd::{softmax_backward_rows, softmax_rows};
+use super::simd::{softmax_columns, softmax_columns_backward};
 
 /// Sizes of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +76,8 @@ fn gemm(
 }
 
 /// Forward pass. Returns the output `[B, S, H·D]` and, when `keep_probs`, the attention
-/// probabilities `[B, H, S, S]` that the backward pass needs.
+/// probabilities, stored transposed per head (`[B, H, S(key), S(query)]`), which the backward
+/// pass needs.
 pub fn forward(qkv: &[f32], d: AttnDims, scale: f32, keep_probs: bool) -> (Vec<f32>, Option<Vec<f32>>) {
     let AttnDims { batch, seq: s, heads, head_dim: dh } = d;
     let (hd, row) = (d.inner(), d.row());
@@ -84,34 +85,37 @@ pub fn forward(qkv: &[f32], d: AttnDims, scale: f32, keep_probs: bool) -> (Vec<f
     let mut out = vec![0.0f32; batch * s * hd];
     let mut probs = vec![0.0f32; if keep_probs { batch * heads * s * s } else { 0 }];
 
-    let one_image = |bi: usize, o: &mut [f32], p: &mut [f32]| {
+    let one_image = |bi: usize, o: &mut [f32], p: &mut [f32], scratch: &mut [f32]| {
         let x = qkv[bi * s * row..(bi + 1) * s * row].as_ptr();
         for h in 0..heads {
             // SAFETY (pointer offsets): all within this image's `s·row` block of `qkv`.
             let (q, k, v) = unsafe { (x.add(h * dh), x.add(hd + h * dh), x.add(2 * hd + h * dh)) };
-            let ph = &mut p[h * s * s..(h + 1) * s * s];
-            // scores = Q Kᵀ: Kᵀ's element (d, j) is key j's component d.
-            gemm(s, s, dh, ph.as_mut_ptr(), s, q, (row, 1), k, (1, row));
-            softmax_rows(ph, s, scale);
-            // out_h = P V, written straight into this head's columns of the output rows.
-            gemm(s, dh, s, o[h * dh..].as_mut_ptr(), hd, ph.as_ptr(), (s, 1), v, (row, 1));
+            let pt = &mut p[h * s * s..(h + 1) * s * s];
+            // Scores transposed, Sᵀ = K Qᵀ: row j holds key j against every query, so that the
+            // softmax over keys runs down the columns (see `softmax_columns`).
+            gemm(s, s, dh, pt.as_mut_ptr(), s, k, (row, 1), q, (1, row));
+            softmax_columns(pt, s, scale, scratch);
+            // out_h = P V with P = (Pᵀ)ᵀ, written straight into this head's output columns.
+            gemm(s, dh, s, o[h * dh..].as_mut_ptr(), hd, pt.as_ptr(), (1, s), v, (row, 1));
         }
     };
 
     if keep_probs {
-        out.par_chunks_mut(s * hd)
-            .zip(probs.par_chunks_mut(heads * s * s))
-            .enumerate()
-            .for_each(|(bi, (o, p))| one_image(bi, o, p));
+        out.par_chunks_mut(s * hd).zip(probs.par_chunks_mut(heads * s * s)).enumerate().for_each_init(
+            || vec![0.0f32; 2 * s],
+            |scratch, (bi, (o, p))| one_image(bi, o, p, scratch),
+        );
     } else {
-        out.par_chunks_mut(s * hd)
-            .enumerate()
-            .for_each_init(|| vec![0.0f32; heads * s * s], |p, (bi, o)| one_image(bi, o, p));
+        out.par_chunks_mut(s * hd).enumerate().for_each_init(
+            || (vec![0.0f32; heads * s * s], vec![0.0f32; 2 * s]),
+            |(p, scratch), (bi, o)| one_image(bi, o, p, scratch),
+        );
     }
     (out, keep_probs.then_some(probs))
 }
 
-/// Backward pass: the gradient of `qkv` (`[B, S, 3·H·D]`) from that of the output.
+/// Backward pass: the gradient of `qkv` (`[B, S, 3·H·D]`) from that of the output, with the
+/// transposed probabilities of [`forward`].
 pub fn backward(qkv: &[f32], probs: &[f32], grad_out: &[f32], d: AttnDims, scale: f32) -> Vec<f32> {
     let AttnDims { batch, seq: s, heads, head_dim: dh } = d;
     let (hd, row) = (d.inner(), d.row());
@@ -121,25 +125,24 @@ pub fn backward(qkv: &[f32], probs: &[f32], grad_out: &[f32], d: AttnDims, scale
     let mut grad = vec![0.0f32; batch * s * row];
 
     grad.par_chunks_mut(s * row).enumerate().for_each_init(
-        || vec![0.0f32; s * s],
-        |ds, (bi, g)| {
+        || (vec![0.0f32; s * s], vec![0.0f32; s]),
+        |(dst, scratch), (bi, g)| {
             let x = qkv[bi * s * row..(bi + 1) * s * row].as_ptr();
             let go = grad_out[bi * s * hd..(bi + 1) * s * hd].as_ptr();
             let g = g.as_mut_ptr();
             for h in 0..heads {
-                let p = &probs[(bi * heads + h) * s * s..(bi * heads + h + 1) * s * s];
+                let pt = &probs[(bi * heads + h) * s * s..(bi * heads + h + 1) * s * s];
                 // SAFETY (pointer offsets): within this image's blocks of `qkv`, `grad_out`, `grad`.
-                let (q, k, v, doh) =
-                    unsafe { (x.add(h * dh), x.add(hd + h * dh), x.add(2 * hd + h * dh), go.add(h * dh)) };
+                let (q, k, v, doh) = unsafe { (x.add(h * dh), x.add(hd + h * dh), x.add(2 * hd + h * dh), go.add(h * dh)) };
                 let (dq, dk, dv) = unsafe { (g.add(h * dh), g.add(hd + h * dh), g.add(2 * hd + h * dh)) };
                 // dV = Pᵀ dO
-                gemm(s, dh, s, dv, row, p.as_ptr(), (1, s), doh, (hd, 1));
-                // dP = dO Vᵀ, then the softmax backward (times the scale) in place.
-                gemm(s, s, dh, ds.as_mut_ptr(), s, doh, (hd, 1), v, (1, row));
-                softmax_backward_rows(p, ds, s, scale);
+                gemm(s, dh, s, dv, row, pt.as_ptr(), (s, 1), doh, (hd, 1));
+                // dPᵀ = V dOᵀ, then the softmax backward (times the scale) in place: dSᵀ.
+                gemm(s, s, dh, dst.as_mut_ptr(), s, v, (row, 1), doh, (1, hd));
+                softmax_columns_backward(pt, dst, s, scale, scratch);
                 // dQ = dS K, dK = dSᵀ Q
-                gemm(s, dh, s, dq, row, ds.as_ptr(), (s, 1), k, (row, 1));
-                gemm(s, dh, s, dk, row, ds.as_ptr(), (1, s), q, (row, 1));
+                gemm(s, dh, s, dq, row, dst.as_ptr(), (1, s), k, (row, 1));
+                gemm(s, dh, s, dk, row, dst.as_ptr(), (s, 1), q, (row, 1));
             }
         },
     );

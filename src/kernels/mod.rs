@@ -32,6 +32,7 @@ macro_rules! multiversion {
 }
 
 pub mod attention;
+pub mod linear;
 pub mod norm;
 pub mod residual;
 pub mod simd;
@@ -49,6 +50,8 @@ use burn::tensor::module::layer_norm;
 use burn::tensor::{Bytes, DType};
 
 use attention::AttnDims;
+pub use linear::Activation;
+use linear::LinearDims;
 use norm::{NormDims, NormParams};
 
 #[backend_extension(Flex, Autodiff)]
@@ -69,6 +72,14 @@ pub trait DitKernels: Backend {
 
     /// `x + gate·y` with a per-image gate, see [`residual`].
     fn gated_residual(x: FloatTensor<Self>, gate: FloatTensor<Self>, y: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// `act(x·W + b)` over the last axis of `x`, see [`linear`].
+    fn fused_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        activation: Activation,
+    ) -> FloatTensor<Self>;
 }
 
 /// True when `device` runs on the CPU backend these kernels are written for.
@@ -151,6 +162,37 @@ pub fn gated_residual_composed(x: Tensor<3>, gate: Tensor<2>, y: Tensor<3>) -> T
     x + gate.unsqueeze_dim::<3>(1) * y
 }
 
+/// `act(x·W + b)` for a burn `Linear` (its bias, or none), over the last axis of `x`.
+pub fn linear_act<const D: usize>(layer: &burn::nn::Linear, x: Tensor<D>, activation: Activation) -> Tensor<D> {
+    let weight = layer.weight.val();
+    let bias = layer.bias.as_ref().map(|b| b.val()).unwrap_or_else(|| Tensor::zeros([weight.dims()[1]], &weight.device()));
+    fused_linear(x, weight, bias, activation)
+}
+
+/// `act(x·W + b)`: `x` `[.., in]`, `weight` `[in, out]`, `bias` `[out]`.
+pub fn fused_linear<const D: usize>(x: Tensor<D>, weight: Tensor<2>, bias: Tensor<1>, activation: Activation) -> Tensor<D> {
+    if on_flex(&x.device()) && x.dtype() == DType::F32 {
+        Tensor::from_dispatch(<Dispatch as DitKernels>::fused_linear(
+            x.into_dispatch(),
+            weight.into_dispatch(),
+            bias.into_dispatch(),
+            activation,
+        ))
+    } else {
+        fused_linear_composed(x, weight, bias, activation)
+    }
+}
+
+/// [`fused_linear`] from burn's own operations.
+pub fn fused_linear_composed<const D: usize>(x: Tensor<D>, weight: Tensor<2>, bias: Tensor<1>, activation: Activation) -> Tensor<D> {
+    let z = burn::tensor::module::linear(x, weight, Some(bias));
+    match activation {
+        Activation::Identity => z,
+        Activation::Relu => burn::tensor::activation::relu(z),
+        Activation::GeluTanh => burn::tensor::activation::gelu_approximate(z),
+    }
+}
+
 fn norm_dims(shape: &[usize]) -> NormDims {
     let [batch, seq, width] = <[usize; 3]>::try_from(shape).expect("expected [B, S, W]");
     NormDims { batch, seq, width }
@@ -231,6 +273,42 @@ fn residual_forward(x: &FlexTensor, gate: &FlexTensor, y: &FlexTensor) -> FlexTe
     flex_tensor(residual::forward(x.storage(), gate.storage(), y.storage(), d), vec![d.batch, d.seq, d.width])
 }
 
+/// The operands of a fused Linear, contiguous, with the sizes.
+#[derive(Debug, Clone)]
+struct LinearInputs {
+    x: FlexTensor,
+    weight: FlexTensor,
+    bias: FlexTensor,
+    activation: Activation,
+    dims: LinearDims,
+    out_shape: Vec<usize>,
+}
+
+impl LinearInputs {
+    fn new(x: &FlexTensor, weight: &FlexTensor, bias: &FlexTensor, activation: Activation) -> Self {
+        let shape = x.layout().shape().to_vec();
+        let [input, output] = <[usize; 2]>::try_from(weight.layout().shape().to_vec()).expect("linear weight is [in, out]");
+        assert_eq!(shape.last(), Some(&input), "linear: input width {shape:?} does not match the weight [{input}, {output}]");
+        let rows = shape[..shape.len() - 1].iter().product();
+        let mut out_shape = shape;
+        *out_shape.last_mut().expect("rank ≥ 1") = output;
+        Self {
+            x: contiguous(x),
+            weight: contiguous(weight),
+            bias: contiguous(bias),
+            activation,
+            dims: LinearDims { rows, input, output },
+            out_shape,
+        }
+    }
+
+    /// The output and, when `keep` and the activation's backward needs it, the pre-activation.
+    fn forward(&self, keep: bool) -> (FlexTensor, Option<FlexTensor>) {
+        let (y, z) = linear::forward(self.x.storage(), self.weight.storage(), self.bias.storage(), self.dims, self.activation, keep);
+        (flex_tensor(y, self.out_shape.clone()), z.map(|z| flex_tensor(z, self.out_shape.clone())))
+    }
+}
+
 impl DitKernels for Flex {
     fn packed_attention(qkv: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self> {
         attention_forward(&qkv, heads, scale, false).0
@@ -249,6 +327,10 @@ impl DitKernels for Flex {
 
     fn gated_residual(x: FloatTensor<Self>, gate: FloatTensor<Self>, y: FloatTensor<Self>) -> FloatTensor<Self> {
         residual_forward(&x, &gate, &y)
+    }
+
+    fn fused_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, activation: Activation) -> FloatTensor<Self> {
+        LinearInputs::new(&x, &weight, &bias, activation).forward(false).0
     }
 }
 
@@ -381,6 +463,52 @@ impl<C: CheckpointStrategy> DitKernels for Autodiff<Flex, C> {
             OpsKind::UnTracked(prep) => prep.finish(residual_forward(&x, &gate, &y)),
         }
     }
+
+    fn fused_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, activation: Activation) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct FusedLinear;
+
+        impl Backward<Flex, 3> for FusedLinear {
+            /// The operands and what the activation's derivative reads (the output for ReLU,
+            /// the pre-activation for GELU).
+            type State = (LinearInputs, Option<FlexTensor>);
+
+            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let grad_out = grads.consume::<Flex>(&ops.node);
+                // A buffer of our own to turn dy into dz in place (no copy when unshared).
+                let mut dz = grad_out.to_contiguous();
+                drop(grad_out);
+                let (inputs, saved) = ops.state;
+                let saved = saved.as_ref().map(|t| t.storage::<f32>()).unwrap_or(&[]);
+                let d = inputs.dims;
+                let g = linear::backward(inputs.x.storage(), inputs.weight.storage(), saved, dz.storage_mut(), d, inputs.activation);
+                let in_shape = inputs.x.layout().shape().to_vec();
+                let results = [(g.x, in_shape), (g.weight, vec![d.input, d.output]), (g.bias, vec![d.output])];
+                for (parent, (grad, shape)) in ops.parents.into_iter().zip(results) {
+                    if let Some(parent) = parent {
+                        grads.register::<Flex>(parent.id, flex_tensor(grad, shape));
+                    }
+                }
+            }
+        }
+
+        let (x, nx) = x.into_parts();
+        let (weight, nw) = weight.into_parts();
+        let (bias, nb) = bias.into_parts();
+        let inputs = LinearInputs::new(&x, &weight, &bias, activation);
+        match FusedLinear.prepare::<C>([nx, nw, nb]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (y, z) = inputs.forward(true);
+                let saved = match activation {
+                    Activation::Identity => None,
+                    Activation::Relu => Some(y.clone()),
+                    Activation::GeluTanh => z,
+                };
+                prep.finish((inputs, saved), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(inputs.forward(false).0),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -424,18 +552,17 @@ mod tests {
         kernel: impl Fn([Tensor<3>; N]) -> Tensor<3>,
         composed: impl Fn([Tensor<3>; N]) -> Tensor<3>,
     ) {
+        // One upstream gradient for both (drawn once: the device's seed is shared by tests
+        // running in parallel).
+        let dims = composed(inputs.clone()).dims();
+        let upstream = Tensor::<3>::random(dims, Distribution::Normal(0.0, 1.0), &inputs[0].device());
         let run = |f: &dyn Fn([Tensor<3>; N]) -> Tensor<3>| {
             let xs = inputs.clone().map(|x| x.require_grad());
             let y = f(xs.clone());
-            let upstream = Tensor::<3>::random(y.dims(), Distribution::Normal(0.0, 1.0), &y.device());
-            let grads = (y.clone() * upstream).sum().backward();
+            let grads = (y.clone() * upstream.clone()).sum().backward();
             (y.detach().inner(), xs.map(|x| x.grad(&grads).expect("gradient")))
         };
-        // Same upstream gradient for both: seed the device before each run.
-        let device = inputs[0].device();
-        device.seed(7);
         let (y_k, g_k) = run(&kernel);
-        device.seed(7);
         let (y_c, g_c) = run(&composed);
         let dy = max_rel_diff(y_k, y_c);
         assert!(dy < 1e-5, "forward differs by {dy}");
@@ -476,6 +603,25 @@ mod tests {
             |[x, g, y]| gated_residual(x, as_2d(g), y),
             |[x, g, y]| gated_residual_composed(x, as_2d(g), y),
         );
+    }
+
+    fn check_linear(rows: usize, input: usize, output: usize, activation: Activation) {
+        let device = Device::flex().autodiff();
+        let r = |shape: [usize; 3]| Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        // Rows not a multiple of the block size, spread over two leading axes.
+        let inputs = [r([2, rows, input]), r([1, input, output]), r([1, 1, output])];
+        let call = |f: fn(Tensor<3>, Tensor<2>, Tensor<1>, Activation) -> Tensor<3>| {
+            move |[x, w, b]: [Tensor<3>; 3]| f(x, w.squeeze_dim(0), as_2d(b).squeeze_dim(0), activation)
+        };
+        check_against_composed(inputs, call(fused_linear), call(fused_linear_composed));
+    }
+
+    #[test]
+    fn fused_linear_matches_composed() {
+        for activation in [Activation::Identity, Activation::Relu, Activation::GeluTanh] {
+            check_linear(300, 64, 96, activation);
+            check_linear(5, 3, 7, activation);
+        }
     }
 
     #[test]

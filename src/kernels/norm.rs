@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use super::simd::{dot, lanes};
+use super::simd::{dot, fold_lanes, lanes};
 
 /// Sizes: `batch` images of `seq` tokens of `width` features.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,18 +45,7 @@ pub struct NormGrads {
 fn row_stats(row: &[f32], epsilon: f32) -> (f32, f32) {
     let n = row.len() as f32;
     let mean = lanes(row, 0.0, |a, b| a + b) / n;
-    let mut acc = [0.0f32; 16];
-    let chunks = row.chunks_exact(16);
-    let mut tail = 0.0;
-    for &v in chunks.remainder() {
-        tail += (v - mean) * (v - mean);
-    }
-    for c in chunks {
-        for i in 0..16 {
-            acc[i] += (c[i] - mean) * (c[i] - mean);
-        }
-    }
-    let var = (acc.iter().sum::<f32>() + tail) / n;
+    let var = fold_lanes(row, 0.0, |v| (v - mean) * (v - mean), |a, b| a + b) / n;
     (mean, 1.0 / (var + epsilon).sqrt())
 }
 
@@ -77,6 +66,7 @@ fn forward_image_impl(
     c: &mut [f32],
 ) {
     let w = weight.len();
+    let (a, c, bias, shift, scale) = (&mut a[..w], &mut c[..w], &bias[..w], &shift[..w], &scale[..w]);
     for j in 0..w {
         a[j] = weight[j] * (1.0 + scale[j]);
         c[j] = bias[j] * (1.0 + scale[j]) + shift[j];
@@ -85,8 +75,8 @@ fn forward_image_impl(
         let (mean, rstd) = row_stats(xr, epsilon);
         st[0] = mean;
         st[1] = rstd;
-        for j in 0..w {
-            hr[j] = (xr[j] - mean) * rstd * a[j] + c[j];
+        for (((h, &x), &a), &c) in hr.iter_mut().zip(xr).zip(a.iter()).zip(c.iter()) {
+            *h = (x - mean) * rstd * a + c;
         }
     }
 }
@@ -136,10 +126,14 @@ fn backward_image_impl(
     let (dshift, rest) = partial.split_at_mut(w);
     let (dscale, rest) = rest.split_at_mut(w);
     let (dweight, dbias) = rest.split_at_mut(w);
+    // Slices of exactly `w` elements: with the bounds known, the loops below vectorise.
+    let (dshift, dscale, dweight, dbias) = (&mut dshift[..w], &mut dscale[..w], &mut dweight[..w], &mut dbias[..w]);
+    let (dxhat, xhat, bias, scale) = (&mut dxhat[..w], &mut xhat[..w], &bias[..w], &scale[..w]);
     for (((xr, gr), st), dxr) in
         x.chunks_exact(w).zip(dh.chunks_exact(w)).zip(stats.chunks_exact(2)).zip(dx.chunks_exact_mut(w))
     {
         let (mean, rstd) = (st[0], st[1]);
+        let (xr, gr, dxr) = (&xr[..w], &gr[..w], &mut dxr[..w]);
         for j in 0..w {
             xhat[j] = (xr[j] - mean) * rstd;
             let y = xhat[j] * weight[j] + bias[j];

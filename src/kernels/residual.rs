@@ -15,8 +15,8 @@ pub use super::norm::NormDims as ResidualDims;
 fn forward_image_impl(x: &[f32], gate: &[f32], y: &[f32], out: &mut [f32]) {
     let w = gate.len();
     for ((xr, yr), or) in x.chunks_exact(w).zip(y.chunks_exact(w)).zip(out.chunks_exact_mut(w)) {
-        for j in 0..w {
-            or[j] = xr[j] + gate[j] * yr[j];
+        for (((o, &x), &g), &y) in or.iter_mut().zip(xr).zip(gate).zip(yr) {
+            *o = x + g * y;
         }
     }
 }
@@ -40,7 +40,9 @@ pub fn forward(x: &[f32], gate: &[f32], y: &[f32], d: ResidualDims) -> Vec<f32> 
 fn backward_image_impl(grad: &[f32], gate: &[f32], y: &[f32], dy: &mut [f32], dgate: &mut [f32]) {
     let w = gate.len();
     dgate.fill(0.0);
+    let dgate = &mut dgate[..w];
     for ((gr, yr), dyr) in grad.chunks_exact(w).zip(y.chunks_exact(w)).zip(dy.chunks_exact_mut(w)) {
+        let (gr, yr, dyr) = (&gr[..w], &yr[..w], &mut dyr[..w]);
         for j in 0..w {
             dyr[j] = gr[j] * gate[j];
             dgate[j] += gr[j] * yr[j];

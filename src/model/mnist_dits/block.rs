@@ -5,14 +5,12 @@
 
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::relu;
-use burn::tensor::module::linear;
 
-use crate::kernels::{gated_residual, modulated_layer_norm, packed_attention};
+use crate::kernels::{Activation, fused_linear, gated_residual, linear_act, modulated_layer_norm, packed_attention};
 use crate::model::config::DitConfig;
 
 /// `Linear(width → ratio·width) → ReLU → Linear(ratio·width → width)`; PyTorch keys `ff.0`
-/// and `ff.2`.
+/// and `ff.2`. Bias and ReLU are applied inside the fused Linear kernel on the CPU.
 #[derive(Module, Debug)]
 pub struct FeedForward {
     pub expand: Linear,
@@ -21,7 +19,7 @@ pub struct FeedForward {
 
 impl FeedForward {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.contract.forward(relu(self.expand.forward(x)))
+        linear_act(&self.contract, linear_act(&self.expand, x, Activation::Relu), Activation::Identity)
     }
 }
 
@@ -88,7 +86,7 @@ impl DitBlock {
         let (g2, b2, a2) = (modulation(&self.gamma2), modulation(&self.beta2), modulation(&self.alpha2));
 
         let h = adaln(&self.ln1, x.clone(), b1, g1); // LN(x)·(1+γ₁) + β₁
-        let x = gated_residual(x, a1, self.lv.forward(self.attention(h))); // x + α₁·Attn(h)
+        let x = gated_residual(x, a1, linear_act(&self.lv, self.attention(h), Activation::Identity)); // x + α₁·Attn(h)
         let h = adaln(&self.ln2, x.clone(), b2, g2);
         gated_residual(x, a2, self.ff.forward(h))
     }
@@ -105,6 +103,7 @@ impl DitBlock {
             .map(|l| l.bias.as_ref().map(|b| b.val()))
             .collect::<Option<Vec<_>>>()
             .map(|b| Tensor::cat(b, 0));
-        packed_attention(linear(h, weight, bias), self.heads, self.attn_scale)
+        let bias = bias.unwrap_or_else(|| Tensor::zeros([weight.dims()[1]], &weight.device()));
+        packed_attention(fused_linear(h, weight, bias, Activation::Identity), self.heads, self.attn_scale)
     }
 }

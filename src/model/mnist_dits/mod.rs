@@ -11,6 +11,7 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 
 use super::config::DitConfig;
+use crate::kernels::{Activation, linear_act};
 use block::DitBlock;
 use embed::{TimeEmbedding, embed_labels, label_embedding};
 
@@ -67,11 +68,11 @@ impl MnistDits {
 
         let x = self.conv.forward(x); // [B, C·p², gh, gw]
         let x = x.permute([0, 2, 3, 1]).reshape([b, gh * gw, c * p * p]); // [B, S, C·p²]
-        let mut x = self.patch_emb.forward(x) + self.patch_pos_emb.val(); // [B, S, W]
+        let mut x = linear_act(&self.patch_emb, x, Activation::Identity) + self.patch_pos_emb.val(); // [B, S, W]
         for block in &self.dits {
             x = block.forward(x, cond.clone());
         }
-        let x = self.linear.forward(self.ln.forward(x)); // [B, S, C·p²]
+        let x = linear_act(&self.linear, self.ln.forward(x), Activation::Identity); // [B, S, C·p²]
         // Unpatchify: token (i, j) holds patch rows i·p.., columns j·p.., channel-major.
         x.reshape([b, gh, gw, c, p, p]) // [B, gh, gw, C, p, p]
             .permute([0, 3, 1, 4, 2, 5]) // [B, C, gh, p, gw, p]

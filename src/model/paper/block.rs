@@ -7,10 +7,10 @@
 
 use burn::nn::Linear;
 use burn::prelude::*;
-use burn::tensor::activation::{sigmoid, silu};
+use burn::tensor::activation::silu;
 
 use super::embed::{xavier_linear, zero_linear};
-use crate::kernels::{gated_residual, modulated_layer_norm, packed_attention};
+use crate::kernels::{Activation, gated_residual, linear_act, modulated_layer_norm, packed_attention};
 use crate::model::config::DitConfig;
 
 /// DiT's LayerNorm epsilon.
@@ -35,20 +35,14 @@ pub struct Attention {
 
 impl Attention {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.proj.forward(packed_attention(self.qkv.forward(x), self.heads, self.scale))
+        let qkv = linear_act(&self.qkv, x, Activation::Identity);
+        linear_act(&self.proj, packed_attention(qkv, self.heads, self.scale), Activation::Identity)
     }
 }
 
-/// GELU's tanh approximation, `x·(1 + tanh(u))/2` with `u = sqrt(2/π)(x + 0.044715x³)`,
-/// computed as the identical `x·sigmoid(2u)`: burn's composed `gelu_approximate` spends most
-/// of a DiT training step in scalar `powf` and `tanh` calls, one `sigmoid` pass costs far less.
-pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    const TWO_SQRT_2_OVER_PI: f64 = 2.0 * core::f64::consts::FRAC_2_SQRT_PI * core::f64::consts::FRAC_1_SQRT_2;
-    let u2 = x.clone() * ((x.clone() * x.clone()) * (0.044715 * TWO_SQRT_2_OVER_PI) + TWO_SQRT_2_OVER_PI);
-    x * sigmoid(u2)
-}
-
-/// `fc1 → GELU(tanh) → fc2`; PyTorch keys `mlp.fc1`, `mlp.fc2`.
+/// `fc1 → GELU(tanh) → fc2`; PyTorch keys `mlp.fc1`, `mlp.fc2`. On the CPU the GELU runs inside
+/// the fused Linear kernel (burn's composed `gelu_approximate` spent most of a DiT training step
+/// in scalar `powf` and `tanh` calls).
 #[derive(Module, Debug)]
 pub struct Mlp {
     pub fc1: Linear,
@@ -57,7 +51,7 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.fc2.forward(gelu_tanh(self.fc1.forward(x)))
+        linear_act(&self.fc2, linear_act(&self.fc1, x, Activation::GeluTanh), Activation::Identity)
     }
 }
 
@@ -115,22 +109,6 @@ impl FinalLayer {
     /// `[B, S, W]`, `[B, W]` → `[B, S, p²·C]`.
     pub fn forward(&self, x: Tensor<3>, c: Tensor<2>) -> Tensor<3> {
         let [shift, scale] = <[Tensor<2>; 2]>::try_from(self.ada_ln.forward(silu(c)).chunk(2, 1)).expect("two chunks");
-        self.linear.forward(modulated_norm(x, shift, scale))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gelu_tanh_is_the_tanh_approximation() {
-        let xs: Vec<f32> = (-60..=60).map(|i| i as f32 / 10.0).collect();
-        let x = Tensor::<1>::from_floats(xs.as_slice(), &Device::flex());
-        let ours: Vec<f32> = gelu_tanh(x.clone()).into_data().iter::<f32>().collect();
-        let theirs: Vec<f32> = burn::tensor::activation::gelu_approximate(x).into_data().iter::<f32>().collect();
-        for ((a, b), x) in ours.iter().zip(&theirs).zip(&xs) {
-            assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "x = {x}: {a} vs {b}");
-        }
+        linear_act(&self.linear, modulated_norm(x, shift, scale), Activation::Identity)
     }
 }

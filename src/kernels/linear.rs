@@ -1,0 +1,211 @@
+//! A Linear layer with its bias and activation applied while the output block is still in
+//! cache: `y = act(x·W + b)`, forward and backward.
+//!
+//! burn's `linear` writes `x·W`, then adds the bias in a second pass and applies the activation
+//! in a third; its backward reads the gradient again for the activation, again for the bias
+//! sum. Here the rows are cut into blocks of a few hundred, each block's GEMM is followed at
+//! once by the bias and activation (forward) or preceded by the activation's derivative and
+//! the bias sum (backward), all in one pass over memory that the GEMM just touched.
+
+use rayon::prelude::*;
+
+use super::simd::exp;
+
+/// The activation after the bias.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Identity,
+    Relu,
+    /// GELU's tanh approximation, `x·σ(2u)` with `u = √(2/π)(x + 0.044715x³)`.
+    GeluTanh,
+}
+
+impl Activation {
+    /// Whether the backward pass needs the pre-activation `z` (else the output, or nothing).
+    pub fn needs_preactivation(self) -> bool {
+        self == Activation::GeluTanh
+    }
+}
+
+/// Rows per block: enough GEMM work per task to amortise packing the weight, few enough that a
+/// block's output stays in L2 and the blocks keep both cores busy.
+const BLOCK_ROWS: usize = 256;
+
+const GELU_C: f32 = 0.797_884_6; // √(2/π)
+const GELU_A: f32 = 0.044_715;
+
+/// `σ(2u)` and `2u'` of the tanh GELU at `z`.
+#[inline(always)]
+fn gelu_parts(z: f32) -> (f32, f32) {
+    let v = 2.0 * GELU_C * (z + GELU_A * z * z * z);
+    let sig = 1.0 / (1.0 + exp(-v));
+    (sig, 2.0 * GELU_C * (1.0 + 3.0 * GELU_A * z * z))
+}
+
+#[inline(always)]
+fn epilogue_impl(y: &mut [f32], z: &mut [f32], bias: &[f32], act: Activation) {
+    let n = bias.len();
+    match act {
+        Activation::Identity => {
+            for yr in y.chunks_exact_mut(n) {
+                yr[..n].iter_mut().zip(bias).for_each(|(y, &b)| *y += b);
+            }
+        }
+        Activation::Relu => {
+            for yr in y.chunks_exact_mut(n) {
+                yr[..n].iter_mut().zip(bias).for_each(|(y, &b)| *y = (*y + b).max(0.0));
+            }
+        }
+        Activation::GeluTanh => {
+            for (yr, zr) in y.chunks_exact_mut(n).zip(z.chunks_exact_mut(n)) {
+                for ((y, z), &b) in yr[..n].iter_mut().zip(zr[..n].iter_mut()).zip(bias) {
+                    *z = *y + b;
+                    *y = *z * gelu_parts(*z).0;
+                }
+            }
+        }
+    }
+}
+
+multiversion!(epilogue(y: &mut [f32], z: &mut [f32], bias: &[f32], act: Activation) => epilogue_impl);
+
+/// `dz = dy ⊙ act'(z)` in place of `dy` (with the output `y` for ReLU, `z` for GELU), and this
+/// block's bias gradient into `db`.
+#[inline(always)]
+fn activation_backward_impl(dy: &mut [f32], saved: &[f32], db: &mut [f32], act: Activation) {
+    let n = db.len();
+    db.fill(0.0);
+    for (i, g) in dy.chunks_exact_mut(n).enumerate() {
+        let g = &mut g[..n];
+        match act {
+            Activation::Identity => {}
+            Activation::Relu => {
+                let y = &saved[i * n..(i + 1) * n];
+                g.iter_mut().zip(y).for_each(|(g, &y)| *g = if y > 0.0 { *g } else { 0.0 });
+            }
+            Activation::GeluTanh => {
+                let z = &saved[i * n..(i + 1) * n];
+                for (g, &z) in g.iter_mut().zip(z) {
+                    let (sig, dv) = gelu_parts(z);
+                    *g *= sig + z * sig * (1.0 - sig) * dv;
+                }
+            }
+        }
+        db.iter_mut().zip(g.iter()).for_each(|(d, &g)| *d += g);
+    }
+}
+
+multiversion!(activation_backward(dy: &mut [f32], saved: &[f32], db: &mut [f32], act: Activation) => activation_backward_impl);
+
+/// Sizes: `rows` inputs of `input` features to `output` features.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinearDims {
+    pub rows: usize,
+    pub input: usize,
+    pub output: usize,
+}
+
+/// `dst (m×n, row stride n) = lhs · rhs` for strided operands, `(row, column)` strides.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    lhs: *const f32,
+    lhs_s: (usize, usize),
+    rhs: *const f32,
+    rhs_s: (usize, usize),
+    parallelism: gemm::Parallelism,
+) {
+    // SAFETY: callers pass pointers into live buffers covering the strided ranges; `dst` does
+    // not alias the operands and is written only (read_dst = false).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            n as isize,
+            false,
+            lhs,
+            lhs_s.1 as isize,
+            lhs_s.0 as isize,
+            rhs,
+            rhs_s.1 as isize,
+            rhs_s.0 as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// Forward: `y = act(x·W + b)` `[rows, output]`, and the pre-activation `z` when the activation's
+/// backward needs it.
+pub fn forward(x: &[f32], weight: &[f32], bias: &[f32], d: LinearDims, act: Activation, keep_z: bool) -> (Vec<f32>, Option<Vec<f32>>) {
+    let LinearDims { rows, input, output } = d;
+    assert_eq!(x.len(), rows * input, "linear: input has the wrong length");
+    assert_eq!(weight.len(), input * output, "linear: weight must be [{input}, {output}]");
+    assert_eq!(bias.len(), output, "linear: bias must have {output} elements");
+    assert!(input > 0 && output > 0, "linear: zero-sized layer");
+    let keep_z = keep_z && act.needs_preactivation();
+    let mut y = vec![0.0f32; rows * output];
+    let mut z = if keep_z { vec![0.0f32; rows * output] } else { Vec::new() };
+    let block = BLOCK_ROWS * output;
+    let run = |bi: usize, yb: &mut [f32], zb: &mut [f32]| {
+        let m = yb.len() / output.max(1);
+        gemm(m, output, input, yb.as_mut_ptr(), x[bi * BLOCK_ROWS * input..].as_ptr(), (input, 1), weight.as_ptr(), (output, 1), gemm::Parallelism::None);
+        epilogue(yb, zb, bias, act);
+    };
+    if keep_z {
+        y.par_chunks_mut(block).zip(z.par_chunks_mut(block)).enumerate().for_each(|(bi, (yb, zb))| run(bi, yb, zb));
+    } else if act.needs_preactivation() {
+        y.par_chunks_mut(block).enumerate().for_each_init(|| vec![0.0f32; block], |zb, (bi, yb)| run(bi, yb, &mut zb[..yb.len()]));
+    } else {
+        y.par_chunks_mut(block).enumerate().for_each(|(bi, yb)| run(bi, yb, &mut []));
+    }
+    (y, keep_z.then_some(z))
+}
+
+/// Gradients of the input, weight and bias.
+#[derive(Debug, Clone)]
+pub struct LinearGrads {
+    pub x: Vec<f32>,
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+}
+
+/// Backward from `dy` (overwritten: it becomes `dz`). `saved` is the output `y` for ReLU, the
+/// pre-activation `z` for GELU, ignored for the identity.
+pub fn backward(x: &[f32], weight: &[f32], saved: &[f32], dy: &mut [f32], d: LinearDims, act: Activation) -> LinearGrads {
+    let LinearDims { rows, input, output } = d;
+    assert_eq!(dy.len(), rows * output, "linear backward: gradient has the wrong length");
+    let block = BLOCK_ROWS * output;
+    let blocks = rows.div_ceil(BLOCK_ROWS);
+    // dz in place, and one bias-gradient row per block (summed below in a fixed order).
+    let mut db_blocks = vec![0.0f32; blocks * output];
+    dy.par_chunks_mut(block).zip(db_blocks.par_chunks_mut(output.max(1))).enumerate().for_each(|(bi, (g, db))| {
+        let saved = if act == Activation::Identity { &[][..] } else { &saved[bi * block..bi * block + g.len()] };
+        activation_backward(g, saved, db, act);
+    });
+    let mut bias = vec![0.0f32; output];
+    for db in db_blocks.chunks_exact(output.max(1)) {
+        bias.iter_mut().zip(db).for_each(|(a, &b)| *a += b);
+    }
+    // dx = dz Wᵀ, block by block.
+    let mut dx = vec![0.0f32; rows * input];
+    dx.par_chunks_mut(BLOCK_ROWS * input).enumerate().for_each(|(bi, dxb)| {
+        let m = dxb.len() / input.max(1);
+        gemm(m, input, output, dxb.as_mut_ptr(), dy[bi * block..].as_ptr(), (output, 1), weight.as_ptr(), (1, output), gemm::Parallelism::None);
+    });
+    // dW = xᵀ dz over all rows; gemm splits the output tiles across threads (each tile's sum
+    // over rows runs in one order, so the result does not depend on the thread count).
+    let mut dw = vec![0.0f32; input * output];
+    gemm(input, output, rows, dw.as_mut_ptr(), x.as_ptr(), (1, input), dy.as_ptr(), (output, 1), gemm::Parallelism::Rayon(0));
+    LinearGrads { x: dx, weight: dw, bias }
+}
