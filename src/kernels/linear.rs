@@ -7,7 +7,11 @@
 //! once by the bias and activation (forward) or preceded by the activation's derivative and
 //! the bias sum (backward), all in one pass over memory that the GEMM just touched.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
+
+use super::buffer::{self, assume_init, uninit_filled};
 
 use super::simd::exp;
 
@@ -43,7 +47,7 @@ fn gelu_parts(z: f32) -> (f32, f32) {
 }
 
 #[inline(always)]
-fn epilogue_impl(y: &mut [f32], z: &mut [f32], bias: &[f32], act: Activation) {
+fn epilogue_impl(y: &mut [f32], z: &mut [MaybeUninit<f32>], bias: &[f32], act: Activation) {
     let n = bias.len();
     match act {
         Activation::Identity => {
@@ -59,15 +63,16 @@ fn epilogue_impl(y: &mut [f32], z: &mut [f32], bias: &[f32], act: Activation) {
         Activation::GeluTanh => {
             for (yr, zr) in y.chunks_exact_mut(n).zip(z.chunks_exact_mut(n)) {
                 for ((y, z), &b) in yr[..n].iter_mut().zip(zr[..n].iter_mut()).zip(bias) {
-                    *z = *y + b;
-                    *y = *z * gelu_parts(*z).0;
+                    let pre = *y + b;
+                    *z = MaybeUninit::new(pre);
+                    *y = pre * gelu_parts(pre).0;
                 }
             }
         }
     }
 }
 
-multiversion!(epilogue(y: &mut [f32], z: &mut [f32], bias: &[f32], act: Activation) => epilogue_impl);
+multiversion!(epilogue(y: &mut [f32], z: &mut [MaybeUninit<f32>], bias: &[f32], act: Activation) => epilogue_impl);
 
 /// `dz = dy ⊙ act'(z)` in place of `dy` (with the output `y` for ReLU, `z` for GELU), and this
 /// block's bias gradient into `db`.
@@ -147,29 +152,59 @@ fn gemm(
 
 /// Forward: `y = act(x·W + b)` `[rows, output]`, and the pre-activation `z` when the activation's
 /// backward needs it.
-pub fn forward(x: &[f32], weight: &[f32], bias: &[f32], d: LinearDims, act: Activation, keep_z: bool) -> (Vec<f32>, Option<Vec<f32>>) {
+pub fn forward(
+    x: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    d: LinearDims,
+    act: Activation,
+    keep_z: bool,
+) -> (Vec<f32>, Option<Vec<f32>>) {
     let LinearDims { rows, input, output } = d;
     assert_eq!(x.len(), rows * input, "linear: input has the wrong length");
     assert_eq!(weight.len(), input * output, "linear: weight must be [{input}, {output}]");
     assert_eq!(bias.len(), output, "linear: bias must have {output} elements");
     assert!(input > 0 && output > 0, "linear: zero-sized layer");
     let keep_z = keep_z && act.needs_preactivation();
-    let mut y = vec![0.0f32; rows * output];
-    let mut z = if keep_z { vec![0.0f32; rows * output] } else { Vec::new() };
     let block = BLOCK_ROWS * output;
-    let run = |bi: usize, yb: &mut [f32], zb: &mut [f32]| {
-        let m = yb.len() / output.max(1);
-        gemm(m, output, input, yb.as_mut_ptr(), x[bi * BLOCK_ROWS * input..].as_ptr(), (input, 1), weight.as_ptr(), (output, 1), gemm::Parallelism::None);
-        epilogue(yb, zb, bias, act);
+    let run = |bi: usize, yb: &mut [MaybeUninit<f32>], zb: &mut [MaybeUninit<f32>]| {
+        let m = yb.len() / output;
+        gemm(
+            m,
+            output,
+            input,
+            yb.as_mut_ptr().cast(),
+            x[bi * BLOCK_ROWS * input..].as_ptr(),
+            (input, 1),
+            weight.as_ptr(),
+            (output, 1),
+            gemm::Parallelism::None,
+        );
+        // SAFETY: the GEMM wrote the whole block.
+        epilogue(unsafe { assume_init(yb) }, zb, bias, act);
     };
-    if keep_z {
-        y.par_chunks_mut(block).zip(z.par_chunks_mut(block)).enumerate().for_each(|(bi, (yb, zb))| run(bi, yb, zb));
-    } else if act.needs_preactivation() {
-        y.par_chunks_mut(block).enumerate().for_each_init(|| vec![0.0f32; block], |zb, (bi, yb)| run(bi, yb, &mut zb[..yb.len()]));
-    } else {
-        y.par_chunks_mut(block).enumerate().for_each(|(bi, yb)| run(bi, yb, &mut []));
-    }
-    (y, keep_z.then_some(z))
+    let mut z = None;
+    // SAFETY: each block's GEMM writes all of its outputs; the epilogue writes `z` (GELU only,
+    // the one activation for which `keep_z` holds).
+    let y = unsafe {
+        uninit_filled(rows * output, |y| {
+            if keep_z {
+                z = Some(uninit_filled(rows * output, |z| {
+                    y.par_chunks_mut(block)
+                        .zip(z.par_chunks_mut(block))
+                        .enumerate()
+                        .for_each(|(bi, (yb, zb))| run(bi, yb, zb))
+                }));
+            } else if act.needs_preactivation() {
+                y.par_chunks_mut(block)
+                    .enumerate()
+                    .for_each_init(|| buffer::scratch(block), |zb, (bi, yb)| run(bi, yb, &mut zb[..yb.len()]));
+            } else {
+                y.par_chunks_mut(block).enumerate().for_each(|(bi, yb)| run(bi, yb, &mut []));
+            }
+        })
+    };
+    (y, z)
 }
 
 /// Gradients of the input, weight and bias.
@@ -182,7 +217,14 @@ pub struct LinearGrads {
 
 /// Backward from `dy` (overwritten: it becomes `dz`). `saved` is the output `y` for ReLU, the
 /// pre-activation `z` for GELU, ignored for the identity.
-pub fn backward(x: &[f32], weight: &[f32], saved: &[f32], dy: &mut [f32], d: LinearDims, act: Activation) -> LinearGrads {
+pub fn backward(
+    x: &[f32],
+    weight: &[f32],
+    saved: &[f32],
+    dy: &mut [f32],
+    d: LinearDims,
+    act: Activation,
+) -> LinearGrads {
     let LinearDims { rows, input, output } = d;
     assert_eq!(dy.len(), rows * output, "linear backward: gradient has the wrong length");
     let block = BLOCK_ROWS * output;
@@ -198,14 +240,49 @@ pub fn backward(x: &[f32], weight: &[f32], saved: &[f32], dy: &mut [f32], d: Lin
         bias.iter_mut().zip(db).for_each(|(a, &b)| *a += b);
     }
     // dx = dz Wᵀ, block by block.
-    let mut dx = vec![0.0f32; rows * input];
-    dx.par_chunks_mut(BLOCK_ROWS * input).enumerate().for_each(|(bi, dxb)| {
-        let m = dxb.len() / input.max(1);
-        gemm(m, input, output, dxb.as_mut_ptr(), dy[bi * block..].as_ptr(), (output, 1), weight.as_ptr(), (1, output), gemm::Parallelism::None);
-    });
+    let dy = &*dy;
+    // SAFETY: each block's GEMM writes all of its rows of dx.
+    let dx = unsafe {
+        uninit_filled(rows * input, |dx| {
+            dx.par_chunks_mut(BLOCK_ROWS * input).enumerate().for_each(|(bi, dxb)| {
+                let m = dxb.len() / input;
+                let dzb = dy[bi * block..].as_ptr();
+                gemm(
+                    m,
+                    input,
+                    output,
+                    dxb.as_mut_ptr().cast(),
+                    dzb,
+                    (output, 1),
+                    weight.as_ptr(),
+                    (1, output),
+                    gemm::Parallelism::None,
+                );
+            })
+        })
+    };
     // dW = xᵀ dz over all rows; gemm splits the output tiles across threads (each tile's sum
     // over rows runs in one order, so the result does not depend on the thread count).
-    let mut dw = vec![0.0f32; input * output];
-    gemm(input, output, rows, dw.as_mut_ptr(), x.as_ptr(), (1, input), dy.as_ptr(), (output, 1), gemm::Parallelism::Rayon(0));
+    // SAFETY: the GEMM writes all of dW (rows > 0; with no rows the gradient is zero).
+    let dw = if rows == 0 {
+        vec![0.0f32; input * output]
+    } else {
+        unsafe {
+            uninit_filled(input * output, |dw| {
+                let (xp, dzp) = (x.as_ptr(), dy.as_ptr());
+                gemm(
+                    input,
+                    output,
+                    rows,
+                    dw.as_mut_ptr().cast(),
+                    xp,
+                    (1, input),
+                    dzp,
+                    (output, 1),
+                    gemm::Parallelism::Rayon(0),
+                )
+            })
+        }
+    };
     LinearGrads { x: dx, weight: dw, bias }
 }

@@ -32,6 +32,7 @@ macro_rules! multiversion {
 }
 
 pub mod attention;
+pub mod buffer;
 pub mod linear;
 pub mod norm;
 pub mod residual;
@@ -165,12 +166,18 @@ pub fn gated_residual_composed(x: Tensor<3>, gate: Tensor<2>, y: Tensor<3>) -> T
 /// `act(x·W + b)` for a burn `Linear` (its bias, or none), over the last axis of `x`.
 pub fn linear_act<const D: usize>(layer: &burn::nn::Linear, x: Tensor<D>, activation: Activation) -> Tensor<D> {
     let weight = layer.weight.val();
-    let bias = layer.bias.as_ref().map(|b| b.val()).unwrap_or_else(|| Tensor::zeros([weight.dims()[1]], &weight.device()));
+    let bias =
+        layer.bias.as_ref().map(|b| b.val()).unwrap_or_else(|| Tensor::zeros([weight.dims()[1]], &weight.device()));
     fused_linear(x, weight, bias, activation)
 }
 
 /// `act(x·W + b)`: `x` `[.., in]`, `weight` `[in, out]`, `bias` `[out]`.
-pub fn fused_linear<const D: usize>(x: Tensor<D>, weight: Tensor<2>, bias: Tensor<1>, activation: Activation) -> Tensor<D> {
+pub fn fused_linear<const D: usize>(
+    x: Tensor<D>,
+    weight: Tensor<2>,
+    bias: Tensor<1>,
+    activation: Activation,
+) -> Tensor<D> {
     if on_flex(&x.device()) && x.dtype() == DType::F32 {
         Tensor::from_dispatch(<Dispatch as DitKernels>::fused_linear(
             x.into_dispatch(),
@@ -184,7 +191,12 @@ pub fn fused_linear<const D: usize>(x: Tensor<D>, weight: Tensor<2>, bias: Tenso
 }
 
 /// [`fused_linear`] from burn's own operations.
-pub fn fused_linear_composed<const D: usize>(x: Tensor<D>, weight: Tensor<2>, bias: Tensor<1>, activation: Activation) -> Tensor<D> {
+pub fn fused_linear_composed<const D: usize>(
+    x: Tensor<D>,
+    weight: Tensor<2>,
+    bias: Tensor<1>,
+    activation: Activation,
+) -> Tensor<D> {
     let z = burn::tensor::module::linear(x, weight, Some(bias));
     match activation {
         Activation::Identity => z,
@@ -287,8 +299,13 @@ struct LinearInputs {
 impl LinearInputs {
     fn new(x: &FlexTensor, weight: &FlexTensor, bias: &FlexTensor, activation: Activation) -> Self {
         let shape = x.layout().shape().to_vec();
-        let [input, output] = <[usize; 2]>::try_from(weight.layout().shape().to_vec()).expect("linear weight is [in, out]");
-        assert_eq!(shape.last(), Some(&input), "linear: input width {shape:?} does not match the weight [{input}, {output}]");
+        let [input, output] =
+            <[usize; 2]>::try_from(weight.layout().shape().to_vec()).expect("linear weight is [in, out]");
+        assert_eq!(
+            shape.last(),
+            Some(&input),
+            "linear: input width {shape:?} does not match the weight [{input}, {output}]"
+        );
         let rows = shape[..shape.len() - 1].iter().product();
         let mut out_shape = shape;
         *out_shape.last_mut().expect("rank ≥ 1") = output;
@@ -304,7 +321,14 @@ impl LinearInputs {
 
     /// The output and, when `keep` and the activation's backward needs it, the pre-activation.
     fn forward(&self, keep: bool) -> (FlexTensor, Option<FlexTensor>) {
-        let (y, z) = linear::forward(self.x.storage(), self.weight.storage(), self.bias.storage(), self.dims, self.activation, keep);
+        let (y, z) = linear::forward(
+            self.x.storage(),
+            self.weight.storage(),
+            self.bias.storage(),
+            self.dims,
+            self.activation,
+            keep,
+        );
         (flex_tensor(y, self.out_shape.clone()), z.map(|z| flex_tensor(z, self.out_shape.clone())))
     }
 }
@@ -329,7 +353,12 @@ impl DitKernels for Flex {
         residual_forward(&x, &gate, &y)
     }
 
-    fn fused_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, activation: Activation) -> FloatTensor<Self> {
+    fn fused_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        activation: Activation,
+    ) -> FloatTensor<Self> {
         LinearInputs::new(&x, &weight, &bias, activation).forward(false).0
     }
 }
@@ -464,7 +493,12 @@ impl<C: CheckpointStrategy> DitKernels for Autodiff<Flex, C> {
         }
     }
 
-    fn fused_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, activation: Activation) -> FloatTensor<Self> {
+    fn fused_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        activation: Activation,
+    ) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct FusedLinear;
 
@@ -481,7 +515,14 @@ impl<C: CheckpointStrategy> DitKernels for Autodiff<Flex, C> {
                 let (inputs, saved) = ops.state;
                 let saved = saved.as_ref().map(|t| t.storage::<f32>()).unwrap_or(&[]);
                 let d = inputs.dims;
-                let g = linear::backward(inputs.x.storage(), inputs.weight.storage(), saved, dz.storage_mut(), d, inputs.activation);
+                let g = linear::backward(
+                    inputs.x.storage(),
+                    inputs.weight.storage(),
+                    saved,
+                    dz.storage_mut(),
+                    d,
+                    inputs.activation,
+                );
                 let in_shape = inputs.x.layout().shape().to_vec();
                 let results = [(g.x, in_shape), (g.weight, vec![d.input, d.output]), (g.bias, vec![d.output])];
                 for (parent, (grad, shape)) in ops.parents.into_iter().zip(results) {

@@ -6,7 +6,11 @@
 //! over `[B, S, W]` forward, more than twenty backward, each writing a fresh tensor. Here one
 //! read of `x` gives `h`, and the backward reads `x` and `dh` once to produce every gradient.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
+
+use super::buffer::uninit_filled;
 
 use super::simd::{dot, fold_lanes, lanes};
 
@@ -55,8 +59,8 @@ fn row_stats(row: &[f32], epsilon: f32) -> (f32, f32) {
 #[allow(clippy::too_many_arguments)]
 fn forward_image_impl(
     x: &[f32],
-    h: &mut [f32],
-    stats: &mut [f32],
+    h: &mut [MaybeUninit<f32>],
+    stats: &mut [MaybeUninit<f32>],
     weight: &[f32],
     bias: &[f32],
     shift: &[f32],
@@ -73,15 +77,15 @@ fn forward_image_impl(
     }
     for ((xr, hr), st) in x.chunks_exact(w).zip(h.chunks_exact_mut(w)).zip(stats.chunks_exact_mut(2)) {
         let (mean, rstd) = row_stats(xr, epsilon);
-        st[0] = mean;
-        st[1] = rstd;
+        st[0] = MaybeUninit::new(mean);
+        st[1] = MaybeUninit::new(rstd);
         for (((h, &x), &a), &c) in hr.iter_mut().zip(xr).zip(a.iter()).zip(c.iter()) {
-            *h = (x - mean) * rstd * a + c;
+            *h = MaybeUninit::new((x - mean) * rstd * a + c);
         }
     }
 }
 
-multiversion!(forward_image(x: &[f32], h: &mut [f32], stats: &mut [f32], weight: &[f32], bias: &[f32], shift: &[f32], scale: &[f32], epsilon: f32, a: &mut [f32], c: &mut [f32]) => forward_image_impl);
+multiversion!(forward_image(x: &[f32], h: &mut [MaybeUninit<f32>], stats: &mut [MaybeUninit<f32>], weight: &[f32], bias: &[f32], shift: &[f32], scale: &[f32], epsilon: f32, a: &mut [f32], c: &mut [f32]) => forward_image_impl);
 
 /// Forward pass: `h` `[B, S, W]` and the per-token (μ, rstd) `[B, S, 2]` the backward reuses.
 pub fn forward(x: &[f32], p: NormParams, d: NormDims) -> (Vec<f32>, Vec<f32>) {
@@ -92,16 +96,22 @@ pub fn forward(x: &[f32], p: NormParams, d: NormDims) -> (Vec<f32>, Vec<f32>) {
         p.shift.len() == batch * w && p.scale.len() == batch * w,
         "modulated layer norm: shift/scale must be [{batch}, {w}]"
     );
-    let mut h = vec![0.0f32; x.len()];
-    let mut stats = vec![0.0f32; batch * seq * 2];
-    h.par_chunks_mut(seq * w).zip(stats.par_chunks_mut(seq * 2)).enumerate().for_each_init(
-        || (vec![0.0f32; w], vec![0.0f32; w]),
-        |(a, c), (bi, (h, st))| {
-            let x = &x[bi * seq * w..(bi + 1) * seq * w];
-            let (shift, scale) = (&p.shift[bi * w..(bi + 1) * w], &p.scale[bi * w..(bi + 1) * w]);
-            forward_image(x, h, st, p.weight, p.bias, shift, scale, p.epsilon, a, c);
-        },
-    );
+    let mut stats = Vec::new();
+    // SAFETY: `forward_image` writes every token's row of `h` and its two statistics.
+    let h = unsafe {
+        uninit_filled(x.len(), |h| {
+            stats = uninit_filled(batch * seq * 2, |stats| {
+                h.par_chunks_mut(seq * w).zip(stats.par_chunks_mut(seq * 2)).enumerate().for_each_init(
+                    || (vec![0.0f32; w], vec![0.0f32; w]),
+                    |(a, c), (bi, (h, st))| {
+                        let x = &x[bi * seq * w..(bi + 1) * seq * w];
+                        let (shift, scale) = (&p.shift[bi * w..(bi + 1) * w], &p.scale[bi * w..(bi + 1) * w]);
+                        forward_image(x, h, st, p.weight, p.bias, shift, scale, p.epsilon, a, c);
+                    },
+                );
+            })
+        })
+    };
     (h, stats)
 }
 
@@ -116,7 +126,7 @@ fn backward_image_impl(
     weight: &[f32],
     bias: &[f32],
     scale: &[f32],
-    dx: &mut [f32],
+    dx: &mut [MaybeUninit<f32>],
     partial: &mut [f32],
     dxhat: &mut [f32],
     xhat: &mut [f32],
@@ -147,29 +157,21 @@ fn backward_image_impl(
         let m1 = lanes(dxhat, 0.0, |a, b| a + b) / w as f32;
         let m2 = dot(dxhat, xhat) / w as f32;
         for j in 0..w {
-            dxr[j] = rstd * (dxhat[j] - m1 - xhat[j] * m2);
+            dxr[j] = MaybeUninit::new(rstd * (dxhat[j] - m1 - xhat[j] * m2));
         }
     }
 }
 
-multiversion!(backward_image(x: &[f32], dh: &[f32], stats: &[f32], weight: &[f32], bias: &[f32], scale: &[f32], dx: &mut [f32], partial: &mut [f32], dxhat: &mut [f32], xhat: &mut [f32]) => backward_image_impl);
+multiversion!(backward_image(x: &[f32], dh: &[f32], stats: &[f32], weight: &[f32], bias: &[f32], scale: &[f32], dx: &mut [MaybeUninit<f32>], partial: &mut [f32], dxhat: &mut [f32], xhat: &mut [f32]) => backward_image_impl);
 
 /// Backward pass from `dh` and the forward's `stats`.
 pub fn backward(x: &[f32], dh: &[f32], stats: &[f32], p: NormParams, d: NormDims) -> NormGrads {
-    let NormDims { batch, seq, width: w } = d;
+    let NormDims { batch, width: w, .. } = d;
     assert_eq!(dh.len(), x.len(), "modulated layer norm backward: gradient has the wrong length");
-    let mut dx = vec![0.0f32; x.len()];
     // Per image: dshift, dscale, dweight share, dbias share.
     let mut partial = vec![0.0f32; batch * 4 * w];
-    dx.par_chunks_mut(seq * w).zip(partial.par_chunks_mut(4 * w)).enumerate().for_each_init(
-        || (vec![0.0f32; w], vec![0.0f32; w]),
-        |(dxhat, xhat), (bi, (dx, part))| {
-            let rows = bi * seq * w..(bi + 1) * seq * w;
-            let scale = &p.scale[bi * w..(bi + 1) * w];
-            let st = &stats[bi * seq * 2..(bi + 1) * seq * 2];
-            backward_image(&x[rows.clone()], &dh[rows], st, p.weight, p.bias, scale, dx, part, dxhat, xhat);
-        },
-    );
+    // SAFETY: `backward_image` writes every token's row of dx.
+    let dx = unsafe { uninit_filled(x.len(), |dx| backward_images(dx, &mut partial, x, dh, stats, p, d)) };
     let (mut shift, mut scale) = (Vec::with_capacity(batch * w), Vec::with_capacity(batch * w));
     let (mut weight, mut bias) = (vec![0.0f32; w], vec![0.0f32; w]);
     for part in partial.chunks_exact(4 * w) {
@@ -179,4 +181,25 @@ pub fn backward(x: &[f32], dh: &[f32], stats: &[f32], p: NormParams, d: NormDims
         bias.iter_mut().zip(&part[3 * w..]).for_each(|(a, b)| *a += b);
     }
     NormGrads { x: dx, weight, bias, shift, scale }
+}
+
+fn backward_images(
+    dx: &mut [MaybeUninit<f32>],
+    partial: &mut [f32],
+    x: &[f32],
+    dh: &[f32],
+    stats: &[f32],
+    p: NormParams,
+    d: NormDims,
+) {
+    let NormDims { seq, width: w, .. } = d;
+    dx.par_chunks_mut(seq * w).zip(partial.par_chunks_mut(4 * w)).enumerate().for_each_init(
+        || (vec![0.0f32; w], vec![0.0f32; w]),
+        |(dxhat, xhat), (bi, (dx, part))| {
+            let rows = bi * seq * w..(bi + 1) * seq * w;
+            let scale = &p.scale[bi * w..(bi + 1) * w];
+            let st = &stats[bi * seq * 2..(bi + 1) * seq * 2];
+            backward_image(&x[rows.clone()], &dh[rows], st, p.weight, p.bias, scale, dx, part, dxhat, xhat);
+        },
+    );
 }
