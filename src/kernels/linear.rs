@@ -110,9 +110,21 @@ pub struct LinearDims {
     pub output: usize,
 }
 
-/// `dst (m×n, row stride n) = lhs · rhs` for strided operands, `(row, column)` strides.
+/// How to hand a product to gemm.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// `C = A·B` as written.
+    AsIs,
+    /// As `Cᵀ = Bᵀ·Aᵀ`. gemm packs its left operand into column panels unless the rows are
+    /// already unit-stride, and our activations are row-major: transposing the product puts the
+    /// (small) weight on the left and leaves the (large) activations unpacked.
+    Transposed,
+}
+
+/// `dst (m×n, row-major) = lhs · rhs` for strided operands, `(row, column)` strides.
 #[allow(clippy::too_many_arguments)]
 fn gemm(
+    order: Order,
     m: usize,
     n: usize,
     k: usize,
@@ -123,6 +135,10 @@ fn gemm(
     rhs_s: (usize, usize),
     parallelism: gemm::Parallelism,
 ) {
+    let (m, n, dst_cs, dst_rs, lhs, lhs_s, rhs, rhs_s) = match order {
+        Order::AsIs => (m, n, 1, n, lhs, lhs_s, rhs, rhs_s),
+        Order::Transposed => (n, m, n, 1, rhs, (rhs_s.1, rhs_s.0), lhs, (lhs_s.1, lhs_s.0)),
+    };
     // SAFETY: callers pass pointers into live buffers covering the strided ranges; `dst` does
     // not alias the operands and is written only (read_dst = false).
     unsafe {
@@ -131,8 +147,8 @@ fn gemm(
             n,
             k,
             dst,
-            1,
-            n as isize,
+            dst_cs as isize,
+            dst_rs as isize,
             false,
             lhs,
             lhs_s.1 as isize,
@@ -170,6 +186,7 @@ pub fn forward(
     let run = |bi: usize, yb: &mut [MaybeUninit<f32>], zb: &mut [MaybeUninit<f32>]| {
         let m = yb.len() / output;
         gemm(
+            Order::Transposed,
             m,
             output,
             input,
@@ -248,6 +265,7 @@ pub fn backward(
                 let m = dxb.len() / input;
                 let dzb = dy[bi * block..].as_ptr();
                 gemm(
+                    Order::Transposed,
                     m,
                     input,
                     output,
@@ -271,6 +289,7 @@ pub fn backward(
             uninit_filled(input * output, |dw| {
                 let (xp, dzp) = (x.as_ptr(), dy.as_ptr());
                 gemm(
+                    Order::AsIs,
                     input,
                     output,
                     rows,
