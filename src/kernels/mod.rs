@@ -171,6 +171,21 @@ pub fn linear_act<const D: usize>(layer: &burn::nn::Linear, x: Tensor<D>, activa
     fused_linear(x, weight, bias, activation)
 }
 
+/// Several Linear layers over the same input as one: their weights side by side, outputs
+/// concatenated on the last axis (one GEMM and one pass instead of one per layer).
+pub fn linear_cat<const D: usize>(layers: &[&burn::nn::Linear], x: Tensor<D>, activation: Activation) -> Tensor<D> {
+    let weight = Tensor::cat(layers.iter().map(|l| l.weight.val()).collect(), 1);
+    let device = weight.device();
+    let bias = Tensor::cat(
+        layers
+            .iter()
+            .map(|l| l.bias.as_ref().map(|b| b.val()).unwrap_or_else(|| Tensor::zeros([l.weight.dims()[1]], &device)))
+            .collect(),
+        0,
+    );
+    fused_linear(x, weight, bias, activation)
+}
+
 /// `act(x·W + b)`: `x` `[.., in]`, `weight` `[in, out]`, `bias` `[out]`.
 pub fn fused_linear<const D: usize>(
     x: Tensor<D>,

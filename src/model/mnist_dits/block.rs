@@ -6,7 +6,7 @@
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 
-use crate::kernels::{Activation, fused_linear, gated_residual, linear_act, modulated_layer_norm, packed_attention};
+use crate::kernels::{Activation, gated_residual, linear_act, linear_cat, modulated_layer_norm, packed_attention};
 use crate::model::config::DitConfig;
 
 /// `Linear(width → ratio·width) → ReLU → Linear(ratio·width → width)`; PyTorch keys `ff.0`
@@ -27,7 +27,7 @@ impl FeedForward {
 const LN_EPS: f64 = 1e-5;
 
 /// `ln(x)·(1 + scale) + shift` through the fused kernel, with `ln`'s own weight and bias.
-fn adaln(ln: &LayerNorm, x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>) -> Tensor<3> {
+pub(crate) fn adaln(ln: &LayerNorm, x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>) -> Tensor<3> {
     let weight = ln.gamma.val();
     let bias = ln.beta.as_ref().map(|b| b.val()).unwrap_or_else(|| weight.zeros_like());
     modulated_layer_norm(x, weight, bias, shift, scale, LN_EPS)
@@ -81,9 +81,10 @@ impl DitBlock {
 
     /// `x`: `[batch, tokens, width]`, `cond`: `[batch, width]` → `[batch, tokens, width]`.
     pub fn forward(&self, x: Tensor<3>, cond: Tensor<2>) -> Tensor<3> {
-        let modulation = |l: &Linear| l.forward(cond.clone()); // [B,W]
-        let (g1, b1, a1) = (modulation(&self.gamma1), modulation(&self.beta1), modulation(&self.alpha1));
-        let (g2, b2, a2) = (modulation(&self.gamma2), modulation(&self.beta2), modulation(&self.alpha2));
+        // The six modulation Linears as one product, then split: γ₁ β₁ α₁ γ₂ β₂ α₂, each [B,W].
+        let layers = [&self.gamma1, &self.beta1, &self.alpha1, &self.gamma2, &self.beta2, &self.alpha2];
+        let [g1, b1, a1, g2, b2, a2] =
+            <[Tensor<2>; 6]>::try_from(linear_cat(&layers, cond, Activation::Identity).chunk(6, 1)).expect("six chunks");
 
         let h = adaln(&self.ln1, x.clone(), b1, g1); // LN(x)·(1+γ₁) + β₁
         let x = gated_residual(x, a1, linear_act(&self.lv, self.attention(h), Activation::Identity)); // x + α₁·Attn(h)
@@ -96,14 +97,7 @@ impl DitBlock {
     /// `wq`, `wk`, `wv` run as one projection (their weights side by side), which is the
     /// packed layout the attention kernel reads.
     fn attention(&self, h: Tensor<3>) -> Tensor<3> {
-        let layers = [&self.wq, &self.wk, &self.wv];
-        let weight = Tensor::cat(layers.iter().map(|l| l.weight.val()).collect(), 1); // [W, 3·H·D]
-        let bias = layers
-            .iter()
-            .map(|l| l.bias.as_ref().map(|b| b.val()))
-            .collect::<Option<Vec<_>>>()
-            .map(|b| Tensor::cat(b, 0));
-        let bias = bias.unwrap_or_else(|| Tensor::zeros([weight.dims()[1]], &weight.device()));
-        packed_attention(fused_linear(h, weight, bias, Activation::Identity), self.heads, self.attn_scale)
+        let qkv = linear_cat(&[&self.wq, &self.wk, &self.wv], h, Activation::Identity);
+        packed_attention(qkv, self.heads, self.attn_scale)
     }
 }

@@ -72,7 +72,9 @@ impl MnistDits {
         for block in &self.dits {
             x = block.forward(x, cond.clone());
         }
-        let x = linear_act(&self.linear, self.ln.forward(x), Activation::Identity); // [B, S, C·p²]
+        // The final LayerNorm through the fused kernel too (no modulation: shift = scale = 0).
+        let none = Tensor::<2>::zeros([b, self.ln.gamma.dims()[0]], &x.device());
+        let x = linear_act(&self.linear, block::adaln(&self.ln, x, none.clone(), none), Activation::Identity); // [B, S, C·p²]
         // Unpatchify: token (i, j) holds patch rows i·p.., columns j·p.., channel-major.
         x.reshape([b, gh, gw, c, p, p]) // [B, gh, gw, C, p, p]
             .permute([0, 3, 1, 4, 2, 5]) // [B, C, gh, p, gw, p]
