@@ -37,6 +37,20 @@ pub fn derive_seed(seed: u64, purpose: Purpose, index: u64) -> u64 {
     stream(seed, purpose, index).next_u64()
 }
 
+/// Runs `init` (e.g. a model's construction) with burn's random generator for `device` seeded
+/// with `seed`, holding a process-wide lock throughout.
+///
+/// burn draws random tensors from one generator per backend, not per caller: two threads that
+/// seed and draw at the same time interleave their draws, and each gets weights that depend on
+/// the other's timing (seen as a flaky equivalence test once training steps got faster). Under
+/// the lock an initialisation is a function of its seed alone.
+pub fn with_device_seed<T>(device: &burn::prelude::Device, seed: u64, init: impl FnOnce() -> T) -> T {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    device.seed(seed);
+    init()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

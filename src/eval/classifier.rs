@@ -90,8 +90,9 @@ pub fn train(
     bar: &ProgressBar,
 ) -> Classifier {
     let device = device.clone().autodiff();
-    device.seed(cfg.seed);
-    let mut model = Classifier::new(train.channels, train.height, classes, &device);
+    let mut model = crate::rng::with_device_seed(&device, cfg.seed, || {
+        Classifier::new(train.channels, train.height, classes, &device)
+    });
     let mut optim = AdamConfig::new().init();
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
     for epoch in 0..cfg.epochs {

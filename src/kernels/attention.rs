@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 use super::buffer::{self, assume_init, uninit_filled};
+use super::gemm::{Order, product};
 use super::simd::{softmax_columns, softmax_columns_backward};
 
 /// Sizes of one attention call.
@@ -35,12 +36,11 @@ impl AttnDims {
     }
 }
 
-/// `dst = lhs · rhs` for strided f32 matrices (`m×k` times `k×n`), single-threaded: the
-/// callers parallelise over images instead, which keeps both cores busy at these sizes.
-///
-/// Strides are `(row, column)` in elements.
+/// `dst = lhs · rhs`, single-threaded (the callers parallelise over images instead, which keeps
+/// both cores busy at these sizes); see [`product`].
 #[allow(clippy::too_many_arguments)]
 fn gemm(
+    order: Order,
     m: usize,
     n: usize,
     k: usize,
@@ -52,30 +52,8 @@ fn gemm(
     rhs_s: (usize, usize),
 ) {
     // SAFETY: every caller passes pointers into live buffers whose extents cover the strided
-    // ranges; `dst` is written only (read_dst = false) and never aliases `lhs`/`rhs`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            false,
-            lhs,
-            lhs_s.1 as isize,
-            lhs_s.0 as isize,
-            rhs,
-            rhs_s.1 as isize,
-            rhs_s.0 as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
+    // ranges, and `dst` never aliases `lhs`/`rhs`.
+    unsafe { product(order, m, n, k, dst, dst_rs, lhs, lhs_s, rhs, rhs_s, gemm::Parallelism::None) }
 }
 
 /// Forward pass. Returns the output `[B, S, H·D]` and, when `keep_probs`, the attention
@@ -94,13 +72,13 @@ pub fn forward(qkv: &[f32], d: AttnDims, scale: f32, keep_probs: bool) -> (Vec<f
             let pt = &mut p[h * s * s..(h + 1) * s * s];
             // Scores transposed, Sᵀ = K Qᵀ: row j holds key j against every query, so that the
             // softmax over keys runs down the columns (see `softmax_columns`).
-            gemm(s, s, dh, pt.as_mut_ptr().cast(), s, k, (row, 1), q, (1, row));
+            gemm(Order::AsIs, s, s, dh, pt.as_mut_ptr().cast(), s, k, (row, 1), q, (1, row));
             // SAFETY: the GEMM wrote all s·s scores.
             let pt = unsafe { assume_init(pt) };
             softmax_columns(pt, s, scale, scratch);
             // out_h = P V with P = (Pᵀ)ᵀ, written straight into this head's output columns
             // (all heads together write every element of the image's rows).
-            gemm(s, dh, s, o[h * dh..].as_mut_ptr().cast(), hd, pt.as_ptr(), (1, s), v, (row, 1));
+            gemm(Order::Transposed, s, dh, s, o[h * dh..].as_mut_ptr().cast(), hd, pt.as_ptr(), (1, s), v, (row, 1));
         }
     };
 
@@ -156,13 +134,13 @@ fn backward_into(grad: &mut [MaybeUninit<f32>], qkv: &[f32], probs: &[f32], grad
                     unsafe { (x.add(h * dh), x.add(hd + h * dh), x.add(2 * hd + h * dh), go.add(h * dh)) };
                 let (dq, dk, dv) = unsafe { (g.add(h * dh), g.add(hd + h * dh), g.add(2 * hd + h * dh)) };
                 // dV = Pᵀ dO
-                gemm(s, dh, s, dv, row, pt.as_ptr(), (s, 1), doh, (hd, 1));
+                gemm(Order::Transposed, s, dh, s, dv, row, pt.as_ptr(), (s, 1), doh, (hd, 1));
                 // dPᵀ = V dOᵀ, then the softmax backward (times the scale) in place: dSᵀ.
-                gemm(s, s, dh, dst.as_mut_ptr(), s, v, (row, 1), doh, (1, hd));
+                gemm(Order::AsIs, s, s, dh, dst.as_mut_ptr(), s, v, (row, 1), doh, (1, hd));
                 softmax_columns_backward(pt, dst, s, scale, scratch);
                 // dQ = dS K, dK = dSᵀ Q
-                gemm(s, dh, s, dq, row, dst.as_ptr(), (1, s), k, (row, 1));
-                gemm(s, dh, s, dk, row, dst.as_ptr(), (s, 1), q, (row, 1));
+                gemm(Order::Transposed, s, dh, s, dq, row, dst.as_ptr(), (1, s), k, (row, 1));
+                gemm(Order::Transposed, s, dh, s, dk, row, dst.as_ptr(), (s, 1), q, (row, 1));
             }
         },
     );

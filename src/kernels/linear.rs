@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 use super::buffer::{self, assume_init, uninit_filled};
 
+use super::gemm::{Order, product};
 use super::simd::exp;
 
 /// The activation after the bias.
@@ -110,18 +111,7 @@ pub struct LinearDims {
     pub output: usize,
 }
 
-/// How to hand a product to gemm.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Order {
-    /// `C = A·B` as written.
-    AsIs,
-    /// As `Cᵀ = Bᵀ·Aᵀ`. gemm packs its left operand into column panels unless the rows are
-    /// already unit-stride, and our activations are row-major: transposing the product puts the
-    /// (small) weight on the left and leaves the (large) activations unpacked.
-    Transposed,
-}
-
-/// `dst (m×n, row-major) = lhs · rhs` for strided operands, `(row, column)` strides.
+/// `dst (m×n, row-major) = lhs · rhs`; see [`product`].
 #[allow(clippy::too_many_arguments)]
 fn gemm(
     order: Order,
@@ -135,35 +125,9 @@ fn gemm(
     rhs_s: (usize, usize),
     parallelism: gemm::Parallelism,
 ) {
-    let (m, n, dst_cs, dst_rs, lhs, lhs_s, rhs, rhs_s) = match order {
-        Order::AsIs => (m, n, 1, n, lhs, lhs_s, rhs, rhs_s),
-        Order::Transposed => (n, m, n, 1, rhs, (rhs_s.1, rhs_s.0), lhs, (lhs_s.1, lhs_s.0)),
-    };
     // SAFETY: callers pass pointers into live buffers covering the strided ranges; `dst` does
-    // not alias the operands and is written only (read_dst = false).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            dst_cs as isize,
-            dst_rs as isize,
-            false,
-            lhs,
-            lhs_s.1 as isize,
-            lhs_s.0 as isize,
-            rhs,
-            rhs_s.1 as isize,
-            rhs_s.0 as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
+    // not alias the operands.
+    unsafe { product(order, m, n, k, dst, n, lhs, lhs_s, rhs, rhs_s, parallelism) }
 }
 
 /// Forward: `y = act(x·W + b)` `[rows, output]`, and the pre-activation `z` when the activation's

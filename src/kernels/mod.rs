@@ -33,6 +33,7 @@ macro_rules! multiversion {
 
 pub mod attention;
 pub mod buffer;
+pub mod gemm;
 pub mod linear;
 pub mod norm;
 pub mod residual;

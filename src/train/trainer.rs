@@ -20,7 +20,7 @@ use crate::data::{Batch, BatchLoader, ImageDataset, Position, Split};
 use crate::diffusion::sampler::gaussian;
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::model::{DitConfig, DitNet, weights};
-use crate::rng::{Purpose, derive_seed, stream};
+use crate::rng::{Purpose, derive_seed, stream, with_device_seed};
 
 /// A model with its optimizer state and counters.
 pub struct Trainer {
@@ -53,8 +53,8 @@ impl Trainer {
             "label dropout needs a model with a null label (null_class = true)"
         );
         let device = device.clone().autodiff();
-        device.seed(derive_seed(train.seed, Purpose::Init, 0));
-        let model = DitNet::new(&model_cfg, &device);
+        let model =
+            with_device_seed(&device, derive_seed(train.seed, Purpose::Init, 0), || DitNet::new(&model_cfg, &device));
         let table = ParamTable::of(&model);
         let params = table.read_values(&model);
         let adam = AdamState::new(table.total);

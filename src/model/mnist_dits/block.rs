@@ -84,7 +84,8 @@ impl DitBlock {
         // The six modulation Linears as one product, then split: γ₁ β₁ α₁ γ₂ β₂ α₂, each [B,W].
         let layers = [&self.gamma1, &self.beta1, &self.alpha1, &self.gamma2, &self.beta2, &self.alpha2];
         let [g1, b1, a1, g2, b2, a2] =
-            <[Tensor<2>; 6]>::try_from(linear_cat(&layers, cond, Activation::Identity).chunk(6, 1)).expect("six chunks");
+            <[Tensor<2>; 6]>::try_from(linear_cat(&layers, cond, Activation::Identity).chunk(6, 1))
+                .expect("six chunks");
 
         let h = adaln(&self.ln1, x.clone(), b1, g1); // LN(x)·(1+γ₁) + β₁
         let x = gated_residual(x, a1, linear_act(&self.lv, self.attention(h), Activation::Identity)); // x + α₁·Attn(h)
