@@ -10,6 +10,7 @@ use rayon::prelude::*;
 use crate::data::Batch;
 use crate::diffusion::sampler::gaussian;
 use crate::model::{DitConfig, DitNet};
+use crate::profile::{self, Region};
 use crate::rng::{Purpose, stream};
 use crate::train::trainer::micro_batches;
 use crate::train::{Trainer, default_train_config};
@@ -22,6 +23,8 @@ pub struct BenchOptions {
     pub micro_batches: Option<usize>,
     pub warmup: usize,
     pub iters: usize,
+    /// Also profile that many training steps per region (after the timed ones).
+    pub profile_steps: usize,
     pub device: Device,
 }
 
@@ -34,6 +37,54 @@ pub struct BenchResult {
     pub params: usize,
     /// Micro-batches of the timed training step.
     pub micro_batches: usize,
+    /// Where the profiled training steps spent their time.
+    pub profile: Option<StepProfile>,
+}
+
+/// Thread time per region of a training step (see [`crate::profile`]).
+#[derive(Debug, Clone)]
+pub struct StepProfile {
+    /// Wall seconds per step while profiling.
+    pub wall_s: f64,
+    pub threads: usize,
+    /// Seconds of thread time per step, by region.
+    pub regions: Vec<(Region, f64)>,
+}
+
+impl std::fmt::Display for StepProfile {
+    /// A table: each top-level phase, the kernels inside it, the burn operations around them,
+    /// and the thread time not spent in any region (waiting, scheduling).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let budget = self.wall_s * self.threads as f64;
+        let ms = |s: f64| s * 1e3;
+        let pct = |s: f64| 100.0 * s / budget;
+        writeln!(
+            f,
+            "training step profile: {:.1} ms wall x {} threads = {:.1} thread-ms per step",
+            ms(self.wall_s),
+            self.threads,
+            ms(budget)
+        )?;
+        writeln!(f, "  {:<46} {:>9} {:>7}", "region", "ms/step", "share")?;
+        let mut accounted = 0.0;
+        for &(phase, secs) in self.regions.iter().filter(|(r, _)| r.parent().is_none()) {
+            accounted += secs;
+            writeln!(f, "  {:<46} {:>9.2} {:>6.1}%", phase.label(), ms(secs), pct(secs))?;
+            let kernels: Vec<_> = self.regions.iter().filter(|(r, _)| r.parent() == Some(phase)).collect();
+            if kernels.is_empty() {
+                continue;
+            }
+            let mut inside = 0.0;
+            for &&(k, ks) in &kernels {
+                inside += ks;
+                writeln!(f, "    {:<44} {:>9.2} {:>6.1}%", k.label(), ms(ks), pct(ks))?;
+            }
+            let rest = (secs - inside).max(0.0);
+            writeln!(f, "    {:<44} {:>9.2} {:>6.1}%", "other (burn operations, autodiff graph)", ms(rest), pct(rest))?;
+        }
+        let idle = (budget - accounted).max(0.0);
+        writeln!(f, "  {:<46} {:>9.2} {:>6.1}%", "outside any region (waiting, scheduling)", ms(idle), pct(idle))
+    }
 }
 
 /// Median, min and max of timed iterations, in milliseconds.
@@ -81,6 +132,17 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
     let train_step_ms = time(opts.warmup, opts.iters, || {
         trainer.step(&batch);
     });
+    let profile = (opts.profile_steps > 0).then(|| {
+        profile::enable(true);
+        let start = Instant::now();
+        for _ in 0..opts.profile_steps {
+            trainer.step(&batch);
+        }
+        let wall_s = start.elapsed().as_secs_f64() / opts.profile_steps as f64;
+        let regions = profile::totals().into_iter().map(|(r, s)| (r, s / opts.profile_steps as f64)).collect();
+        profile::enable(false);
+        StepProfile { wall_s, threads: rayon::current_num_threads(), regions }
+    });
 
     let device = &opts.device;
     let model = crate::rng::with_device_seed(device, 1, || DitNet::new(cfg, device));
@@ -112,5 +174,6 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
         forward_ms,
         params,
         micro_batches: step_parts,
+        profile,
     })
 }

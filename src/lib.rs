@@ -13,6 +13,7 @@ pub mod images;
 pub mod kernels;
 pub mod memory;
 pub mod model;
+pub mod profile;
 pub mod rng;
 pub mod sample;
 pub mod train;

@@ -175,6 +175,9 @@ struct BenchArgs {
     /// Timed iterations (the median is reported).
     #[arg(long, default_value_t = 20)]
     iters: usize,
+    /// Then profile this many training steps: thread time per phase and per fused kernel.
+    #[arg(long, value_name = "STEPS", num_args = 0..=1, default_missing_value = "10")]
+    profile: Option<usize>,
     #[command(flatten)]
     common: Common,
 }
@@ -379,6 +382,7 @@ fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
         micro_batches: a.micro_batches,
         warmup: a.warmup,
         iters: a.iters,
+        profile_steps: a.profile.unwrap_or(0),
         device: device(a.common.device)?,
     };
     let r = dits::bench::run(&opts)?;
@@ -399,6 +403,9 @@ fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
         flops / 1e6,
         dits::memory::peak_rss_bytes().map_or("unknown".into(), |b| format!("{} MiB", b >> 20))
     );
+    if let Some(p) = &r.profile {
+        print!("{p}");
+    }
     println!("train_samples_per_s={:.1}", r.train_samples_per_s);
     println!("sample_images_per_s={:.1}", r.sample_images_per_s);
     Ok(())

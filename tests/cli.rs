@@ -212,3 +212,28 @@ fn bad_recipes_and_sampler_settings_are_one_error_line() {
     fails_with(&dits(&["sample", "--checkpoint", pth, "--out", "s", "--sampler", "ddim", "--eta", "2"], dir), "--eta");
     fails_with(&dits(&["sample", "--checkpoint", pth, "--out", "s", "--steps", "0"], dir), "at least 1");
 }
+
+/// `dits bench` ends with the two figures the comparison script reads, and `--profile` adds the
+/// per-region table whose phases and kernels are all present.
+#[test]
+fn bench_prints_figures_and_a_step_profile() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = ok(&dits(
+        &["bench", "--batch", "4", "--warmup", "0", "--iters", "1", "--profile", "1", "--threads", "2"],
+        tmp.path(),
+    ));
+    for needle in [
+        "training step profile",
+        "forward + loss",
+        "backward",
+        "attention kernel",
+        "adaLN LayerNorm kernel",
+        "gated residual kernel",
+        "fused Linear kernel",
+        "Adam + EMA",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+    }
+    let last: Vec<&str> = text.lines().rev().take(2).collect();
+    assert!(last[1].starts_with("train_samples_per_s=") && last[0].starts_with("sample_images_per_s="), "{text}");
+}

@@ -51,6 +51,7 @@ use burn::tensor::activation::softmax;
 use burn::tensor::module::layer_norm;
 use burn::tensor::{Bytes, DType};
 
+use crate::profile::{self, Region};
 use attention::AttnDims;
 pub use linear::Activation;
 use linear::LinearDims;
@@ -244,7 +245,8 @@ fn flex_tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
 fn attention_forward(qkv: &FlexTensor, heads: usize, scale: f64, keep_probs: bool) -> (FlexTensor, Option<FlexTensor>) {
     let d = attn_dims(qkv.layout().shape(), heads);
     let x = contiguous(qkv);
-    let (out, probs) = attention::forward(x.storage::<f32>(), d, scale as f32, keep_probs);
+    let (out, probs) =
+        profile::time(Region::AttentionForward, || attention::forward(x.storage::<f32>(), d, scale as f32, keep_probs));
     let out = flex_tensor(out, vec![d.batch, d.seq, d.inner()]);
     (out, probs.map(|p| flex_tensor(p, vec![d.batch, d.heads, d.seq, d.seq])))
 }
@@ -290,7 +292,7 @@ impl NormInputs {
     /// The output and the per-token statistics.
     fn forward(&self) -> (FlexTensor, FlexTensor) {
         let d = self.dims();
-        let (h, stats) = norm::forward(self.x.storage(), self.params(), d);
+        let (h, stats) = profile::time(Region::NormForward, || norm::forward(self.x.storage(), self.params(), d));
         (flex_tensor(h, vec![d.batch, d.seq, d.width]), flex_tensor(stats, vec![d.batch, d.seq, 2]))
     }
 }
@@ -298,7 +300,8 @@ impl NormInputs {
 fn residual_forward(x: &FlexTensor, gate: &FlexTensor, y: &FlexTensor) -> FlexTensor {
     let (x, gate, y) = (contiguous(x), contiguous(gate), contiguous(y));
     let d = norm_dims(x.layout().shape());
-    flex_tensor(residual::forward(x.storage(), gate.storage(), y.storage(), d), vec![d.batch, d.seq, d.width])
+    let out = profile::time(Region::ResidualForward, || residual::forward(x.storage(), gate.storage(), y.storage(), d));
+    flex_tensor(out, vec![d.batch, d.seq, d.width])
 }
 
 /// The operands of a fused Linear, contiguous, with the sizes.
@@ -337,14 +340,16 @@ impl LinearInputs {
 
     /// The output and, when `keep` and the activation's backward needs it, the pre-activation.
     fn forward(&self, keep: bool) -> (FlexTensor, Option<FlexTensor>) {
-        let (y, z) = linear::forward(
-            self.x.storage(),
-            self.weight.storage(),
-            self.bias.storage(),
-            self.dims,
-            self.activation,
-            keep,
-        );
+        let (y, z) = profile::time(Region::LinearForward, || {
+            linear::forward(
+                self.x.storage(),
+                self.weight.storage(),
+                self.bias.storage(),
+                self.dims,
+                self.activation,
+                keep,
+            )
+        });
         (flex_tensor(y, self.out_shape.clone()), z.map(|z| flex_tensor(z, self.out_shape.clone())))
     }
 }
@@ -395,13 +400,15 @@ impl<C: CheckpointStrategy> DitKernels for Autodiff<Flex, C> {
                 if let Some(parent) = parent {
                     let d = attn_dims(qkv.layout().shape(), heads);
                     let grad_out = contiguous(&grad_out);
-                    let grad = attention::backward(
-                        qkv.storage::<f32>(),
-                        probs.storage::<f32>(),
-                        grad_out.storage::<f32>(),
-                        d,
-                        scale as f32,
-                    );
+                    let grad = profile::time(Region::AttentionBackward, || {
+                        attention::backward(
+                            qkv.storage::<f32>(),
+                            probs.storage::<f32>(),
+                            grad_out.storage::<f32>(),
+                            d,
+                            scale as f32,
+                        )
+                    });
                     grads.register::<Flex>(parent.id, flex_tensor(grad, vec![d.batch, d.seq, d.row()]));
                 }
             }
@@ -437,7 +444,9 @@ impl<C: CheckpointStrategy> DitKernels for Autodiff<Flex, C> {
                 let grad_out = contiguous(&grads.consume::<Flex>(&ops.node));
                 let (inputs, stats) = ops.state;
                 let d = inputs.dims();
-                let g = norm::backward(inputs.x.storage(), grad_out.storage(), stats.storage(), inputs.params(), d);
+                let g = profile::time(Region::NormBackward, || {
+                    norm::backward(inputs.x.storage(), grad_out.storage(), stats.storage(), inputs.params(), d)
+                });
                 let (bw, w) = (vec![d.batch, d.width], vec![d.width]);
                 let results = [
                     (g.x, vec![d.batch, d.seq, d.width]),
@@ -483,7 +492,9 @@ impl<C: CheckpointStrategy> DitKernels for Autodiff<Flex, C> {
                 let d = norm_dims(grad_out.layout().shape());
                 let [px, pgate, py] = ops.parents;
                 if pgate.is_some() || py.is_some() {
-                    let (dy, dgate) = residual::backward(grad_out.storage(), gate.storage(), y.storage(), d);
+                    let (dy, dgate) = profile::time(Region::ResidualBackward, || {
+                        residual::backward(grad_out.storage(), gate.storage(), y.storage(), d)
+                    });
                     if let Some(p) = pgate {
                         grads.register::<Flex>(p.id, flex_tensor(dgate, vec![d.batch, d.width]));
                     }
@@ -531,14 +542,16 @@ impl<C: CheckpointStrategy> DitKernels for Autodiff<Flex, C> {
                 let (inputs, saved) = ops.state;
                 let saved = saved.as_ref().map(|t| t.storage::<f32>()).unwrap_or(&[]);
                 let d = inputs.dims;
-                let g = linear::backward(
-                    inputs.x.storage(),
-                    inputs.weight.storage(),
-                    saved,
-                    dz.storage_mut(),
-                    d,
-                    inputs.activation,
-                );
+                let g = profile::time(Region::LinearBackward, || {
+                    linear::backward(
+                        inputs.x.storage(),
+                        inputs.weight.storage(),
+                        saved,
+                        dz.storage_mut(),
+                        d,
+                        inputs.activation,
+                    )
+                });
                 let in_shape = inputs.x.layout().shape().to_vec();
                 let results = [(g.x, in_shape), (g.weight, vec![d.input, d.output]), (g.bias, vec![d.output])];
                 for (parent, (grad, shape)) in ops.parents.into_iter().zip(results) {

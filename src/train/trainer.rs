@@ -20,6 +20,7 @@ use crate::data::{Batch, BatchLoader, ImageDataset, Position, Split};
 use crate::diffusion::sampler::gaussian;
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::model::{DitConfig, DitNet, weights};
+use crate::profile::{self, Region};
 use crate::rng::{Purpose, derive_seed, stream, with_device_seed};
 
 /// A model with its optimizer state and counters.
@@ -117,18 +118,23 @@ impl Trainer {
     /// One optimizer step with given levels `t` and noise `eps` (one row per image).
     pub fn step_on(&mut self, x0: &[f32], labels: &[u8], t: &[usize], eps: Vec<f32>) -> StepOutcome {
         let step = self.state.step;
-        let mut xt = vec![0f32; x0.len()];
-        self.schedule.add_noise(x0, t, &eps, &mut xt);
-        let mut target = vec![0f32; x0.len()];
-        self.schedule.target(x0, &eps, &mut target);
+        let (xt, target) = profile::time(Region::Noising, || {
+            let mut xt = vec![0f32; x0.len()];
+            self.schedule.add_noise(x0, t, &eps, &mut xt);
+            let mut target = vec![0f32; x0.len()];
+            self.schedule.target(x0, &eps, &mut target);
+            (xt, target)
+        });
         let (loss, g) = self.gradient(&xt, &target, t, labels);
 
         let train = &self.state.train;
         let lr = train.lr_at(step);
-        self.adam.update(&train.adam, lr, &mut self.params, &g);
-        super::ema::update(&mut self.ema, &self.params, super::ema::decay_at(train.ema_decay, step));
+        profile::time(Region::Optimizer, || {
+            self.adam.update(&train.adam, lr, &mut self.params, &g);
+            super::ema::update(&mut self.ema, &self.params, super::ema::decay_at(train.ema_decay, step));
+        });
         // Cloning a module clones tensor handles, not data.
-        self.model = self.table.write_values(self.model.clone(), &self.params);
+        self.model = profile::time(Region::WriteBack, || self.table.write_values(self.model.clone(), &self.params));
 
         self.state.step += 1;
         StepOutcome { loss, lr }
@@ -152,18 +158,21 @@ impl Trainer {
                 self.micro_gradient(&model, &xt[rows.clone()], &target[rows], &t[r.clone()], &labels[r.clone()])
             })
             .collect();
-        if let [(loss, g)] = &results[..] {
-            return (*loss, g.clone());
+        let mut results = results;
+        if results.len() == 1 {
+            return results.pop().expect("one part");
         }
         // A fixed order of summation: the step does not depend on which thread finished first.
-        let mut loss = 0f32;
-        let mut g = vec![0f32; self.table.total];
-        for (r, (part_loss, part_g)) in parts.iter().zip(&results) {
-            let w = r.len() as f32 / b as f32;
-            loss += w * part_loss;
-            g.iter_mut().zip(part_g).for_each(|(a, &v)| *a += w * v);
-        }
-        (loss, g)
+        profile::time(Region::Gradients, || {
+            let mut loss = 0f32;
+            let mut g = vec![0f32; self.table.total];
+            for (r, (part_loss, part_g)) in parts.iter().zip(&results) {
+                let w = r.len() as f32 / b as f32;
+                loss += w * part_loss;
+                g.iter_mut().zip(part_g).for_each(|(a, &v)| *a += w * v);
+            }
+            (loss, g)
+        })
     }
 
     fn micro_gradient(
@@ -183,10 +192,13 @@ impl Trainer {
         let tt = Tensor::<1, Int>::from_data(TensorData::new(t.iter().map(|&v| v as i64).collect::<Vec<_>>(), [b]), d);
         let y =
             Tensor::<1, Int>::from_data(TensorData::new(labels.iter().map(|&v| v as i64).collect::<Vec<_>>(), [b]), d);
-        let loss = noise_loss(model, xt, tt, y, target, self.state.train.loss);
-        let loss_value = loss.to_data().iter::<f32>().next().unwrap_or(f32::NAN);
-        let grads = loss.backward();
-        (loss_value, self.table.read_grads(model, &grads))
+        let (loss, loss_value) = profile::time(Region::Forward, || {
+            let loss = noise_loss(model, xt, tt, y, target, self.state.train.loss);
+            let value = loss.to_data().iter::<f32>().next().unwrap_or(f32::NAN);
+            (loss, value)
+        });
+        let grads = profile::time(Region::Backward, || loss.backward());
+        (loss_value, profile::time(Region::Gradients, || self.table.read_grads(model, &grads)))
     }
 
     /// Save a checkpoint of the current state under `run_dir`.
