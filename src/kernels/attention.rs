@@ -36,25 +36,9 @@ impl AttnDims {
     }
 }
 
-/// `dst = lhs · rhs`, single-threaded (the callers parallelise over images instead, which keeps
-/// both cores busy at these sizes); see [`product`].
-#[allow(clippy::too_many_arguments)]
-fn gemm(
-    order: Order,
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    lhs: *const f32,
-    lhs_s: (usize, usize),
-    rhs: *const f32,
-    rhs_s: (usize, usize),
-) {
-    // SAFETY: every caller passes pointers into live buffers whose extents cover the strided
-    // ranges, and `dst` never aliases `lhs`/`rhs`.
-    unsafe { product(order, m, n, k, dst, dst_rs, lhs, lhs_s, rhs, rhs_s, gemm::Parallelism::None) }
-}
+/// Per-head products run single-threaded: the callers parallelise over images instead, which
+/// keeps both cores busy at these sizes.
+const ONE_THREAD: gemm::Parallelism = gemm::Parallelism::None;
 
 /// Forward pass. Returns the output `[B, S, H·D]` and, when `keep_probs`, the attention
 /// probabilities, stored transposed per head (`[B, H, S(key), S(query)]`), which the backward
@@ -72,13 +56,29 @@ pub fn forward(qkv: &[f32], d: AttnDims, scale: f32, keep_probs: bool) -> (Vec<f
             let pt = &mut p[h * s * s..(h + 1) * s * s];
             // Scores transposed, Sᵀ = K Qᵀ: row j holds key j against every query, so that the
             // softmax over keys runs down the columns (see `softmax_columns`).
-            gemm(Order::AsIs, s, s, dh, pt.as_mut_ptr().cast(), s, k, (row, 1), q, (1, row));
+            // SAFETY (products here and below): every operand is an s×dh head block inside this
+            // image's rows or an s×s buffer of its own, and no destination overlaps an operand.
+            unsafe { product(Order::AsIs, s, s, dh, pt.as_mut_ptr().cast(), s, k, (row, 1), q, (1, row), ONE_THREAD) };
             // SAFETY: the GEMM wrote all s·s scores.
             let pt = unsafe { assume_init(pt) };
             softmax_columns(pt, s, scale, scratch);
             // out_h = P V with P = (Pᵀ)ᵀ, written straight into this head's output columns
             // (all heads together write every element of the image's rows).
-            gemm(Order::Transposed, s, dh, s, o[h * dh..].as_mut_ptr().cast(), hd, pt.as_ptr(), (1, s), v, (row, 1));
+            unsafe {
+                product(
+                    Order::Transposed,
+                    s,
+                    dh,
+                    s,
+                    o[h * dh..].as_mut_ptr().cast(),
+                    hd,
+                    pt.as_ptr(),
+                    (1, s),
+                    v,
+                    (row, 1),
+                    ONE_THREAD,
+                )
+            };
         }
     };
 
@@ -134,13 +134,16 @@ fn backward_into(grad: &mut [MaybeUninit<f32>], qkv: &[f32], probs: &[f32], grad
                     unsafe { (x.add(h * dh), x.add(hd + h * dh), x.add(2 * hd + h * dh), go.add(h * dh)) };
                 let (dq, dk, dv) = unsafe { (g.add(h * dh), g.add(hd + h * dh), g.add(2 * hd + h * dh)) };
                 // dV = Pᵀ dO
-                gemm(Order::Transposed, s, dh, s, dv, row, pt.as_ptr(), (s, 1), doh, (hd, 1));
+                // SAFETY (products here and below): operands are s×dh head blocks inside this
+                // image's rows or s×s buffers; each destination is a head block of `grad` or the
+                // scratch scores, overlapping no operand.
+                unsafe { product(Order::Transposed, s, dh, s, dv, row, pt.as_ptr(), (s, 1), doh, (hd, 1), ONE_THREAD) };
                 // dPᵀ = V dOᵀ, then the softmax backward (times the scale) in place: dSᵀ.
-                gemm(Order::AsIs, s, s, dh, dst.as_mut_ptr(), s, v, (row, 1), doh, (1, hd));
+                unsafe { product(Order::AsIs, s, s, dh, dst.as_mut_ptr(), s, v, (row, 1), doh, (1, hd), ONE_THREAD) };
                 softmax_columns_backward(pt, dst, s, scale, scratch);
                 // dQ = dS K, dK = dSᵀ Q
-                gemm(Order::Transposed, s, dh, s, dq, row, dst.as_ptr(), (1, s), k, (row, 1));
-                gemm(Order::Transposed, s, dh, s, dk, row, dst.as_ptr(), (s, 1), q, (row, 1));
+                unsafe { product(Order::Transposed, s, dh, s, dq, row, dst.as_ptr(), (1, s), k, (row, 1), ONE_THREAD) };
+                unsafe { product(Order::Transposed, s, dh, s, dk, row, dst.as_ptr(), (s, 1), q, (row, 1), ONE_THREAD) };
             }
         },
     );

@@ -32,6 +32,9 @@ impl Activation {
     }
 }
 
+/// The blocks already run in parallel; each block's product runs on one thread.
+const ONE_THREAD: gemm::Parallelism = gemm::Parallelism::None;
+
 /// Rows per block: enough GEMM work per task to amortise packing the weight, few enough that a
 /// block's output stays in L2 and the blocks keep both cores busy.
 const BLOCK_ROWS: usize = 256;
@@ -111,25 +114,6 @@ pub struct LinearDims {
     pub output: usize,
 }
 
-/// `dst (m×n, row-major) = lhs · rhs`; see [`product`].
-#[allow(clippy::too_many_arguments)]
-fn gemm(
-    order: Order,
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    lhs: *const f32,
-    lhs_s: (usize, usize),
-    rhs: *const f32,
-    rhs_s: (usize, usize),
-    parallelism: gemm::Parallelism,
-) {
-    // SAFETY: callers pass pointers into live buffers covering the strided ranges; `dst` does
-    // not alias the operands.
-    unsafe { product(order, m, n, k, dst, n, lhs, lhs_s, rhs, rhs_s, parallelism) }
-}
-
 /// Forward: `y = act(x·W + b)` `[rows, output]`, and the pre-activation `z` when the activation's
 /// backward needs it.
 pub fn forward(
@@ -149,18 +133,23 @@ pub fn forward(
     let block = BLOCK_ROWS * output;
     let run = |bi: usize, yb: &mut [MaybeUninit<f32>], zb: &mut [MaybeUninit<f32>]| {
         let m = yb.len() / output;
-        gemm(
-            Order::Transposed,
-            m,
-            output,
-            input,
-            yb.as_mut_ptr().cast(),
-            x[bi * BLOCK_ROWS * input..].as_ptr(),
-            (input, 1),
-            weight.as_ptr(),
-            (output, 1),
-            gemm::Parallelism::None,
-        );
+        let xb = x[bi * BLOCK_ROWS * input..].as_ptr();
+        // SAFETY: the block's m rows of x and all of the weight are in bounds; yb is its own.
+        unsafe {
+            product(
+                Order::Transposed,
+                m,
+                output,
+                input,
+                yb.as_mut_ptr().cast(),
+                output,
+                xb,
+                (input, 1),
+                weight.as_ptr(),
+                (output, 1),
+                ONE_THREAD,
+            )
+        };
         // SAFETY: the GEMM wrote the whole block.
         epilogue(unsafe { assume_init(yb) }, zb, bias, act);
     };
@@ -228,17 +217,19 @@ pub fn backward(
             dx.par_chunks_mut(BLOCK_ROWS * input).enumerate().for_each(|(bi, dxb)| {
                 let m = dxb.len() / input;
                 let dzb = dy[bi * block..].as_ptr();
-                gemm(
+                // The block's m rows of dz and the weight are in bounds; dxb is its own.
+                product(
                     Order::Transposed,
                     m,
                     input,
                     output,
                     dxb.as_mut_ptr().cast(),
+                    input,
                     dzb,
                     (output, 1),
                     weight.as_ptr(),
                     (1, output),
-                    gemm::Parallelism::None,
+                    ONE_THREAD,
                 );
             })
         })
@@ -252,12 +243,13 @@ pub fn backward(
         unsafe {
             uninit_filled(input * output, |dw| {
                 let (xp, dzp) = (x.as_ptr(), dy.as_ptr());
-                gemm(
+                product(
                     Order::AsIs,
                     input,
                     output,
                     rows,
                     dw.as_mut_ptr().cast(),
+                    output,
                     xp,
                     (1, input),
                     dzp,

@@ -39,6 +39,7 @@ pub mod norm;
 pub mod residual;
 pub mod simd;
 
+use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -354,6 +355,21 @@ impl LinearInputs {
     }
 }
 
+/// Registers each computed gradient (values and shape) with its parent, for the parents that
+/// track one.
+fn register_grads<P>(
+    parents: impl IntoIterator<Item = Option<P>>,
+    id: impl Fn(&P) -> NodeId,
+    grads: &mut Gradients,
+    results: impl IntoIterator<Item = (Vec<f32>, Vec<usize>)>,
+) {
+    for (parent, (grad, shape)) in parents.into_iter().zip(results) {
+        if let Some(parent) = parent {
+            grads.register::<Flex>(id(&parent), flex_tensor(grad, shape));
+        }
+    }
+}
+
 impl DitKernels for Flex {
     fn packed_attention(qkv: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self> {
         attention_forward(&qkv, heads, scale, false).0
@@ -455,11 +471,7 @@ impl<C: CheckpointStrategy> DitKernels for Autodiff<Flex, C> {
                     (g.shift, bw.clone()),
                     (g.scale, bw),
                 ];
-                for (parent, (grad, shape)) in ops.parents.into_iter().zip(results) {
-                    if let Some(parent) = parent {
-                        grads.register::<Flex>(parent.id, flex_tensor(grad, shape));
-                    }
-                }
+                register_grads(ops.parents, |p| p.id, grads, results);
             }
         }
 
@@ -554,11 +566,7 @@ impl<C: CheckpointStrategy> DitKernels for Autodiff<Flex, C> {
                 });
                 let in_shape = inputs.x.layout().shape().to_vec();
                 let results = [(g.x, in_shape), (g.weight, vec![d.input, d.output]), (g.bias, vec![d.output])];
-                for (parent, (grad, shape)) in ops.parents.into_iter().zip(results) {
-                    if let Some(parent) = parent {
-                        grads.register::<Flex>(parent.id, flex_tensor(grad, shape));
-                    }
-                }
+                register_grads(ops.parents, |p| p.id, grads, results);
             }
         }
 
