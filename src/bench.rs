@@ -145,7 +145,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
     });
 
     let device = &opts.device;
-    let model = crate::rng::with_device_seed(device, 1, || DitNet::new(cfg, device));
+    let model = DitNet::new(cfg, device, 1);
     let dims = [b, cfg.channels, cfg.image_size, cfg.image_size];
     let x = Tensor::<4>::from_data(TensorData::new(gaussian(&mut rng, b * n), dims), device);
     let t = Tensor::<1, Int>::from_data(

@@ -60,7 +60,7 @@ pub fn load_model(path: &Path, which: WeightsKind, preset: &str, device: &Device
             WeightsKind::Raw => checkpoint::MODEL_FILE,
         };
         let bytes = checkpoint::read_verified(&dir, &state, file)?;
-        let mut model = DitNet::new(&state.model, device);
+        let mut model = DitNet::new(&state.model, device, 0);
         weights::load_safetensors_bytes(&mut model, bytes, &dir.join(file))?;
         return Ok(LoadedModel {
             model,
@@ -83,7 +83,7 @@ pub fn load_model(path: &Path, which: WeightsKind, preset: &str, device: &Device
         Some(s) => (s.model.clone(), NoiseSchedule::new(s.train.schedule, s.train.timesteps)),
         None => (DitConfig::preset(preset)?, NoiseSchedule::ddpm()),
     };
-    let mut model = DitNet::new(&config, device);
+    let mut model = DitNet::new(&config, device, 0);
     weights::load_weights_file(&mut model, path)?;
     Ok(LoadedModel { model, config, schedule, description: path.display().to_string() })
 }

@@ -85,7 +85,7 @@ fn assert_close(what: &str, got: &[f32], want: &[f32]) {
 }
 
 fn reference_model(r: &Reference, device: &Device) -> DitNet {
-    let mut model = DitNet::new(&r.config, device);
+    let mut model = DitNet::new(&r.config, device, 0);
     weights::load_pytorch(&mut model, &fixture(&format!("{}.pth", r.stem))).unwrap();
     model
 }
@@ -179,7 +179,7 @@ fn check_names(r: &Reference) {
     want.sort();
     assert_eq!(names, want);
     // And the PyTorch weights survive the round trip bit-exactly.
-    let mut again = DitNet::new(&r.config, &Device::flex());
+    let mut again = DitNet::new(&r.config, &Device::flex(), 0);
     weights::load_safetensors_bytes(&mut again, bytes, std::path::Path::new("mem")).unwrap();
     let t = ParamTable::of(&model);
     assert_eq!(t.read_values(&model), t.read_values(&again));

@@ -44,8 +44,13 @@ impl Default for ClassifierTraining {
 }
 
 impl Classifier {
-    /// `image_size` must be a multiple of 4 (two 2×2 poolings).
-    pub fn new(channels: usize, image_size: usize, classes: usize, device: &Device) -> Self {
+    /// `image_size` must be a multiple of 4 (two 2×2 poolings). The weights are a function of
+    /// `seed` alone (drawn under [`crate::rng::with_device_seed`]'s lock, as for `DitNet::new`).
+    pub fn new(channels: usize, image_size: usize, classes: usize, device: &Device, seed: u64) -> Self {
+        crate::rng::with_device_seed(device, seed, || Self::init(channels, image_size, classes, device))
+    }
+
+    fn init(channels: usize, image_size: usize, classes: usize, device: &Device) -> Self {
         let conv =
             |i, o| Conv2dConfig::new([i, o], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(device);
         let side = image_size / 4;
@@ -90,9 +95,7 @@ pub fn train(
     bar: &ProgressBar,
 ) -> Classifier {
     let device = device.clone().autodiff();
-    let mut model = crate::rng::with_device_seed(&device, cfg.seed, || {
-        Classifier::new(train.channels, train.height, classes, &device)
-    });
+    let mut model = Classifier::new(train.channels, train.height, classes, &device, cfg.seed);
     let mut optim = AdamConfig::new().init();
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
     for epoch in 0..cfg.epochs {

@@ -157,7 +157,7 @@ fn classifier_for(
     let stem = format!("classifier-{}-seed{}", &sha[..16], opts.seed);
     let weights_path = opts.cache_dir.join(format!("{stem}.safetensors"));
     let info_path = opts.cache_dir.join(format!("{stem}.json"));
-    let mut model = Classifier::new(train.channels, train.height, classes, &opts.device);
+    let mut model = Classifier::new(train.channels, train.height, classes, &opts.device, 0);
     if weights_path.is_file() && info_path.is_file() {
         let info: ClassifierInfo = serde_json::from_slice(&std::fs::read(&info_path)?)
             .with_context(|| format!("{}: not a classifier record", info_path.display()))?;

@@ -594,6 +594,27 @@ mod tests {
     use super::*;
     use burn::tensor::Distribution;
 
+    /// Seeded random inputs: each draw seeds burn's generator under the process-wide lock
+    /// (see [`crate::rng::with_device_seed`]), so the tests are reproducible and never shift
+    /// the draws of a model initialisation running in a parallel test.
+    struct Draws {
+        device: Device,
+        next_seed: std::cell::Cell<u64>,
+    }
+
+    impl Draws {
+        fn new(device: &Device, seed: u64) -> Self {
+            Self { device: device.clone(), next_seed: std::cell::Cell::new(seed << 32) }
+        }
+
+        fn normal(&self, shape: [usize; 3], mean: f64, std: f64) -> Tensor<3> {
+            let seed = self.next_seed.replace(self.next_seed.get() + 1);
+            crate::rng::with_device_seed(&self.device, seed, || {
+                Tensor::<3>::random(shape, Distribution::Normal(mean, std), &self.device)
+            })
+        }
+    }
+
     fn max_rel_diff(a: Tensor<3>, b: Tensor<3>) -> f32 {
         let scale = b.clone().abs().max().into_scalar::<f32>().max(1e-6);
         (a - b).abs().max().into_scalar::<f32>() / scale
@@ -601,9 +622,9 @@ mod tests {
 
     /// Values and gradients of the kernel equal the composed operations (1e-5 relative).
     fn check_attention(batch: usize, seq: usize, heads: usize, head_dim: usize) {
-        let device = Device::flex().autodiff();
-        let x = Tensor::<3>::random([batch, seq, 3 * heads * head_dim], Distribution::Normal(0.0, 1.0), &device);
-        let upstream = Tensor::<3>::random([batch, seq, heads * head_dim], Distribution::Normal(0.0, 1.0), &device);
+        let draws = Draws::new(&Device::flex().autodiff(), (batch * 1000 + seq) as u64);
+        let x = draws.normal([batch, seq, 3 * heads * head_dim], 0.0, 1.0);
+        let upstream = draws.normal([batch, seq, heads * head_dim], 0.0, 1.0);
         let scale = 1.0 / (head_dim as f64).sqrt();
 
         let grad_of = |f: &dyn Fn(Tensor<3>) -> Tensor<3>| {
@@ -630,10 +651,8 @@ mod tests {
         kernel: impl Fn([Tensor<3>; N]) -> Tensor<3>,
         composed: impl Fn([Tensor<3>; N]) -> Tensor<3>,
     ) {
-        // One upstream gradient for both (drawn once: the device's seed is shared by tests
-        // running in parallel).
         let dims = composed(inputs.clone()).dims();
-        let upstream = Tensor::<3>::random(dims, Distribution::Normal(0.0, 1.0), &inputs[0].device());
+        let upstream = Draws::new(&inputs[0].device(), 99).normal(dims, 0.0, 1.0);
         let run = |f: &dyn Fn([Tensor<3>; N]) -> Tensor<3>| {
             let xs = inputs.clone().map(|x| x.require_grad());
             let y = f(xs.clone());
@@ -660,7 +679,8 @@ mod tests {
         let device = Device::flex().autodiff();
         assert!(on_flex(&device));
         let (b, s, w) = (3, 49, 64);
-        let r = |shape: [usize; 3], std: f64| Tensor::<3>::random(shape, Distribution::Normal(0.5, std), &device);
+        let draws = Draws::new(&device, 1);
+        let r = |shape: [usize; 3], std: f64| draws.normal(shape, 0.5, std);
         let inputs = [r([b, s, w], 2.0), r([1, 1, w], 1.0), r([1, 1, w], 1.0), r([b, 1, w], 1.0), r([b, 1, w], 1.0)];
         let call = |f: fn(Tensor<3>, Tensor<1>, Tensor<1>, Tensor<2>, Tensor<2>, f64) -> Tensor<3>| {
             move |[x, wt, bs, sh, sc]: [Tensor<3>; 5]| {
@@ -672,9 +692,9 @@ mod tests {
 
     #[test]
     fn gated_residual_matches_composed() {
-        let device = Device::flex().autodiff();
+        let draws = Draws::new(&Device::flex().autodiff(), 2);
         let (b, s, w) = (3, 49, 64);
-        let r = |shape: [usize; 3]| Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let r = |shape: [usize; 3]| draws.normal(shape, 0.0, 1.0);
         let inputs = [r([b, s, w]), r([b, 1, w]), r([b, s, w])];
         check_against_composed(
             inputs,
@@ -684,8 +704,8 @@ mod tests {
     }
 
     fn check_linear(rows: usize, input: usize, output: usize, activation: Activation) {
-        let device = Device::flex().autodiff();
-        let r = |shape: [usize; 3]| Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let draws = Draws::new(&Device::flex().autodiff(), 3 + rows as u64);
+        let r = |shape: [usize; 3]| draws.normal(shape, 0.0, 1.0);
         // Rows not a multiple of the block size, spread over two leading axes.
         let inputs = [r([2, rows, input]), r([1, input, output]), r([1, 1, output])];
         let call = |f: fn(Tensor<3>, Tensor<2>, Tensor<1>, Activation) -> Tensor<3>| {

@@ -18,12 +18,17 @@ pub enum DitNet {
 }
 
 impl DitNet {
-    /// A freshly initialised network of `cfg`'s family.
-    pub fn new(cfg: &DitConfig, device: &Device) -> Self {
-        match cfg.family {
+    /// A freshly initialised network of `cfg`'s family, its weights a function of `seed` alone.
+    ///
+    /// The seed is part of the constructor, not left to the caller, because burn draws from
+    /// one generator per backend: every construction, including the throw-away weights of a
+    /// network about to be loaded from a file, must draw under [`crate::rng::with_device_seed`]'s
+    /// lock, or it shifts the draws of a seeded initialisation running on another thread.
+    pub fn new(cfg: &DitConfig, device: &Device, seed: u64) -> Self {
+        crate::rng::with_device_seed(device, seed, || match cfg.family {
             Family::MnistDits => DitNet::MnistDits(MnistDits::new(cfg, device)),
             Family::Dit => DitNet::Dit(PaperDit::new(cfg, device)),
-        }
+        })
     }
 
     /// `x` `[B, C, H, W]`, `t` `[B]` level indices, `y` `[B]` labels → the prediction,

@@ -154,7 +154,10 @@ mod tests {
     #[test]
     fn flat_view_round_trips_with_names_in_order() {
         let device = Device::flex();
-        let m = Two { a: LinearConfig::new(2, 3).init(&device), b: vec![LinearConfig::new(3, 1).init(&device)] };
+        let m = crate::rng::with_device_seed(&device, 0, || Two {
+            a: LinearConfig::new(2, 3).init(&device),
+            b: vec![LinearConfig::new(3, 1).init(&device)],
+        });
         let table = ParamTable::of(&m);
         let names: Vec<&str> = table.slots.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, vec!["a.weight", "a.bias", "b.0.weight", "b.0.bias"]);

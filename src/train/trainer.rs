@@ -21,7 +21,7 @@ use crate::diffusion::sampler::gaussian;
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::model::{DitConfig, DitNet, weights};
 use crate::profile::{self, Region};
-use crate::rng::{Purpose, derive_seed, stream, with_device_seed};
+use crate::rng::{Purpose, derive_seed, stream};
 
 /// A model with its optimizer state and counters.
 pub struct Trainer {
@@ -55,7 +55,7 @@ impl Trainer {
         );
         let device = device.clone().autodiff();
         let model =
-            with_device_seed(&device, derive_seed(train.seed, Purpose::Init, 0), || DitNet::new(&model_cfg, &device));
+            DitNet::new(&model_cfg, &device, derive_seed(train.seed, Purpose::Init, 0));
         let table = ParamTable::of(&model);
         let params = table.read_values(&model);
         let adam = AdamState::new(table.total);
@@ -68,7 +68,7 @@ impl Trainer {
     /// Continue from a loaded checkpoint.
     pub fn from_checkpoint(ckpt: Checkpoint, origin: &Path, device: &Device) -> anyhow::Result<Self> {
         let device = device.clone().autodiff();
-        let mut model = DitNet::new(&ckpt.state.model, &device);
+        let mut model = DitNet::new(&ckpt.state.model, &device, 0);
         weights::load_safetensors_bytes(&mut model, ckpt.model_bytes, &origin.join(checkpoint::MODEL_FILE))?;
         let table = ParamTable::of(&model);
         ensure!(
@@ -77,7 +77,7 @@ impl Trainer {
             origin.display()
         );
         let params = table.read_values(&model);
-        let mut ema_model = DitNet::new(&ckpt.state.model, &device.clone().inner());
+        let mut ema_model = DitNet::new(&ckpt.state.model, &device.clone().inner(), 0);
         weights::load_safetensors_bytes(&mut ema_model, ckpt.ema_bytes, &origin.join(checkpoint::EMA_FILE))?;
         let ema = table.read_values(&ema_model);
         let schedule = NoiseSchedule::new(ckpt.state.train.schedule, ckpt.state.train.timesteps);
