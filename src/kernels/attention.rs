@@ -14,6 +14,7 @@ use std::mem::MaybeUninit;
 
 use super::buffer::{self, assume_init, uninit_filled};
 use super::gemm::{Order, product};
+use super::tile::{self, Strided};
 use super::simd::{softmax_columns, softmax_columns_backward};
 
 /// Sizes of one attention call.
@@ -40,15 +41,73 @@ impl AttnDims {
 /// keeps both cores busy at these sizes.
 const ONE_THREAD: gemm::Parallelism = gemm::Parallelism::None;
 
+/// What computes the per-head products: AVX-512 register tiles where the CPU has them,
+/// otherwise gemm (also the reference the tiles are tested against).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Tiles,
+    Gemm,
+}
+
+impl Engine {
+    /// The fastest engine this CPU runs.
+    pub fn best() -> Self {
+        if tile::available() { Engine::Tiles } else { Engine::Gemm }
+    }
+
+    /// `dst[r, j] = Σₓ L(r, x) · rhs[x, j]` for one head (see [`tile::broadcast_product`]).
+    ///
+    /// # Safety
+    /// As for [`tile::broadcast_product`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn product(
+        self,
+        rows: usize,
+        n: usize,
+        xs: usize,
+        dst: *mut f32,
+        dst_rs: usize,
+        lhs: Strided,
+        rhs: *const f32,
+        rhs_rs: usize,
+    ) {
+        // SAFETY: the caller's contract; `Tiles` is only chosen when available.
+        unsafe {
+            match self {
+                Engine::Tiles => tile::broadcast_product(rows, n, xs, dst, dst_rs, lhs, rhs, rhs_rs),
+                Engine::Gemm => {
+                    // Head-dim-wide results go to gemm transposed: their left operand is then
+                    // unit-stride and 16-aligned, and is neither packed nor padded.
+                    let order = if n.is_multiple_of(16) { Order::Transposed } else { Order::AsIs };
+                    let l = (lhs.row_stride, lhs.x_stride);
+                    product(order, rows, n, xs, dst, dst_rs, lhs.ptr, l, rhs, (rhs_rs, 1), ONE_THREAD)
+                }
+            }
+        }
+    }
+}
+
+/// `dst[c·rows + r] = src[r·src_rs + c]`: a head's `rows × cols` block transposed, so that a
+/// score product can stream it as its row-major right operand.
+fn transpose_into(dst: &mut [f32], src: *const f32, src_rs: usize, rows: usize, cols: usize) {
+    // Column by column: the writes are contiguous and the `rows` source lines stay in L1.
+    for (c, column) in dst[..rows * cols].chunks_exact_mut(rows).enumerate() {
+        for (r, d) in column.iter_mut().enumerate() {
+            // SAFETY: `src` covers `rows` rows of `cols` values (the caller's head block).
+            *d = unsafe { *src.add(r * src_rs + c) };
+        }
+    }
+}
+
 /// Forward pass. Returns the output `[B, S, H·D]` and, when `keep_probs`, the attention
 /// probabilities, stored transposed per head (`[B, H, S(key), S(query)]`), which the backward
 /// pass needs.
-pub fn forward(qkv: &[f32], d: AttnDims, scale: f32, keep_probs: bool) -> (Vec<f32>, Option<Vec<f32>>) {
+pub fn forward(qkv: &[f32], d: AttnDims, scale: f32, keep_probs: bool, engine: Engine) -> (Vec<f32>, Option<Vec<f32>>) {
     let AttnDims { batch, seq: s, heads, head_dim: dh } = d;
     let (hd, row) = (d.inner(), d.row());
     assert_eq!(qkv.len(), batch * s * row, "attention: qkv has the wrong length");
     assert!(s > 0 && dh > 0, "attention: empty sequence or heads");
-    let one_image = |bi: usize, o: &mut [MaybeUninit<f32>], p: &mut [MaybeUninit<f32>], scratch: &mut [f32]| {
+    let one_image = |bi: usize, o: &mut [MaybeUninit<f32>], p: &mut [MaybeUninit<f32>], scratch: &mut Scratch| {
         let x = qkv[bi * s * row..(bi + 1) * s * row].as_ptr();
         for h in 0..heads {
             // SAFETY (pointer offsets): all within this image's `s·row` block of `qkv`.
@@ -56,35 +115,25 @@ pub fn forward(qkv: &[f32], d: AttnDims, scale: f32, keep_probs: bool) -> (Vec<f
             let pt = &mut p[h * s * s..(h + 1) * s * s];
             // Scores transposed, Sᵀ = K Qᵀ: row j holds key j against every query, so that the
             // softmax over keys runs down the columns (see `softmax_columns`).
+            transpose_into(&mut scratch.transposed, q, row, s, dh);
             // SAFETY (products here and below): every operand is an s×dh head block inside this
             // image's rows or an s×s buffer of its own, and no destination overlaps an operand.
-            unsafe { product(Order::AsIs, s, s, dh, pt.as_mut_ptr().cast(), s, k, (row, 1), q, (1, row), ONE_THREAD) };
-            // SAFETY: the GEMM wrote all s·s scores.
+            let keys = Strided { ptr: k, row_stride: row, x_stride: 1 };
+            unsafe { engine.product(s, s, dh, pt.as_mut_ptr().cast(), s, keys, scratch.transposed.as_ptr(), s) };
+            // SAFETY: the product wrote all s·s scores.
             let pt = unsafe { assume_init(pt) };
-            softmax_columns(pt, s, scale, scratch);
-            // out_h = P V with P = (Pᵀ)ᵀ, written straight into this head's output columns
-            // (all heads together write every element of the image's rows).
-            unsafe {
-                product(
-                    Order::Transposed,
-                    s,
-                    dh,
-                    s,
-                    o[h * dh..].as_mut_ptr().cast(),
-                    hd,
-                    pt.as_ptr(),
-                    (1, s),
-                    v,
-                    (row, 1),
-                    ONE_THREAD,
-                )
-            };
+            softmax_columns(pt, s, scale, &mut scratch.columns);
+            // out_h = P V, with P read through its transpose, written straight into this
+            // head's output columns (all heads together write every element of the image's rows).
+            let probs = Strided { ptr: pt.as_ptr(), row_stride: 1, x_stride: s };
+            unsafe { engine.product(s, dh, s, o[h * dh..].as_mut_ptr().cast(), hd, probs, v, row) };
         }
     };
 
     let mut probs = None;
-    // SAFETY: every image's rows are written by its heads' output GEMMs, and, when kept, every
-    // probability by the score GEMMs.
+    let scratch = || Scratch::new(d);
+    // SAFETY: every image's rows are written by its heads' output products, and, when kept,
+    // every probability by the score products.
     let out = unsafe {
         uninit_filled(batch * s * hd, |out| {
             if keep_probs {
@@ -92,11 +141,11 @@ pub fn forward(qkv: &[f32], d: AttnDims, scale: f32, keep_probs: bool) -> (Vec<f
                     out.par_chunks_mut(s * hd)
                         .zip(p.par_chunks_mut(heads * s * s))
                         .enumerate()
-                        .for_each_init(|| vec![0.0f32; 2 * s], |scratch, (bi, (o, p))| one_image(bi, o, p, scratch));
+                        .for_each_init(scratch, |scratch, (bi, (o, p))| one_image(bi, o, p, scratch));
                 }));
             } else {
                 out.par_chunks_mut(s * hd).enumerate().for_each_init(
-                    || (buffer::scratch(heads * s * s), vec![0.0f32; 2 * s]),
+                    || (buffer::scratch(heads * s * s), scratch()),
                     |(p, scratch), (bi, o)| one_image(bi, o, p, scratch),
                 );
             }
@@ -105,25 +154,48 @@ pub fn forward(qkv: &[f32], d: AttnDims, scale: f32, keep_probs: bool) -> (Vec<f
     (out, probs)
 }
 
+/// Per-thread buffers: a transposed head block, the softmax's column statistics, and (in the
+/// backward pass) the score gradients.
+struct Scratch {
+    transposed: Vec<f32>,
+    columns: Vec<f32>,
+    scores: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(d: AttnDims) -> Self {
+        let s = d.seq;
+        Self { transposed: vec![0.0; s * d.head_dim], columns: vec![0.0; 2 * s], scores: vec![0.0; s * s] }
+    }
+}
+
 /// Backward pass: the gradient of `qkv` (`[B, S, 3·H·D]`) from that of the output, with the
 /// transposed probabilities of [`forward`].
-pub fn backward(qkv: &[f32], probs: &[f32], grad_out: &[f32], d: AttnDims, scale: f32) -> Vec<f32> {
+pub fn backward(qkv: &[f32], probs: &[f32], grad_out: &[f32], d: AttnDims, scale: f32, engine: Engine) -> Vec<f32> {
     let AttnDims { batch, seq: s, heads, .. } = d;
     let (hd, row) = (d.inner(), d.row());
     assert_eq!(qkv.len(), batch * s * row, "attention backward: qkv has the wrong length");
     assert_eq!(probs.len(), batch * heads * s * s, "attention backward: probs have the wrong length");
     assert_eq!(grad_out.len(), batch * s * hd, "attention backward: gradient has the wrong length");
-    // SAFETY: for every image and head the GEMMs below write that head's columns of dQ, dK and
-    // dV, which together cover every element.
-    unsafe { uninit_filled(batch * s * row, |grad| backward_into(grad, qkv, probs, grad_out, d, scale)) }
+    // SAFETY: for every image and head the products below write that head's columns of dQ, dK
+    // and dV, which together cover every element.
+    unsafe { uninit_filled(batch * s * row, |grad| backward_into(grad, qkv, probs, grad_out, d, scale, engine)) }
 }
 
-fn backward_into(grad: &mut [MaybeUninit<f32>], qkv: &[f32], probs: &[f32], grad_out: &[f32], d: AttnDims, scale: f32) {
+fn backward_into(
+    grad: &mut [MaybeUninit<f32>],
+    qkv: &[f32],
+    probs: &[f32],
+    grad_out: &[f32],
+    d: AttnDims,
+    scale: f32,
+    engine: Engine,
+) {
     let AttnDims { seq: s, heads, head_dim: dh, .. } = d;
     let (hd, row) = (d.inner(), d.row());
     grad.par_chunks_mut(s * row).enumerate().for_each_init(
-        || (vec![0.0f32; s * s], vec![0.0f32; s]),
-        |(dst, scratch), (bi, g)| {
+        || Scratch::new(d),
+        |scratch, (bi, g)| {
             let x = qkv[bi * s * row..(bi + 1) * s * row].as_ptr();
             let go = grad_out[bi * s * hd..(bi + 1) * s * hd].as_ptr();
             let g: *mut f32 = g.as_mut_ptr().cast();
@@ -137,14 +209,58 @@ fn backward_into(grad: &mut [MaybeUninit<f32>], qkv: &[f32], probs: &[f32], grad
                 // SAFETY (products here and below): operands are s×dh head blocks inside this
                 // image's rows or s×s buffers; each destination is a head block of `grad` or the
                 // scratch scores, overlapping no operand.
-                unsafe { product(Order::Transposed, s, dh, s, dv, row, pt.as_ptr(), (s, 1), doh, (hd, 1), ONE_THREAD) };
+                let probs = Strided { ptr: pt.as_ptr(), row_stride: s, x_stride: 1 };
+                unsafe { engine.product(s, dh, s, dv, row, probs, doh, hd) };
                 // dPᵀ = V dOᵀ, then the softmax backward (times the scale) in place: dSᵀ.
-                unsafe { product(Order::AsIs, s, s, dh, dst.as_mut_ptr(), s, v, (row, 1), doh, (1, hd), ONE_THREAD) };
-                softmax_columns_backward(pt, dst, s, scale, scratch);
-                // dQ = dS K, dK = dSᵀ Q
-                unsafe { product(Order::Transposed, s, dh, s, dq, row, dst.as_ptr(), (1, s), k, (row, 1), ONE_THREAD) };
-                unsafe { product(Order::Transposed, s, dh, s, dk, row, dst.as_ptr(), (s, 1), q, (row, 1), ONE_THREAD) };
+                transpose_into(&mut scratch.transposed, doh, hd, s, dh);
+                let values = Strided { ptr: v, row_stride: row, x_stride: 1 };
+                let dst = scratch.scores.as_mut_ptr();
+                unsafe { engine.product(s, s, dh, dst, s, values, scratch.transposed.as_ptr(), s) };
+                softmax_columns_backward(pt, &mut scratch.scores, s, scale, &mut scratch.columns[..s]);
+                // dQ = dS K (dS read through its transpose), dK = dSᵀ Q
+                let ds = scratch.scores.as_ptr();
+                unsafe { engine.product(s, dh, s, dq, row, Strided { ptr: ds, row_stride: 1, x_stride: s }, k, row) };
+                unsafe { engine.product(s, dh, s, dk, row, Strided { ptr: ds, row_stride: s, x_stride: 1 }, q, row) };
             }
         },
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale
+    }
+
+    /// The register tiles compute what gemm computes, forward and backward (the composed-op
+    /// test in `kernels` covers whichever engine the CPU picks; this one covers both).
+    #[test]
+    fn tiles_and_gemm_agree() {
+        if Engine::best() != Engine::Tiles {
+            eprintln!("no AVX-512: only the gemm engine runs on this CPU");
+            return;
+        }
+        for d in [
+            AttnDims { batch: 2, seq: 49, heads: 4, head_dim: 64 },
+            AttnDims { batch: 3, seq: 10, heads: 3, head_dim: 20 },
+            AttnDims { batch: 1, seq: 65, heads: 2, head_dim: 80 },
+        ] {
+            let value = |i: usize| ((i * 7919) % 1009) as f32 / 300.0 - 1.6;
+            let qkv: Vec<f32> = (0..d.batch * d.seq * d.row()).map(value).collect();
+            let grad_out: Vec<f32> = (0..d.batch * d.seq * d.inner()).map(|i| value(i + 5)).collect();
+            let run = |engine| {
+                let (out, probs) = forward(&qkv, d, 0.3, true, engine);
+                let probs = probs.unwrap();
+                let grad = backward(&qkv, &probs, &grad_out, d, 0.3, engine);
+                (out, probs, grad)
+            };
+            let (tiles, gemm) = (run(Engine::Tiles), run(Engine::Gemm));
+            assert!(max_rel_diff(&tiles.0, &gemm.0) < 1e-5, "{d:?}: outputs differ");
+            assert!(max_rel_diff(&tiles.1, &gemm.1) < 1e-5, "{d:?}: probabilities differ");
+            assert!(max_rel_diff(&tiles.2, &gemm.2) < 1e-5, "{d:?}: gradients differ");
+        }
+    }
 }

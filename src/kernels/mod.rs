@@ -38,6 +38,7 @@ pub mod linear;
 pub mod norm;
 pub mod residual;
 pub mod simd;
+pub mod tile;
 
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -246,8 +247,9 @@ fn flex_tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
 fn attention_forward(qkv: &FlexTensor, heads: usize, scale: f64, keep_probs: bool) -> (FlexTensor, Option<FlexTensor>) {
     let d = attn_dims(qkv.layout().shape(), heads);
     let x = contiguous(qkv);
-    let (out, probs) =
-        profile::time(Region::AttentionForward, || attention::forward(x.storage::<f32>(), d, scale as f32, keep_probs));
+    let (out, probs) = profile::time(Region::AttentionForward, || {
+        attention::forward(x.storage::<f32>(), d, scale as f32, keep_probs, attention::Engine::best())
+    });
     let out = flex_tensor(out, vec![d.batch, d.seq, d.inner()]);
     (out, probs.map(|p| flex_tensor(p, vec![d.batch, d.heads, d.seq, d.seq])))
 }
@@ -423,6 +425,7 @@ impl<C: CheckpointStrategy> DitKernels for Autodiff<Flex, C> {
                             grad_out.storage::<f32>(),
                             d,
                             scale as f32,
+                            attention::Engine::best(),
                         )
                     });
                     grads.register::<Flex>(parent.id, flex_tensor(grad, vec![d.batch, d.seq, d.row()]));

@@ -1,0 +1,216 @@
+//! The small products of attention (49–196 tokens × 64-wide heads), as AVX-512 register tiles.
+//!
+//! gemm is built for large matrices: at 49×49×64 it spends its time packing operands, padding
+//! 49 rows to its 48+16 micro-kernel edge, and in call overhead, and ran attention at under a
+//! third of the FMA peak while the Linear layers ran at the peak. Every attention product, in
+//! the forward and the backward pass, has the form
+//!
+//! `C[r, 0..n] = Σₓ L(r, x) · R[x, 0..n]`
+//!
+//! with `R` row-major and `L` read one scalar at a time through arbitrary strides (so `L` may be
+//! a transposed view: no copies). Here `n ≤ 64` columns sit in four 16-lane registers, seven rows
+//! of `C` in 28 accumulators, and each step of `x` loads one row of `R` and broadcasts seven
+//! scalars of `L`: nothing is packed, and a 49-row product is exactly seven tiles.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Rows of `C` per register tile (28 accumulators + 4 row registers fit AVX-512's 32).
+const TILE_ROWS: usize = 7;
+/// Columns of `C` per tile: four 16-lane registers.
+const TILE_COLS: usize = 64;
+
+/// Whether [`broadcast_product`] can run on this CPU.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Operand `L` of [`broadcast_product`]: element `(r, x)` at `ptr[r·row_stride + x·x_stride]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Strided {
+    pub ptr: *const f32,
+    pub row_stride: usize,
+    pub x_stride: usize,
+}
+
+/// `dst[r·dst_rs + j] = Σ_{x<xs} L(r, x) · rhs[x·rhs_rs + j]` for `r < rows`, `j < n`.
+///
+/// # Safety
+/// [`available`] must be true; the pointers must cover the strided ranges (only the `n` columns
+/// of `rhs` and `dst` are touched: the last partial register is loaded and stored masked), and
+/// `dst` must not overlap the operands.
+#[allow(clippy::too_many_arguments)]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn broadcast_product(
+    rows: usize,
+    n: usize,
+    xs: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: Strided,
+    rhs: *const f32,
+    rhs_rs: usize,
+) {
+    // SAFETY: the caller's contract; the column blocks and row tiles below stay inside it.
+    unsafe {
+        let mut col = 0;
+        while col < n {
+            let width = (n - col).min(TILE_COLS);
+            let registers = width.div_ceil(16);
+            let rem = width - 16 * (registers - 1);
+            let mask: __mmask16 = if rem == 16 { 0xffff } else { (1u16 << rem) - 1 };
+            let mut row = 0;
+            while row < rows {
+                let tile_rows = (rows - row).min(TILE_ROWS);
+                let l = Strided { ptr: lhs.ptr.add(row * lhs.row_stride), ..lhs };
+                let (c, r) = (dst.add(row * dst_rs + col), rhs.add(col));
+                match (tile_rows, registers) {
+                    (7, 4) => tile::<7, 4>(xs, c, dst_rs, l, r, rhs_rs, mask),
+                    (t, v) => dispatch(t, v, xs, c, dst_rs, l, r, rhs_rs, mask),
+                }
+                row += tile_rows;
+            }
+            col += width;
+        }
+    }
+}
+
+/// Off x86-64 [`available`] is false and this is never called.
+///
+/// # Safety
+/// Never to be called.
+#[allow(clippy::too_many_arguments)]
+#[cfg(not(target_arch = "x86_64"))]
+pub unsafe fn broadcast_product(_: usize, _: usize, _: usize, _: *mut f32, _: usize, _: Strided, _: *const f32, _: usize) {
+    unreachable!("tiled products need AVX-512 (tile::available() is false)")
+}
+
+/// The less common tile shapes (a last partial row tile, narrow heads).
+#[allow(clippy::too_many_arguments)]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dispatch(
+    tile_rows: usize,
+    registers: usize,
+    xs: usize,
+    c: *mut f32,
+    c_rs: usize,
+    l: Strided,
+    r: *const f32,
+    r_rs: usize,
+    mask: __mmask16,
+) {
+    macro_rules! by_rows {
+        ($v:literal) => {
+            match tile_rows {
+                1 => tile::<1, $v>(xs, c, c_rs, l, r, r_rs, mask),
+                2 => tile::<2, $v>(xs, c, c_rs, l, r, r_rs, mask),
+                3 => tile::<3, $v>(xs, c, c_rs, l, r, r_rs, mask),
+                4 => tile::<4, $v>(xs, c, c_rs, l, r, r_rs, mask),
+                5 => tile::<5, $v>(xs, c, c_rs, l, r, r_rs, mask),
+                6 => tile::<6, $v>(xs, c, c_rs, l, r, r_rs, mask),
+                _ => tile::<7, $v>(xs, c, c_rs, l, r, r_rs, mask),
+            }
+        };
+    }
+    // SAFETY: forwarded from `broadcast_product`.
+    unsafe {
+        match registers {
+            1 => by_rows!(1),
+            2 => by_rows!(2),
+            3 => by_rows!(3),
+            _ => by_rows!(4),
+        }
+    }
+}
+
+/// One `ROWS × 16·V` tile of `C` over the whole `x` range, in registers.
+#[allow(clippy::too_many_arguments)]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn tile<const ROWS: usize, const V: usize>(
+    xs: usize,
+    c: *mut f32,
+    c_rs: usize,
+    l: Strided,
+    r: *const f32,
+    r_rs: usize,
+    last_mask: __mmask16,
+) {
+    // SAFETY: forwarded from `broadcast_product`; masked lanes are neither read nor written.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); V]; ROWS];
+        for x in 0..xs {
+            let r_row = r.add(x * r_rs);
+            let mut rv = [_mm512_setzero_ps(); V];
+            for (v, reg) in rv.iter_mut().enumerate() {
+                *reg = if v + 1 == V {
+                    _mm512_maskz_loadu_ps(last_mask, r_row.add(16 * v))
+                } else {
+                    _mm512_loadu_ps(r_row.add(16 * v))
+                };
+            }
+            let l_x = l.ptr.add(x * l.x_stride);
+            for (i, acc_row) in acc.iter_mut().enumerate() {
+                let b = _mm512_set1_ps(*l_x.add(i * l.row_stride));
+                for v in 0..V {
+                    acc_row[v] = _mm512_fmadd_ps(b, rv[v], acc_row[v]);
+                }
+            }
+        }
+        for (i, acc_row) in acc.iter().enumerate() {
+            for (v, &a) in acc_row.iter().enumerate() {
+                let p = c.add(i * c_rs + 16 * v);
+                if v + 1 == V {
+                    _mm512_mask_storeu_ps(p, last_mask, a)
+                } else {
+                    _mm512_storeu_ps(p, a)
+                }
+            }
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    /// Every tile shape (full and partial row tiles, 1–4 registers, masked columns, more than
+    /// 64 columns) against a plain triple loop, with a transposed (strided) left operand.
+    #[test]
+    fn matches_the_definition() {
+        if !available() {
+            eprintln!("no AVX-512: the tiled products are not used on this CPU");
+            return;
+        }
+        for &(rows, n, xs) in &[(49, 49, 64), (49, 64, 49), (9, 100, 5), (3, 7, 1), (15, 33, 17)] {
+            let value = |i: usize| ((i * 7919) % 101) as f32 / 50.0 - 1.0;
+            // L stored transposed: element (r, x) at x·rows + r.
+            let l: Vec<f32> = (0..xs * rows).map(value).collect();
+            let rhs_rs = n + 3;
+            let rhs: Vec<f32> = (0..xs * rhs_rs).map(|i| value(i + 13)).collect();
+            let dst_rs = n + 5;
+            let mut dst = vec![f32::NAN; rows * dst_rs];
+            let lhs = Strided { ptr: l.as_ptr(), row_stride: 1, x_stride: rows };
+            unsafe { broadcast_product(rows, n, xs, dst.as_mut_ptr(), dst_rs, lhs, rhs.as_ptr(), rhs_rs) };
+            for r in 0..rows {
+                for j in 0..n {
+                    let want: f32 = (0..xs).map(|x| l[x * rows + r] * rhs[x * rhs_rs + j]).sum();
+                    let got = dst[r * dst_rs + j];
+                    assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "({rows},{n},{xs}) at ({r},{j})");
+                }
+                // Columns past n are untouched.
+                assert!(dst[r * dst_rs + n..(r + 1) * dst_rs].iter().all(|v| v.is_nan()));
+            }
+        }
+    }
+}
