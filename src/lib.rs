@@ -7,6 +7,7 @@ pub mod bench;
 pub mod data;
 pub mod device;
 pub mod diffusion;
+pub mod distributed;
 pub mod eval;
 pub mod fsutil;
 pub mod images;

@@ -11,7 +11,10 @@ use dits::data::default_data_dir;
 use dits::device::{DeviceKind, device, init_threads};
 use dits::diffusion::SamplerKind;
 use dits::train::recipe::{ModelOverrides, RecipeFile, TrainOverrides};
+use dits::distributed::data_parallel::{DataParallel, ZeroStage};
+use dits::distributed::{Collective, Local};
 use dits::train::{self, Length, TrainOptions, checkpoint, default_train_config};
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(name = "dits", version, about = "Train, sample and benchmark class-conditional Diffusion Transformers")]
@@ -96,7 +99,52 @@ struct TrainArgs {
     #[arg(long)]
     no_progress: bool,
     #[command(flatten)]
+    dist: DistArgs,
+    #[command(flatten)]
     common: Common,
+}
+
+/// Multi-process training.
+#[derive(Args)]
+struct DistArgs {
+    /// Run as one rank of a multi-process job: `mpi` when launched by `mpirun -np N` (needs a
+    /// build with `--features mpi`). --batch stays the global batch, split over the ranks.
+    #[arg(long, value_enum, default_value = "none")]
+    dist: Dist,
+    /// ZeRO stage: 0 (every rank keeps the whole optimizer state) or 1 (each keeps its shard).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    zero: u8,
+    /// Gradient all-reduce bucket size in MiB.
+    #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    bucket_mb: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Dist {
+    /// One process.
+    None,
+    /// MPI (OpenMPI, MPICH), launched by mpirun.
+    Mpi,
+}
+
+impl DistArgs {
+    fn data_parallel(&self) -> anyhow::Result<DataParallel> {
+        let comm: Arc<dyn Collective> = match self.dist {
+            Dist::None => {
+                ensure!(self.zero == 0, "--zero 1 shards the optimizer state over ranks: it needs --dist mpi");
+                Arc::new(Local)
+            }
+            #[cfg(feature = "mpi")]
+            Dist::Mpi => Arc::new(dits::distributed::mpi::MpiWorld::init()?),
+            #[cfg(not(feature = "mpi"))]
+            Dist::Mpi => bail!(
+                "this dits was built without MPI support: install MPI and libclang \
+                 (apt-get install openmpi-bin libopenmpi-dev libclang-dev), then `cargo build --release --features mpi`"
+            ),
+        };
+        let zero = if self.zero == 1 { ZeroStage::One } else { ZeroStage::Off };
+        Ok(DataParallel { comm, zero, bucket: (self.bucket_mb as usize) << 18 })
+    }
 }
 
 #[derive(Args)]
@@ -184,12 +232,15 @@ struct BenchArgs {
 
 fn main() -> ExitCode {
     dits::memory::keep_freed_memory();
+    // Under mpirun only rank 0 reports progress: the other ranks log warnings and errors.
+    let rank_env = ["OMPI_COMM_WORLD_RANK", "PMI_RANK"].iter().find_map(|v| std::env::var(v).ok());
+    let default_filter = if rank_env.is_some_and(|r| r != "0") { "warn" } else { "info" };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(std::io::stderr().is_terminal())
         .without_time()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("DITS_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("DITS_LOG").unwrap_or_else(|_| default_filter.into()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -208,11 +259,25 @@ fn main() -> ExitCode {
 }
 
 fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
+    let dp = a.dist.data_parallel()?;
+    let comm = dp.comm.clone();
+    let result = train_ranked(a, dp);
+    if let Err(e) = &result
+        && comm.size() > 1
+    {
+        // The other ranks would wait for this one forever: stop them all.
+        eprintln!("error (rank {}): {e:#}", comm.rank());
+        comm.abort(1);
+    }
+    result
+}
+
+fn train_ranked(a: TrainArgs, dp: DataParallel) -> anyhow::Result<()> {
     let threads = init_threads(a.common.threads)?;
     let dev = device(a.common.device)?;
     let progress = !a.no_progress && std::io::stderr().is_terminal();
     if let Some(run_dir) = a.resume {
-        return resume_cmd(run_dir, a.out, a.data, a.model, a.train, a.stop_after, a.keep, progress, dev, threads);
+        return resume_cmd(run_dir, a.out, a.data, a.model, a.train, a.stop_after, a.keep, progress, dev, threads, dp);
     }
     let file = match &a.config {
         Some(path) => RecipeFile::read(path)?,
@@ -229,12 +294,13 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
         run_dir: a.out.unwrap_or_else(|| PathBuf::from("runs/dits")),
         model,
         train,
-        length: length.unwrap_or(Length::Epochs(train::DEFAULT_EPOCHS)),
+        length: Some(length.unwrap_or(Length::Epochs(train::DEFAULT_EPOCHS))),
         resume: false,
         stop_after: a.stop_after,
         keep: a.keep,
         progress,
         device: dev,
+        dp,
     };
     report_train(train::trainer::run(opts)?, threads)
 }
@@ -266,7 +332,28 @@ fn resume_cmd(
     progress: bool,
     dev: burn::prelude::Device,
     threads: usize,
+    dp: DataParallel,
 ) -> anyhow::Result<()> {
+    let length = length_of(&overrides)?;
+    if !dp.is_lead() {
+        // Rank 0 reads and checks the run and sends it over; this rank may not see the files.
+        let train = default_train_config();
+        let model = dits::model::DitConfig::mnist_dits();
+        let opts = TrainOptions {
+            data_dir: PathBuf::new(),
+            run_dir,
+            model,
+            length,
+            train,
+            resume: true,
+            stop_after,
+            keep,
+            progress,
+            device: dev,
+            dp,
+        };
+        return report_train(train::trainer::run(opts)?, threads);
+    }
     let saved = checkpoint::read_state(&checkpoint::resolve(&run_dir)?)?;
     ensure!(model.is_empty(), "a resumed run keeps its model: drop --model and the size flags");
     if let Some(out) = &out {
@@ -275,7 +362,6 @@ fn resume_cmd(
     if data.as_ref().is_some_and(|d| d.display().to_string() != saved.data_dir) {
         bail!("--data differs from the run being resumed ({}); a resumed run keeps its data", saved.data_dir);
     }
-    let length = length_of(&overrides)?;
     // Everything but the length and the logging intervals must stay as the run has it.
     let fixed =
         TrainOverrides { epochs: None, steps: None, checkpoint_every: None, log_every: None, ..overrides.clone() };
@@ -293,20 +379,25 @@ fn resume_cmd(
         data_dir: PathBuf::from(&saved.data_dir),
         run_dir,
         model: saved.model.clone(),
-        length: length.unwrap_or(Length::Steps(saved.train.total_steps)),
+        length,
         train,
         resume: true,
         stop_after,
         keep,
         progress,
         device: dev,
+        dp,
     };
     report_train(train::trainer::run(opts)?, threads)
 }
 
 fn report_train(s: train::TrainSummary, threads: usize) -> anyhow::Result<()> {
+    if s.rank != 0 {
+        return Ok(());
+    }
+    let ranks = if s.ranks > 1 { format!("{} ranks × ", s.ranks) } else { String::new() };
     println!(
-        "trained to step {} in {:.1}s ({:.1} samples/s, {threads} threads), final loss {:.4}; checkpoint {}",
+        "trained to step {} in {:.1}s ({:.1} samples/s, {ranks}{threads} threads), final loss {:.4}; checkpoint {}",
         s.steps,
         s.elapsed_s,
         s.samples_per_s,

@@ -105,6 +105,9 @@ fn bad_input_is_one_error_line_and_a_failure() {
     fails_with(&dits(&["train", "--model", "huge", "--out", "r"], dir), "unknown model preset");
     fails_with(&dits(&["train", "--resume", "nothing-here"], dir), "does not exist");
     fails_with(&dits(&["sample", "--checkpoint", "missing.pth", "--out", "s"], dir), "does not exist");
+    fails_with(&dits(&["train", "--zero", "1", "--out", "r"], dir), "--dist mpi");
+    #[cfg(not(feature = "mpi"))]
+    fails_with(&dits(&["train", "--dist", "mpi", "--out", "r"], dir), "--features mpi");
     assert!(!dir.join("r").exists(), "a failed run wrote its run directory");
 
     // Corrupt data: named file, clear reason.

@@ -26,12 +26,13 @@ fn options_stopping(data: &Path, run: &Path, steps: u64, stop_after: Option<u64>
         // The default recipe: label dropout (hence a null label) and a decaying learning rate.
         model: DitConfig { null_class: true, ..DitConfig::mnist_dits() },
         train,
-        length: Length::Steps(steps),
+        length: Some(Length::Steps(steps)),
         resume,
         stop_after,
         keep: 2,
         progress: false,
         device: Device::flex(),
+        dp: Default::default(),
     }
 }
 

@@ -10,11 +10,14 @@
 /// vector extension the CPU has.
 macro_rules! multiversion {
     ($name:ident($($arg:ident: $ty:ty),*) => $body:ident) => {
+        #[allow(clippy::too_many_arguments)]
         pub fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
+                #[allow(clippy::too_many_arguments)]
                 #[target_feature(enable = "avx512f")]
                 fn avx512($($arg: $ty),*) { $body($($arg),*) }
+                #[allow(clippy::too_many_arguments)]
                 #[target_feature(enable = "avx2,fma")]
                 fn avx2($($arg: $ty),*) { $body($($arg),*) }
                 if std::arch::is_x86_feature_detected!("avx512f") {

@@ -70,6 +70,15 @@ pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
 }
 
+/// Where the checkpoint of `step` lives under `run_dir`.
+pub fn checkpoint_dir(run_dir: &Path, step: u64) -> PathBuf {
+    checkpoints_dir(run_dir).join(checkpoint_name(step))
+}
+
+fn checkpoint_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
 /// Serialise Adam's moments as two flat f32 tensors.
 fn adam_to_bytes(adam: &AdamState) -> anyhow::Result<Vec<u8>> {
     let as_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
@@ -115,7 +124,7 @@ pub fn save(
 ) -> anyhow::Result<PathBuf> {
     let root = checkpoints_dir(run_dir);
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-    let name = format!("step-{:08}", state.step);
+    let name = checkpoint_name(state.step);
     let tmp = root.join(format!(".{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;

@@ -19,6 +19,7 @@ use super::params::ParamTable;
 use crate::data::{Batch, BatchLoader, ImageDataset, Position, Split};
 use crate::diffusion::sampler::gaussian;
 use crate::diffusion::schedule::NoiseSchedule;
+use crate::distributed::data_parallel::DataParallel;
 use crate::model::{DitConfig, DitNet, weights};
 use crate::profile::{self, Region};
 use crate::rng::{Purpose, derive_seed, stream};
@@ -30,11 +31,14 @@ pub struct Trainer {
     table: ParamTable,
     /// The master copy of the weights; the model's tensors are rebuilt from it after each step.
     params: Vec<f32>,
+    /// Adam's moments for this rank's shard of `params` (all of them unless ZeRO-1).
     adam: AdamState,
     /// Moving average of `params`.
     ema: Vec<f32>,
     schedule: NoiseSchedule,
     pub state: CheckpointState,
+    /// The ranks this trainer shares its steps with (one, by default).
+    dp: DataParallel,
 }
 
 /// What one step computed.
@@ -62,7 +66,7 @@ impl Trainer {
         let ema = params.clone();
         let schedule = NoiseSchedule::new(train.schedule, train.timesteps);
         let state = CheckpointState::new(model_cfg, train, table.clone(), data_dir);
-        Ok(Self { device, model, table, params, adam, ema, schedule, state })
+        Ok(Self { device, model, table, params, adam, ema, schedule, state, dp: DataParallel::default() })
     }
 
     /// Continue from a loaded checkpoint.
@@ -81,7 +85,26 @@ impl Trainer {
         weights::load_safetensors_bytes(&mut ema_model, ckpt.ema_bytes, &origin.join(checkpoint::EMA_FILE))?;
         let ema = table.read_values(&ema_model);
         let schedule = NoiseSchedule::new(ckpt.state.train.schedule, ckpt.state.train.timesteps);
-        Ok(Self { device, model, table, params, adam: ckpt.adam, ema, schedule, state: ckpt.state })
+        Ok(Self {
+            device,
+            model,
+            table,
+            params,
+            adam: ckpt.adam,
+            ema,
+            schedule,
+            state: ckpt.state,
+            dp: DataParallel::default(),
+        })
+    }
+
+    /// Share the steps with the ranks of `dp`: from now on this rank computes the gradient of
+    /// its rows of each batch and keeps the optimizer state of its shard. All ranks must hold
+    /// the same weights and state when this is called (see [`Trainer::broadcast_from_lead`]).
+    pub fn with_data_parallel(mut self, dp: DataParallel) -> Self {
+        self.adam = dp.shard_of(&self.adam);
+        self.dp = dp;
+        self
     }
 
     pub fn model(&self) -> &DitNet {
@@ -115,23 +138,30 @@ impl Trainer {
         self.step_on(&batch.images, &labels, &t, eps)
     }
 
-    /// One optimizer step with given levels `t` and noise `eps` (one row per image).
+    /// One optimizer step with given levels `t` and noise `eps` (one row per image) of the
+    /// whole (global) batch; with several ranks, this rank computes its rows only.
     pub fn step_on(&mut self, x0: &[f32], labels: &[u8], t: &[usize], eps: Vec<f32>) -> StepOutcome {
         let step = self.state.step;
+        let batch = labels.len();
+        let rows = self.dp.my_rows(batch);
+        let row = x0.len() / batch.max(1);
+        let (x0, eps) = (&x0[rows.start * row..rows.end * row], &eps[rows.start * row..rows.end * row]);
+        let (t, labels) = (&t[rows.clone()], &labels[rows.clone()]);
         let (xt, target) = profile::time(Region::Noising, || {
             let mut xt = vec![0f32; x0.len()];
-            self.schedule.add_noise(x0, t, &eps, &mut xt);
+            self.schedule.add_noise(x0, t, eps, &mut xt);
             let mut target = vec![0f32; x0.len()];
-            self.schedule.target(x0, &eps, &mut target);
+            self.schedule.target(x0, eps, &mut target);
             (xt, target)
         });
         let (loss, g) = self.gradient(&xt, &target, t, labels);
 
         let train = &self.state.train;
         let lr = train.lr_at(step);
-        profile::time(Region::Optimizer, || {
-            self.adam.update(&train.adam, lr, &mut self.params, &g);
+        let loss = profile::time(Region::Optimizer, || {
+            let loss = self.dp.step(g, loss, rows.len(), batch, &mut self.adam, &train.adam, lr, &mut self.params);
             super::ema::update(&mut self.ema, &self.params, super::ema::decay_at(train.ema_decay, step));
+            loss
         });
         // Cloning a module clones tensor handles, not data.
         self.model = profile::time(Region::WriteBack, || self.table.write_values(self.model.clone(), &self.params));
@@ -201,11 +231,86 @@ impl Trainer {
         (loss_value, profile::time(Region::Gradients, || self.table.read_grads(model, &grads)))
     }
 
-    /// Save a checkpoint of the current state under `run_dir`.
+    /// Save a checkpoint of the current state under `run_dir`. With several ranks every rank
+    /// must call this (ZeRO-1 gathers the optimizer state) and rank 0 alone writes; all return
+    /// the checkpoint's directory.
     pub fn save(&self, run_dir: &Path, keep: usize) -> anyhow::Result<PathBuf> {
+        let Some(adam) = self.dp.gather_optimizer(&self.adam, self.table.total) else {
+            return Ok(checkpoint::checkpoint_dir(run_dir, self.state.step));
+        };
         let model_bytes = weights::to_safetensors_bytes(&self.model)?;
         let ema_bytes = weights::to_safetensors_bytes(&self.table.write_values(self.model.clone(), &self.ema))?;
-        checkpoint::save(run_dir, self.state.clone(), &model_bytes, &ema_bytes, &self.adam, keep)
+        checkpoint::save(run_dir, self.state.clone(), &model_bytes, &ema_bytes, &adam, keep)
+    }
+
+    /// Rank 0's trainer on every rank: rank 0 passes its own (or the error that kept it from
+    /// building one), the others receive its state, weights and optimizer state. A world of one
+    /// returns `lead` as it is.
+    pub fn broadcast_from_lead(
+        lead: Option<anyhow::Result<Self>>,
+        comm: &dyn crate::distributed::Collective,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        if comm.size() == 1 {
+            return lead.expect("rank 0 builds the trainer");
+        }
+        let mut bytes = match &lead {
+            Some(Ok(t)) => t.snapshot()?,
+            // Empty: rank 0 failed and reports why itself.
+            _ => Vec::new(),
+        };
+        comm.broadcast_bytes(&mut bytes);
+        match lead {
+            Some(trainer) => trainer,
+            None if bytes.is_empty() => bail!("rank 0 could not start the run (its error says why)"),
+            None => Self::from_snapshot(&bytes, device),
+        }
+    }
+
+    /// State, weights, moving average and optimizer state as bytes: the state as JSON, then
+    /// little-endian f32 vectors, each after its length.
+    fn snapshot(&self) -> anyhow::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let json = serde_json::to_vec(&self.state)?;
+        out.extend((json.len() as u64).to_le_bytes());
+        out.extend(json);
+        out.extend(self.adam.step.to_le_bytes());
+        for v in [&self.params, &self.ema, &self.adam.m, &self.adam.v] {
+            out.extend((v.len() as u64).to_le_bytes());
+            v.iter().for_each(|x| out.extend(x.to_le_bytes()));
+        }
+        Ok(out)
+    }
+
+    fn from_snapshot(bytes: &[u8], device: &Device) -> anyhow::Result<Self> {
+        let mut at = 0;
+        let mut take = |n: usize| -> anyhow::Result<&[u8]> {
+            let s = bytes.get(at..at + n).context("truncated trainer snapshot from rank 0")?;
+            at += n;
+            Ok(s)
+        };
+        let u64_of = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+        let json_len = u64_of(take(8)?) as usize;
+        let state: CheckpointState = serde_json::from_slice(take(json_len)?)?;
+        let adam_step = u64_of(take(8)?);
+        let mut vector = || -> anyhow::Result<Vec<f32>> {
+            let n = u64_of(take(8)?) as usize;
+            Ok(take(4 * n)?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
+        };
+        let (params, ema, m, v) = (vector()?, vector()?, vector()?, vector()?);
+        let device = device.clone().autodiff();
+        let model = DitNet::new(&state.model, &device, 0);
+        let table = ParamTable::of(&model);
+        ensure!(table == state.params && params.len() == table.total, "trainer snapshot: parameter layout mismatch");
+        let model = table.write_values(model, &params);
+        let schedule = NoiseSchedule::new(state.train.schedule, state.train.timesteps);
+        let adam = AdamState { m, v, step: adam_step };
+        Ok(Self { device, model, table, params, adam, ema, schedule, state, dp: DataParallel::default() })
+    }
+
+    /// Bytes of optimizer state this rank keeps.
+    pub fn optimizer_bytes(&self) -> usize {
+        self.dp.optimizer_bytes(self.table.total)
     }
 }
 
@@ -264,7 +369,8 @@ pub struct TrainOptions {
     pub run_dir: PathBuf,
     pub model: DitConfig,
     pub train: TrainConfig,
-    pub length: Length,
+    /// The run's length; `None` keeps a resumed run's own.
+    pub length: Option<Length>,
     /// Continue the run in `run_dir` from its latest checkpoint.
     pub resume: bool,
     /// Stop at this step with a checkpoint, although the run (and so its learning-rate
@@ -274,6 +380,8 @@ pub struct TrainOptions {
     pub keep: usize,
     pub progress: bool,
     pub device: Device,
+    /// The ranks of a multi-process run (one by default).
+    pub dp: DataParallel,
 }
 
 /// What a finished run reports.
@@ -284,28 +392,28 @@ pub struct TrainSummary {
     pub samples_per_s: f64,
     pub elapsed_s: f64,
     pub checkpoint: PathBuf,
+    /// This process's rank, and the number of ranks (1 without `--dist`).
+    pub rank: usize,
+    pub ranks: usize,
 }
 
-/// `dits train`.
+/// `dits train`. With several ranks (`opts.dp`), every rank calls this: rank 0 builds or
+/// resumes the run and hands it to the others, and alone writes checkpoints, metrics and
+/// progress.
 pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
     let run_dir = &opts.run_dir;
-    let mut trainer = if opts.resume {
-        let dir = checkpoint::resolve(run_dir)?;
-        let ckpt = checkpoint::load(&dir)?;
-        let trainer = Trainer::from_checkpoint(ckpt, &dir, &opts.device)?;
-        metrics::truncate_after(run_dir, trainer.state.step)?;
-        trainer
-    } else {
-        if checkpoint::checkpoints_dir(run_dir).exists() || run_dir.join(metrics::METRICS_FILE).exists() {
-            bail!(
-                "{} already holds a training run: pass --resume {} to continue it, or choose another --out",
-                run_dir.display(),
-                run_dir.display()
-            );
-        }
-        Trainer::new(opts.model.clone(), opts.train.clone(), opts.data_dir.display().to_string(), &opts.device)?
-    };
+    let dp = opts.dp.clone();
+    let lead = dp.is_lead().then(|| start_or_resume(&opts));
+    let trainer = Trainer::broadcast_from_lead(lead, dp.comm.as_ref(), &opts.device)?;
+    ensure!(
+        trainer.state.train.batch >= dp.world(),
+        "the batch ({}) is smaller than the number of ranks ({}): each rank needs at least one image",
+        trainer.state.train.batch,
+        dp.world()
+    );
+    let mut trainer = trainer.with_data_parallel(dp.clone());
     let data_dir = if opts.resume { PathBuf::from(&trainer.state.data_dir) } else { opts.data_dir.clone() };
+    let lead = dp.is_lead();
     let cfg = trainer.state.model.clone();
     let ds = Arc::new(ImageDataset::load(&data_dir, Split::Train, cfg.classes)?);
     ensure!(
@@ -322,10 +430,12 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
     let batch = trainer.state.train.batch;
     BatchLoader::check(ds.len(), batch)?;
     let per_epoch = crate::data::loader::batches_per_epoch(ds.len(), batch);
-    trainer.state.train.total_steps = match opts.length {
-        Length::Steps(s) => s,
-        Length::Epochs(e) => e * per_epoch,
-    };
+    if let Some(length) = opts.length {
+        trainer.state.train.total_steps = match length {
+            Length::Steps(s) => s,
+            Length::Epochs(e) => e * per_epoch,
+        };
+    }
     trainer.state.train.validate()?;
     let total = trainer.state.train.total_steps;
     ensure!(
@@ -335,7 +445,9 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
     );
     let stop = opts.stop_after.map_or(total, |s| s.min(total));
     ensure!(trainer.state.step < stop, "--stop-after {stop} is not past the run's current step {}", trainer.state.step);
-    std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    if lead {
+        std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    }
 
     let start_step = trainer.state.step;
     let mut loader = BatchLoader::new(
@@ -344,7 +456,7 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
         trainer.state.train.seed,
         Position { epoch: start_step / per_epoch, index: start_step % per_epoch },
     );
-    let bar = progress_bar(opts.progress, start_step, total);
+    let bar = progress_bar(opts.progress && lead, start_step, total);
     let (log_every, ckpt_every) = (trainer.state.train.log_every, trainer.state.train.checkpoint_every);
     let run_start = Instant::now();
     let elapsed_before = trainer.state.elapsed_s;
@@ -355,6 +467,15 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
         "training {} parameters from step {start_step} to {total} ({per_epoch} steps per epoch, batch {batch})",
         trainer.table().total
     );
+    if dp.world() > 1 {
+        tracing::info!(
+            "{} ranks, {} rows of each batch on rank 0, optimizer state {:?}: {:.2} MiB on rank 0",
+            dp.world(),
+            dp.my_rows(batch).len(),
+            dp.zero,
+            trainer.optimizer_bytes() as f64 / (1 << 20) as f64
+        );
+    }
     while trainer.state.step < stop {
         let b = loader.next_batch();
         let out = trainer.step(&b);
@@ -378,7 +499,8 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
             let rate = (interval.2 as usize * batch) as f64 / secs.max(1e-9);
             last_loss = interval.1 / interval.2 as f64;
             bar.set_message(format!("epoch {} | loss {last_loss:.4} | {rate:.0} samples/s", b.epoch));
-            metrics::append(
+            if lead {
+                metrics::append(
                 run_dir,
                 &MetricsRecord {
                     step,
@@ -389,27 +511,66 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
                     elapsed_s: elapsed_before + run_start.elapsed().as_secs_f64(),
                 },
             )?;
+            }
             interval = (Instant::now(), 0.0, 0);
         }
         if step % ckpt_every == 0 || step == stop {
             trainer.state.elapsed_s = elapsed_before + run_start.elapsed().as_secs_f64();
             let dir = trainer.save(run_dir, opts.keep)?;
-            if let Err(e) = metrics::plot_loss(run_dir) {
-                tracing::warn!("could not draw the loss plot: {e:#}");
+            if lead {
+                if let Err(e) = metrics::plot_loss(run_dir) {
+                    tracing::warn!("could not draw the loss plot: {e:#}");
+                }
+                bar.suspend(|| tracing::info!("step {step}: checkpoint {}", dir.display()));
             }
-            bar.suspend(|| tracing::info!("step {step}: checkpoint {}", dir.display()));
             last_ckpt = Some(dir);
         }
     }
     bar.finish();
     let elapsed = run_start.elapsed().as_secs_f64();
+    if dp.world() > 1 {
+        let c = dp.comm.stats();
+        let steps = (trainer.state.step - start_step).max(1);
+        tracing::info!(
+            "rank {}: {:.1} s of {elapsed:.1} s in communication, {:.2} MB sent per step ({} calls)",
+            dp.rank(),
+            c.time.as_secs_f64(),
+            c.bytes as f64 / steps as f64 / 1e6,
+            c.calls
+        );
+    }
     Ok(TrainSummary {
         steps: trainer.state.step,
         final_loss: last_loss,
         samples_per_s: ((trainer.state.step - start_step) as usize * batch) as f64 / elapsed.max(1e-9),
         elapsed_s: elapsed,
         checkpoint: last_ckpt.expect("at least one step ran, and the last step always checkpoints"),
+        rank: dp.rank(),
+        ranks: dp.world(),
     })
+}
+
+/// Rank 0's trainer: a new run, or the run in `opts.run_dir` resumed from its latest checkpoint.
+fn start_or_resume(opts: &TrainOptions) -> anyhow::Result<Trainer> {
+    let run_dir = &opts.run_dir;
+    if opts.resume {
+        let dir = checkpoint::resolve(run_dir)?;
+        let ckpt = checkpoint::load(&dir)?;
+        let mut trainer = Trainer::from_checkpoint(ckpt, &dir, &opts.device)?;
+        metrics::truncate_after(run_dir, trainer.state.step)?;
+        // The two settings a resumed run may change (checked by the CLI).
+        trainer.state.train.checkpoint_every = opts.train.checkpoint_every;
+        trainer.state.train.log_every = opts.train.log_every;
+        return Ok(trainer);
+    }
+    if checkpoint::checkpoints_dir(run_dir).exists() || run_dir.join(metrics::METRICS_FILE).exists() {
+        bail!(
+            "{} already holds a training run: pass --resume {} to continue it, or choose another --out",
+            run_dir.display(),
+            run_dir.display()
+        );
+    }
+    Trainer::new(opts.model.clone(), opts.train.clone(), opts.data_dir.display().to_string(), &opts.device)
 }
 
 fn progress_bar(visible: bool, start: u64, total: u64) -> ProgressBar {

@@ -1,0 +1,161 @@
+//! Multi-process training under `mpirun` (OpenMPI, over loopback on this machine): data
+//! parallelism and ZeRO-1 give the weights of a one-process run with the same global batch.
+//!
+//! Built with `--features mpi` only; `mpirun` must be on the PATH (`.ci/run` installs OpenMPI).
+#![cfg(feature = "mpi")]
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use safetensors::SafeTensors;
+
+/// The run under test: 4 steps of a global batch of 7 (split 4 + 3 over two ranks, 3 + 2 + 2
+/// over three), no label dropout, full learning rate from the first step (no warm-up), so that
+/// the weights move well beyond the tolerance (up to 5e-4 a step).
+fn train_args(out: &str, steps: u64) -> Vec<String> {
+    let steps = steps.to_string();
+    [
+        "train", "--data", "data", "--out", out, "--steps", &steps, "--batch", "7", "--checkpoint-every", "2",
+        "--label-dropout", "0", "--warmup-steps", "0", "--lr", "5e-4", "--threads", "1", "--no-progress", "--log-every", "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out: Output = cmd.output().expect("starting the command (is OpenMPI's mpirun installed?)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "command failed:\n{text}");
+    text
+}
+
+fn dits(dir: &Path, args: &[String]) -> String {
+    run(Command::new(env!("CARGO_BIN_EXE_dits")).args(args).current_dir(dir))
+}
+
+/// `mpirun -np N dits ARGS --dist mpi`, every rank on this machine.
+fn mpirun(dir: &Path, ranks: usize, args: &[String]) -> String {
+    let mut cmd = Command::new("mpirun");
+    // Root in CI containers; oversubscription: more ranks than the two cores.
+    cmd.args(["--allow-run-as-root", "--oversubscribe", "-np", &ranks.to_string()]);
+    cmd.arg(env!("CARGO_BIN_EXE_dits")).args(args).args(["--dist", "mpi"]).current_dir(dir);
+    // Shared-memory transport between ranks, no network probing.
+    cmd.env("OMPI_MCA_btl", "self,vader").env("OMPI_MCA_btl_vader_single_copy_mechanism", "none");
+    run(&mut cmd)
+}
+
+fn with(mut args: Vec<String>, extra: &[&str]) -> Vec<String> {
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Largest absolute difference between two safetensors files with the same tensors.
+fn max_diff(a: &Path, b: &Path) -> f32 {
+    let (a, b) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    let (a, b) = (SafeTensors::deserialize(&a).unwrap(), SafeTensors::deserialize(&b).unwrap());
+    let mut names = a.names();
+    names.sort();
+    let mut names_b = b.names();
+    names_b.sort();
+    assert_eq!(names, names_b, "different tensors");
+    let floats = |t: safetensors::tensor::TensorView| -> Vec<f32> {
+        t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    };
+    let mut worst = 0f32;
+    for name in names {
+        let (x, y) = (floats(a.tensor(name).unwrap()), floats(b.tensor(name).unwrap()));
+        assert_eq!(x.len(), y.len(), "{name}: different sizes");
+        worst = x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(worst, f32::max);
+    }
+    worst
+}
+
+/// Checkpoint files of two runs at `step` are equal within 1e-5 (weights, moving average and
+/// Adam's moments); returns the largest difference seen.
+fn assert_same_checkpoint(dir: &Path, a: &str, b: &str, step: u64) -> f32 {
+    let ckpt = |run: &str, file: &str| dir.join(run).join(format!("checkpoints/step-{step:08}/{file}.safetensors"));
+    let mut worst = 0f32;
+    for file in ["model", "ema", "optimizer"] {
+        let d = max_diff(&ckpt(a, file), &ckpt(b, file));
+        assert!(d <= 1e-5, "{a} vs {b}, {file}: max |Δ| = {d}");
+        worst = worst.max(d);
+    }
+    worst
+}
+
+fn toy_data(dir: &Path) {
+    common::write_toy_dataset(&dir.join("data"), 40);
+}
+
+/// One rank whose batch is split in the same parts as the ranks' shards computes the same sums
+/// in the same order: DDP and ZeRO-1 must give its weights (here, bit for bit).
+#[test]
+fn two_and_three_ranks_equal_one_rank_with_the_same_global_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    toy_data(dir);
+    for (ranks, parts) in [(2, "2"), (3, "3")] {
+        let reference = format!("one-rank-{parts}-parts");
+        dits(dir, &with(train_args(&reference, 4), &["--micro-batches", parts]));
+        let ddp = format!("ddp-{ranks}");
+        let text = mpirun(dir, ranks, &with(train_args(&ddp, 4), &["--micro-batches", "1"]));
+        assert!(text.contains(&format!("{ranks} ranks")), "{text}");
+        let zero = format!("zero1-{ranks}");
+        mpirun(dir, ranks, &with(train_args(&zero, 4), &["--micro-batches", "1", "--zero", "1"]));
+        for step in [2, 4] {
+            let d = assert_same_checkpoint(dir, &reference, &ddp, step);
+            eprintln!("{ranks} ranks, DDP, step {step}: max |Δ| = {d}");
+            let d = assert_same_checkpoint(dir, &reference, &zero, step);
+            eprintln!("{ranks} ranks, ZeRO-1, step {step}: max |Δ| = {d}");
+        }
+        // Only rank 0 wrote: one metrics line per step, not one per rank.
+        let metrics = std::fs::read_to_string(dir.join(&ddp).join("metrics.jsonl")).unwrap();
+        assert_eq!(metrics.lines().count(), 4, "{metrics}");
+    }
+}
+
+/// A run checkpointed by two ranks resumes on two ranks with ZeRO-1 (the full optimizer state
+/// is split on load), on one rank, and on three.
+#[test]
+fn resume_works_for_any_world_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    toy_data(dir);
+    dits(dir, &with(train_args("reference", 4), &["--micro-batches", "2"]));
+    for (name, ranks_after) in [("to-two-zero1", 2), ("to-one", 1), ("to-three", 3)] {
+        mpirun(dir, 2, &with(train_args(name, 4), &["--micro-batches", "1", "--stop-after", "2"]));
+        let resume = vec!["train".into(), "--resume".into(), name.into(), "--threads".into(), "1".into()];
+        match ranks_after {
+            1 => dits(dir, &resume),
+            2 => mpirun(dir, 2, &with(resume, &["--zero", "1"])),
+            n => mpirun(dir, n, &resume),
+        };
+        // Two ranks again: the same shards, bit for bit. One or three ranks split the later
+        // batches differently, which changes the rounding of the sums only.
+        let d = assert_same_checkpoint(dir, "reference", name, 4);
+        eprintln!("resumed {name}: max |Δ| = {d}");
+    }
+}
+
+/// Errors on one rank stop every rank with the message, instead of leaving the others waiting.
+#[test]
+fn a_batch_smaller_than_the_world_is_an_error_on_every_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    toy_data(dir);
+    let mut args = train_args("tiny", 2);
+    let at = args.iter().position(|a| a == "7").unwrap();
+    args[at] = "2".into();
+    let mut cmd = Command::new("mpirun");
+    cmd.args(["--allow-run-as-root", "--oversubscribe", "-np", "3", env!("CARGO_BIN_EXE_dits")]);
+    cmd.args(&args).args(["--dist", "mpi"]).current_dir(dir);
+    cmd.env("OMPI_MCA_btl", "self,vader").env("OMPI_MCA_btl_vader_single_copy_mechanism", "none");
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("smaller than the number of ranks"), "{err}");
+    assert!(!dir.join("tiny/checkpoints").exists());
+}
