@@ -9,6 +9,7 @@
 pub mod data_parallel;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+pub mod ulysses;
 
 use std::ops::Range;
 use std::sync::Mutex;

@@ -88,6 +88,59 @@ pub trait DitKernels: Backend {
         bias: FloatTensor<Self>,
         activation: Activation,
     ) -> FloatTensor<Self>;
+
+    /// Ulysses' all-to-all between token shards and head groups, see
+    /// [`crate::distributed::ulysses`]; the backward pass is the opposite exchange.
+    fn exchange(x: FloatTensor<Self>, plan: Exchange) -> FloatTensor<Self>;
+}
+
+/// Which way an [`Exchange`] moves data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeDirection {
+    /// `[B, S/P, C·H·D]` → `[B, S, C·(H/P)·D]`.
+    SeqToHeads,
+    /// The inverse.
+    HeadsToSeq,
+}
+
+/// One all-to-all of sequence parallelism: `chunks` blocks of `heads` heads of `head_dim` per
+/// token, over the ranks of `comm`.
+#[derive(Clone)]
+pub struct Exchange {
+    pub comm: std::sync::Arc<dyn crate::distributed::Collective>,
+    pub chunks: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub direction: ExchangeDirection,
+}
+
+impl std::fmt::Debug for Exchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Exchange({:?}, {} chunks of {}×{} over {} ranks)", self.direction, self.chunks, self.heads, self.head_dim, self.comm.size())
+    }
+}
+
+impl Exchange {
+    fn reversed(&self) -> Self {
+        let direction = match self.direction {
+            ExchangeDirection::SeqToHeads => ExchangeDirection::HeadsToSeq,
+            ExchangeDirection::HeadsToSeq => ExchangeDirection::SeqToHeads,
+        };
+        Self { direction, ..self.clone() }
+    }
+
+    fn apply(&self, x: &FlexTensor) -> FlexTensor {
+        let x = contiguous(x);
+        let shape: [usize; 3] = x.layout().shape().to_vec().try_into().expect("exchange: a 3-d tensor");
+        let (data, shape) = crate::distributed::ulysses::run_exchange(self, x.storage::<f32>(), shape);
+        flex_tensor(data, shape.to_vec())
+    }
+}
+
+/// Sequence parallelism's exchange on the CPU backend (the only one it supports).
+pub fn exchange(x: Tensor<3>, plan: Exchange) -> Tensor<3> {
+    assert!(on_flex(&x.device()) && x.dtype() == DType::F32, "sequence parallelism runs on the CPU backend, in f32");
+    Tensor::from_dispatch(<Dispatch as DitKernels>::exchange(x.into_dispatch(), plan))
 }
 
 /// True when `device` runs on the CPU backend these kernels are written for.
@@ -403,9 +456,40 @@ impl DitKernels for Flex {
     ) -> FloatTensor<Self> {
         LinearInputs::new(&x, &weight, &bias, activation).forward(false).0
     }
+
+    fn exchange(x: FloatTensor<Self>, plan: Exchange) -> FloatTensor<Self> {
+        plan.apply(&x)
+    }
 }
 
 impl<C: CheckpointStrategy> DitKernels for Autodiff<Flex, C> {
+    fn exchange(x: FloatTensor<Self>, plan: Exchange) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct ExchangeOp;
+
+        impl Backward<Flex, 1> for ExchangeOp {
+            type State = Exchange;
+
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let [parent] = ops.parents;
+                let grad_out = grads.consume::<Flex>(&ops.node);
+                // Every rank runs the backward of every exchange, in the same order: the
+                // autodiff graph is the same on all ranks.
+                let grad = ops.state.reversed().apply(&grad_out);
+                if let Some(parent) = parent {
+                    grads.register::<Flex>(parent.id, grad);
+                }
+            }
+        }
+
+        let (x, node) = x.into_parts();
+        let out = plan.apply(&x);
+        match ExchangeOp.prepare::<C>([node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(plan, out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+
     fn packed_attention(qkv: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct PackedAttention;

@@ -11,6 +11,7 @@ use burn::tensor::activation::silu;
 
 use super::embed::{xavier_linear, zero_linear};
 use crate::kernels::{Activation, gated_residual, linear_act, modulated_layer_norm, packed_attention};
+use crate::distributed::ulysses::SequenceParallel;
 use crate::model::config::DitConfig;
 
 /// DiT's LayerNorm epsilon.
@@ -35,8 +36,14 @@ pub struct Attention {
 
 impl Attention {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.forward_with(x, &|qkv| packed_attention(qkv, self.heads, self.scale))
+    }
+
+    /// With `attend` mapping the packed `qkv` to the heads' output (the sequence-parallel
+    /// attention, or the plain one).
+    pub fn forward_with(&self, x: Tensor<3>, attend: &dyn Fn(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
         let qkv = linear_act(&self.qkv, x, Activation::Identity);
-        linear_act(&self.proj, packed_attention(qkv, self.heads, self.scale), Activation::Identity)
+        linear_act(&self.proj, attend(qkv), Activation::Identity)
     }
 }
 
@@ -83,11 +90,21 @@ impl DitBlock {
 
     /// `x`: `[B, S, W]`, `c`: `[B, W]` → `[B, S, W]`.
     pub fn forward(&self, x: Tensor<3>, c: Tensor<2>) -> Tensor<3> {
+        self.forward_with(x, c, &|qkv| packed_attention(qkv, self.attn.heads, self.attn.scale))
+    }
+
+    /// The block on this rank's tokens `x` `[B, S/P, W]` of sequences split over the ranks of
+    /// `sp` (DeepSpeed-Ulysses): everything but attention is token-wise and runs locally.
+    pub fn forward_sequence_parallel(&self, x: Tensor<3>, c: Tensor<2>, sp: &SequenceParallel) -> Tensor<3> {
+        self.forward_with(x, c, &|qkv| sp.attention(qkv, self.attn.scale))
+    }
+
+    fn forward_with(&self, x: Tensor<3>, c: Tensor<2>, attend: &dyn Fn(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
         let m = self.ada_ln.forward(silu(c)).chunk(6, 1); // 6 × [B, W]
         let [shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp] =
             <[Tensor<2>; 6]>::try_from(m).expect("six chunks");
         let h = modulated_norm(x.clone(), shift_msa, scale_msa);
-        let x = gated_residual(x, gate_msa, self.attn.forward(h));
+        let x = gated_residual(x, gate_msa, self.attn.forward_with(h, attend));
         let h = modulated_norm(x.clone(), shift_mlp, scale_mlp);
         gated_residual(x, gate_mlp, self.mlp.forward(h))
     }
