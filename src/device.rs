@@ -29,6 +29,18 @@ pub fn device(kind: DeviceKind) -> anyhow::Result<Device> {
     }
 }
 
+/// `n` devices of `kind` for `--dist devices`: GPUs `0..n`, or the CPU `n` times.
+pub fn devices(kind: DeviceKind, n: usize) -> anyhow::Result<Vec<Device>> {
+    match kind {
+        DeviceKind::Cpu => Ok(vec![Device::flex(); n]),
+        #[cfg(feature = "cuda")]
+        DeviceKind::Cuda => Ok((0..n).map(Device::cuda).collect()),
+        DeviceKind::Wgpu => bail!("--dist devices supports --device cpu and cuda"),
+        #[allow(unreachable_patterns)]
+        other => device(other).map(|_| unreachable!("device() fails for a backend this build lacks")),
+    }
+}
+
 /// Size the global thread pool that the CPU backend's kernels run on: `--threads`, else
 /// `RAYON_NUM_THREADS`, else every core. Returns the count in effect.
 pub fn init_threads(threads: Option<usize>) -> anyhow::Result<usize> {

@@ -4,15 +4,16 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, ensure};
+use anyhow::{Context, bail, ensure};
 use clap::{Args, Parser, Subcommand};
 
 use dits::data::default_data_dir;
 use dits::device::{DeviceKind, device, init_threads};
 use dits::diffusion::SamplerKind;
-use dits::train::recipe::{ModelOverrides, RecipeFile, TrainOverrides};
 use dits::distributed::data_parallel::{DataParallel, ZeroStage};
+use dits::distributed::devices::DeviceWorld;
 use dits::distributed::{Collective, Local};
+use dits::train::recipe::{ModelOverrides, RecipeFile, TrainOverrides};
 use dits::train::{self, Length, TrainOptions, checkpoint, default_train_config};
 use std::sync::Arc;
 
@@ -59,7 +60,7 @@ struct EvalArgs {
     common: Common,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct Common {
     /// CPU threads (default: RAYON_NUM_THREADS, else all cores).
     #[arg(long)]
@@ -69,7 +70,7 @@ struct Common {
     device: DeviceKind,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct TrainArgs {
     /// Data set directory in the MNIST layout [default: the shipped MNIST].
     #[arg(long)]
@@ -104,13 +105,17 @@ struct TrainArgs {
     common: Common,
 }
 
-/// Multi-process training.
-#[derive(Args)]
+/// Training on several ranks.
+#[derive(Args, Clone)]
 struct DistArgs {
-    /// Run as one rank of a multi-process job: `mpi` when launched by `mpirun -np N` (needs a
-    /// build with `--features mpi`). --batch stays the global batch, split over the ranks.
+    /// Several ranks: `mpi`, one process per rank launched by `mpirun -np N` (needs a build
+    /// with `--features mpi`); `devices`, --ranks threads of this process, one device each (with
+    /// `--device cuda`: GPUs 0..N, gradients summed by NCCL). --batch stays the global batch.
     #[arg(long, value_enum, default_value = "none")]
     dist: Dist,
+    /// Ranks of `--dist devices`.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    ranks: Option<u64>,
     /// ZeRO stage: 0 (every rank keeps the whole optimizer state) or 1 (each keeps its shard).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
     zero: u8,
@@ -125,15 +130,49 @@ enum Dist {
     None,
     /// MPI (OpenMPI, MPICH), launched by mpirun.
     Mpi,
+    /// Threads of this process, one device each.
+    Devices,
 }
 
 impl DistArgs {
+    fn sharding(&self) -> ZeroStage {
+        if self.zero == 1 { ZeroStage::One } else { ZeroStage::Off }
+    }
+
+    fn bucket(&self) -> usize {
+        (self.bucket_mb as usize) << 18
+    }
+
+    /// The ranks of `--dist devices`, one per device.
+    fn device_world(&self, kind: DeviceKind) -> anyhow::Result<Vec<(DataParallel, burn::prelude::Device)>> {
+        let ranks = self.ranks.context("--dist devices needs --ranks N")? as usize;
+        let devices = dits::device::devices(kind, ranks)?;
+        // burn's collective all-reduce runs on GPU backends; CPU ranks sum in shared memory.
+        let on_devices = kind != DeviceKind::Cpu;
+        Ok(DeviceWorld::world(devices, on_devices)
+            .into_iter()
+            .map(|w| {
+                let device = w.device().clone();
+                let comm: Arc<dyn Collective> = Arc::new(w);
+                (DataParallel { comm, zero: self.sharding(), bucket: self.bucket() }, device)
+            })
+            .collect())
+    }
+
     fn data_parallel(&self) -> anyhow::Result<DataParallel> {
+        ensure!(
+            self.ranks.is_none() || self.dist == Dist::Devices,
+            "--ranks is for --dist devices (mpirun sets the ranks of --dist mpi)"
+        );
         let comm: Arc<dyn Collective> = match self.dist {
             Dist::None => {
-                ensure!(self.zero == 0, "--zero 1 shards the optimizer state over ranks: it needs --dist mpi");
+                ensure!(
+                    self.zero == 0,
+                    "--zero 1 shards the optimizer state over ranks: it needs --dist mpi or devices"
+                );
                 Arc::new(Local)
             }
+            Dist::Devices => unreachable!("--dist devices starts its ranks in train_cmd"),
             #[cfg(feature = "mpi")]
             Dist::Mpi => Arc::new(dits::distributed::mpi::MpiWorld::init()?),
             #[cfg(not(feature = "mpi"))]
@@ -142,8 +181,7 @@ impl DistArgs {
                  (apt-get install openmpi-bin libopenmpi-dev libclang-dev), then `cargo build --release --features mpi`"
             ),
         };
-        let zero = if self.zero == 1 { ZeroStage::One } else { ZeroStage::Off };
-        Ok(DataParallel { comm, zero, bucket: (self.bucket_mb as usize) << 18 })
+        Ok(DataParallel { comm, zero: self.sharding(), bucket: self.bucket() })
     }
 }
 
@@ -240,7 +278,9 @@ fn main() -> ExitCode {
         .with_target(false)
         .with_ansi(std::io::stderr().is_terminal())
         .without_time()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("DITS_LOG").unwrap_or_else(|_| default_filter.into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DITS_LOG").unwrap_or_else(|_| default_filter.into()),
+        )
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -259,9 +299,13 @@ fn main() -> ExitCode {
 }
 
 fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
+    if a.dist.dist == Dist::Devices {
+        return train_on_devices(a);
+    }
     let dp = a.dist.data_parallel()?;
     let comm = dp.comm.clone();
-    let result = train_ranked(a, dp);
+    let dev = device(a.common.device)?;
+    let result = train_ranked(a, dp, dev);
     if let Err(e) = &result
         && comm.size() > 1
     {
@@ -272,9 +316,32 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
     result
 }
 
-fn train_ranked(a: TrainArgs, dp: DataParallel) -> anyhow::Result<()> {
+/// `--dist devices`: one thread per rank; an error on any rank ends the process.
+fn train_on_devices(a: TrainArgs) -> anyhow::Result<()> {
+    let ranks = a.dist.device_world(a.common.device)?;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .map(|(dp, dev)| {
+                let a = a.clone();
+                s.spawn(move || {
+                    let comm = dp.comm.clone();
+                    if let Err(e) = train_ranked(a, dp, dev) {
+                        eprintln!("error (rank {}): {e:#}", comm.rank());
+                        comm.abort(1);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| anyhow::anyhow!("a rank panicked"))?;
+        }
+        Ok(())
+    })
+}
+
+fn train_ranked(a: TrainArgs, dp: DataParallel, dev: burn::prelude::Device) -> anyhow::Result<()> {
     let threads = init_threads(a.common.threads)?;
-    let dev = device(a.common.device)?;
     let progress = !a.no_progress && std::io::stderr().is_terminal();
     if let Some(run_dir) = a.resume {
         return resume_cmd(run_dir, a.out, a.data, a.model, a.train, a.stop_after, a.keep, progress, dev, threads, dp);

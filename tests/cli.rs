@@ -240,3 +240,52 @@ fn bench_prints_figures_and_a_step_profile() {
     let last: Vec<&str> = text.lines().rev().take(2).collect();
     assert!(last[1].starts_with("train_samples_per_s=") && last[0].starts_with("sample_images_per_s="), "{text}");
 }
+
+/// `--dist devices` on the CPU (ranks as threads): two ranks, with and without ZeRO-1, write the
+/// checkpoint files of one rank whose batch is split the same way, byte for byte; a run of
+/// two ranks resumes on three.
+#[test]
+fn threaded_ranks_equal_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    common::write_toy_dataset(&dir.join("data"), 30);
+    let run = |out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--data",
+            "data",
+            "--out",
+            out,
+            "--steps",
+            "3",
+            "--batch",
+            "7",
+            "--label-dropout",
+            "0",
+            "--warmup-steps",
+            "0",
+            "--threads",
+            "1",
+            "--checkpoint-every",
+            "3",
+        ];
+        args.extend(extra);
+        ok(&dits(&args, dir))
+    };
+    run("one", &["--micro-batches", "2"]);
+    let text = run("two", &["--micro-batches", "1", "--dist", "devices", "--ranks", "2"]);
+    assert!(text.contains("2 ranks"), "{text}");
+    assert_eq!(text.matches("trained to step 3").count(), 1, "only rank 0 reports:\n{text}");
+    run("two-zero1", &["--micro-batches", "1", "--dist", "devices", "--ranks", "2", "--zero", "1"]);
+    for file in ["model", "ema", "optimizer"] {
+        let read = |run: &str| {
+            std::fs::read(dir.join(run).join(format!("checkpoints/step-00000003/{file}.safetensors"))).unwrap()
+        };
+        assert!(read("one") == read("two"), "{file}: two ranks differ from one");
+        assert!(read("one") == read("two-zero1"), "{file}: two ranks with ZeRO-1 differ from one");
+    }
+    let text = ok(&dits(&["train", "--resume", "two", "--steps", "5", "--dist", "devices", "--ranks", "3"], dir));
+    assert!(text.contains("trained to step 5"), "{text}");
+    fails_with(&dits(&["train", "--ranks", "2", "--out", "x"], dir), "--dist devices");
+    fails_with(&dits(&["train", "--dist", "devices", "--out", "x"], dir), "--ranks");
+}

@@ -17,8 +17,28 @@ use safetensors::SafeTensors;
 fn train_args(out: &str, steps: u64) -> Vec<String> {
     let steps = steps.to_string();
     [
-        "train", "--data", "data", "--out", out, "--steps", &steps, "--batch", "7", "--checkpoint-every", "2",
-        "--label-dropout", "0", "--warmup-steps", "0", "--lr", "5e-4", "--threads", "1", "--no-progress", "--log-every", "1",
+        "train",
+        "--data",
+        "data",
+        "--out",
+        out,
+        "--steps",
+        &steps,
+        "--batch",
+        "7",
+        "--checkpoint-every",
+        "2",
+        "--label-dropout",
+        "0",
+        "--warmup-steps",
+        "0",
+        "--lr",
+        "5e-4",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--log-every",
+        "1",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -232,7 +252,10 @@ fn ulysses_rank() {
     let dy = rel(flat(y_mine.inner()), rows(y_full.inner()));
     let dx = rel(flat(dx_mine), rows(dx_full));
     let dp = rel(dparams, dparams_full);
-    eprintln!("rank {}: relative max |Δ| output {dy:e}, input gradient {dx:e}, parameter gradients {dp:e}", comm.rank());
+    eprintln!(
+        "rank {}: relative max |Δ| output {dy:e}, input gradient {dx:e}, parameter gradients {dp:e}",
+        comm.rank()
+    );
     assert!(dy <= 1e-5 && dx <= 1e-5 && dp <= 1e-5, "Ulysses block differs from the single-rank block");
     println!("ulysses rank ok");
 }

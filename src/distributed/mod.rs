@@ -7,6 +7,7 @@
 //! ([`data_parallel`]).
 
 pub mod data_parallel;
+pub mod devices;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 pub mod ulysses;

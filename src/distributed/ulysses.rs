@@ -59,13 +59,8 @@ impl SequenceParallel {
         let [_, tokens, row] = qkv.dims();
         assert_eq!(tokens, self.seq / self.comm.size(), "qkv holds {tokens} tokens, not this rank's share");
         let head_dim = row / (3 * self.heads);
-        let plan = |chunks, direction| Exchange {
-            comm: self.comm.clone(),
-            chunks,
-            heads: self.heads,
-            head_dim,
-            direction,
-        };
+        let plan =
+            |chunks, direction| Exchange { comm: self.comm.clone(), chunks, heads: self.heads, head_dim, direction };
         let group = exchange(qkv, plan(3, ExchangeDirection::SeqToHeads));
         let out = packed_attention(group, self.heads / self.comm.size(), scale);
         exchange(out, plan(1, ExchangeDirection::HeadsToSeq))

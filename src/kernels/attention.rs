@@ -14,8 +14,8 @@ use std::mem::MaybeUninit;
 
 use super::buffer::{self, assume_init, uninit_filled};
 use super::gemm::{Order, product};
-use super::tile::{self, Strided};
 use super::simd::{softmax_columns, softmax_columns_backward};
+use super::tile::{self, Strided};
 
 /// Sizes of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

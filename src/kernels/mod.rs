@@ -116,7 +116,15 @@ pub struct Exchange {
 
 impl std::fmt::Debug for Exchange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Exchange({:?}, {} chunks of {}×{} over {} ranks)", self.direction, self.chunks, self.heads, self.head_dim, self.comm.size())
+        write!(
+            f,
+            "Exchange({:?}, {} chunks of {}×{} over {} ranks)",
+            self.direction,
+            self.chunks,
+            self.heads,
+            self.head_dim,
+            self.comm.size()
+        )
     }
 }
 

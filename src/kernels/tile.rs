@@ -89,7 +89,16 @@ pub unsafe fn broadcast_product(
 /// Never to be called.
 #[allow(clippy::too_many_arguments)]
 #[cfg(not(target_arch = "x86_64"))]
-pub unsafe fn broadcast_product(_: usize, _: usize, _: usize, _: *mut f32, _: usize, _: Strided, _: *const f32, _: usize) {
+pub unsafe fn broadcast_product(
+    _: usize,
+    _: usize,
+    _: usize,
+    _: *mut f32,
+    _: usize,
+    _: Strided,
+    _: *const f32,
+    _: usize,
+) {
     unreachable!("tiled products need AVX-512 (tile::available() is false)")
 }
 
@@ -170,11 +179,7 @@ unsafe fn tile<const ROWS: usize, const V: usize>(
         for (i, acc_row) in acc.iter().enumerate() {
             for (v, &a) in acc_row.iter().enumerate() {
                 let p = c.add(i * c_rs + 16 * v);
-                if v + 1 == V {
-                    _mm512_mask_storeu_ps(p, last_mask, a)
-                } else {
-                    _mm512_storeu_ps(p, a)
-                }
+                if v + 1 == V { _mm512_mask_storeu_ps(p, last_mask, a) } else { _mm512_storeu_ps(p, a) }
             }
         }
     }

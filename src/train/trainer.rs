@@ -58,8 +58,7 @@ impl Trainer {
             "label dropout needs a model with a null label (null_class = true)"
         );
         let device = device.clone().autodiff();
-        let model =
-            DitNet::new(&model_cfg, &device, derive_seed(train.seed, Purpose::Init, 0));
+        let model = DitNet::new(&model_cfg, &device, derive_seed(train.seed, Purpose::Init, 0));
         let table = ParamTable::of(&model);
         let params = table.read_values(&model);
         let adam = AdamState::new(table.total);
@@ -463,11 +462,13 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
     let mut interval = (Instant::now(), 0f64, 0u64);
     let mut last_loss = f64::NAN;
     let mut last_ckpt = None;
-    tracing::info!(
-        "training {} parameters from step {start_step} to {total} ({per_epoch} steps per epoch, batch {batch})",
-        trainer.table().total
-    );
-    if dp.world() > 1 {
+    if lead {
+        tracing::info!(
+            "training {} parameters from step {start_step} to {total} ({per_epoch} steps per epoch, batch {batch})",
+            trainer.table().total
+        );
+    }
+    if lead && dp.world() > 1 {
         tracing::info!(
             "{} ranks, {} rows of each batch on rank 0, optimizer state {:?}: {:.2} MiB on rank 0",
             dp.world(),
@@ -501,16 +502,16 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
             bar.set_message(format!("epoch {} | loss {last_loss:.4} | {rate:.0} samples/s", b.epoch));
             if lead {
                 metrics::append(
-                run_dir,
-                &MetricsRecord {
-                    step,
-                    epoch: b.epoch,
-                    loss: last_loss,
-                    lr: out.lr,
-                    samples_per_s: rate,
-                    elapsed_s: elapsed_before + run_start.elapsed().as_secs_f64(),
-                },
-            )?;
+                    run_dir,
+                    &MetricsRecord {
+                        step,
+                        epoch: b.epoch,
+                        loss: last_loss,
+                        lr: out.lr,
+                        samples_per_s: rate,
+                        elapsed_s: elapsed_before + run_start.elapsed().as_secs_f64(),
+                    },
+                )?;
             }
             interval = (Instant::now(), 0.0, 0);
         }

@@ -10,8 +10,8 @@ use burn::prelude::*;
 use burn::tensor::activation::silu;
 
 use super::embed::{xavier_linear, zero_linear};
-use crate::kernels::{Activation, gated_residual, linear_act, modulated_layer_norm, packed_attention};
 use crate::distributed::ulysses::SequenceParallel;
+use crate::kernels::{Activation, gated_residual, linear_act, modulated_layer_norm, packed_attention};
 use crate::model::config::DitConfig;
 
 /// DiT's LayerNorm epsilon.
