@@ -99,6 +99,10 @@ struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     no_progress: bool,
+    /// Check every step's loss and gradients for NaN/Inf, and stop naming the first parameter
+    /// affected (a pass over the gradient per step).
+    #[arg(long)]
+    detect_anomaly: bool,
     #[command(flatten)]
     dist: DistArgs,
     #[command(flatten)]
@@ -291,6 +295,12 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<Interrupted>().is_some() => {
+            if !e.to_string().is_empty() {
+                eprintln!("{e}");
+            }
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -308,6 +318,7 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
     let result = train_ranked(a, dp, dev);
     if let Err(e) = &result
         && comm.size() > 1
+        && e.downcast_ref::<Interrupted>().is_none()
     {
         // The other ranks would wait for this one forever: stop them all.
         eprintln!("error (rank {}): {e:#}", comm.rank());
@@ -326,17 +337,21 @@ fn train_on_devices(a: TrainArgs) -> anyhow::Result<()> {
                 let a = a.clone();
                 s.spawn(move || {
                     let comm = dp.comm.clone();
-                    if let Err(e) = train_ranked(a, dp, dev) {
+                    let result = train_ranked(a, dp, dev);
+                    if let Err(e) = &result
+                        && e.downcast_ref::<Interrupted>().is_none()
+                    {
                         eprintln!("error (rank {}): {e:#}", comm.rank());
                         comm.abort(1);
                     }
+                    result
                 })
             })
             .collect();
-        for h in handles {
-            h.join().map_err(|_| anyhow::anyhow!("a rank panicked"))?;
-        }
-        Ok(())
+        let results: Vec<_> =
+            handles.into_iter().map(|h| h.join().map_err(|_| anyhow::anyhow!("a rank panicked"))).collect();
+        // Every rank stopped at the same step; rank 0 reports it.
+        results.into_iter().next().expect("at least one rank")?
     })
 }
 
@@ -344,7 +359,21 @@ fn train_ranked(a: TrainArgs, dp: DataParallel, dev: burn::prelude::Device) -> a
     let threads = init_threads(a.common.threads)?;
     let progress = !a.no_progress && std::io::stderr().is_terminal();
     if let Some(run_dir) = a.resume {
-        return resume_cmd(run_dir, a.out, a.data, a.model, a.train, a.stop_after, a.keep, progress, dev, threads, dp);
+        let detect = a.detect_anomaly;
+        return resume_cmd(
+            run_dir,
+            a.out,
+            a.data,
+            a.model,
+            a.train,
+            a.stop_after,
+            a.keep,
+            progress,
+            dev,
+            threads,
+            dp,
+            detect,
+        );
     }
     let file = match &a.config {
         Some(path) => RecipeFile::read(path)?,
@@ -368,6 +397,7 @@ fn train_ranked(a: TrainArgs, dp: DataParallel, dev: burn::prelude::Device) -> a
         progress,
         device: dev,
         dp,
+        detect_anomaly: a.detect_anomaly,
     };
     report_train(train::trainer::run(opts)?, threads)
 }
@@ -400,6 +430,7 @@ fn resume_cmd(
     dev: burn::prelude::Device,
     threads: usize,
     dp: DataParallel,
+    detect_anomaly: bool,
 ) -> anyhow::Result<()> {
     let length = length_of(&overrides)?;
     if !dp.is_lead() {
@@ -418,6 +449,7 @@ fn resume_cmd(
             progress,
             device: dev,
             dp,
+            detect_anomaly,
         };
         return report_train(train::trainer::run(opts)?, threads);
     }
@@ -454,13 +486,24 @@ fn resume_cmd(
         progress,
         device: dev,
         dp,
+        detect_anomaly,
     };
     report_train(train::trainer::run(opts)?, threads)
 }
 
 fn report_train(s: train::TrainSummary, threads: usize) -> anyhow::Result<()> {
     if s.rank != 0 {
-        return Ok(());
+        return if s.interrupted { Err(Interrupted(String::new()).into()) } else { Ok(()) };
+    }
+    if s.interrupted {
+        let run_dir = s.checkpoint.parent().and_then(|c| c.parent()).unwrap_or(&s.checkpoint);
+        return Err(Interrupted(format!(
+            "interrupted at step {}: checkpoint {} written; `dits train --resume {}` continues the run",
+            s.steps,
+            s.checkpoint.display(),
+            run_dir.display()
+        ))
+        .into());
     }
     let ranks = if s.ranks > 1 { format!("{} ranks × ", s.ranks) } else { String::new() };
     println!(
@@ -473,6 +516,19 @@ fn report_train(s: train::TrainSummary, threads: usize) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A run stopped by a signal after its checkpoint: reported without `error:`, exit status 130
+/// (the shell's convention for Ctrl-C).
+#[derive(Debug)]
+struct Interrupted(String);
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Interrupted {}
 
 fn sample_cmd(a: SampleArgs) -> anyhow::Result<()> {
     init_threads(a.common.threads)?;

@@ -33,6 +33,7 @@ fn options_stopping(data: &Path, run: &Path, steps: u64, stop_after: Option<u64>
         progress: false,
         device: Device::flex(),
         dp: Default::default(),
+        detect_anomaly: false,
     }
 }
 

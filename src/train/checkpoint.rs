@@ -161,8 +161,17 @@ pub fn save(
     Ok(dest)
 }
 
-/// Remove all but the newest `keep` checkpoints (never the one `latest` names).
+/// Remove all but the newest `keep` checkpoints (never the one `latest` names), and what writes
+/// cut short by a crash left behind (temporary names start with a dot; the caller holds the run's
+/// lock, so no other process is writing them).
 fn prune(root: &Path, keep: usize) {
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.starts_with('.') && name.contains(".tmp-") {
+            let path = entry.path();
+            let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        }
+    }
     let mut steps = list(root);
     steps.sort();
     let latest = std::fs::read_to_string(root.join(LATEST)).unwrap_or_default();
@@ -212,9 +221,14 @@ pub fn resolve(path: &Path) -> anyhow::Result<PathBuf> {
 /// Read `state.json` of a checkpoint directory.
 pub fn read_state(dir: &Path) -> anyhow::Result<CheckpointState> {
     let path = dir.join(STATE_FILE);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    parse_state(&bytes, &path)
+}
+
+/// Parse the bytes of a `state.json` (read from `path`, named in errors).
+pub fn parse_state(bytes: &[u8], path: &Path) -> anyhow::Result<CheckpointState> {
     let state: CheckpointState =
-        serde_json::from_str(&text).with_context(|| format!("{}: not a dits checkpoint state", path.display()))?;
+        serde_json::from_slice(bytes).with_context(|| format!("{}: not a dits checkpoint state", path.display()))?;
     ensure!(
         state.format_version == FORMAT_VERSION,
         "{}: checkpoint format {} is not supported (this dits reads {FORMAT_VERSION})",
@@ -228,15 +242,21 @@ pub fn read_state(dir: &Path) -> anyhow::Result<CheckpointState> {
 pub fn read_verified(dir: &Path, state: &CheckpointState, file: &str) -> anyhow::Result<Vec<u8>> {
     let path = dir.join(file);
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    verify(&bytes, state, dir, file)?;
+    Ok(bytes)
+}
+
+/// Check `bytes`, the content of `file` in checkpoint `dir`, against its recorded SHA-256.
+fn verify(bytes: &[u8], state: &CheckpointState, dir: &Path, file: &str) -> anyhow::Result<()> {
     let expected =
         state.sha256.get(file).with_context(|| format!("{}: no checksum recorded for {file}", dir.display()))?;
-    let found = sha256_hex(&bytes);
+    let found = sha256_hex(bytes);
     ensure!(
         &found == expected,
         "{}: checksum mismatch (file is corrupt or was modified: expected sha256 {expected}, found {found})",
-        path.display()
+        dir.join(file).display()
     );
-    Ok(bytes)
+    Ok(())
 }
 
 /// Load and verify a whole checkpoint.
@@ -245,7 +265,34 @@ pub fn load(dir: &Path) -> anyhow::Result<Checkpoint> {
     let model_bytes = read_verified(dir, &state, MODEL_FILE)?;
     let ema_bytes = read_verified(dir, &state, EMA_FILE)?;
     let opt_bytes = read_verified(dir, &state, OPTIMIZER_FILE)?;
-    let adam = adam_from_bytes(&opt_bytes, state.params.total, &dir.join(OPTIMIZER_FILE))?;
+    assemble(dir, state, model_bytes, ema_bytes, &opt_bytes)
+}
+
+/// A checkpoint from the bytes of its four files, verified as [`load`] verifies them (`dir`
+/// names the checkpoint in errors). For the fuzz targets and property tests, which have no
+/// directory.
+pub fn from_bytes(
+    dir: &Path,
+    state: &[u8],
+    model: Vec<u8>,
+    ema: Vec<u8>,
+    optimizer: &[u8],
+) -> anyhow::Result<Checkpoint> {
+    let state = parse_state(state, &dir.join(STATE_FILE))?;
+    verify(&model, &state, dir, MODEL_FILE)?;
+    verify(&ema, &state, dir, EMA_FILE)?;
+    verify(optimizer, &state, dir, OPTIMIZER_FILE)?;
+    assemble(dir, state, model, ema, optimizer)
+}
+
+fn assemble(
+    dir: &Path,
+    state: CheckpointState,
+    model_bytes: Vec<u8>,
+    ema_bytes: Vec<u8>,
+    opt_bytes: &[u8],
+) -> anyhow::Result<Checkpoint> {
+    let adam = adam_from_bytes(opt_bytes, state.params.total, &dir.join(OPTIMIZER_FILE))?;
     ensure!(
         adam.step == state.step,
         "{}: optimizer step {} does not match the checkpoint step {}",

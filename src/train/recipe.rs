@@ -225,8 +225,20 @@ pub struct RecipeFile {
 }
 
 impl RecipeFile {
+    /// Errors name the file, and the line when the parser knows it (a mistyped value's message
+    /// names only the type, so the line shows the key).
     pub fn parse(text: &str, origin: &Path) -> anyhow::Result<Self> {
-        toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {}", origin.display(), e.message().trim_end()))
+        toml::from_str(text).map_err(|e| {
+            let message = e.message().trim_end();
+            match e.span().filter(|s| s.start <= text.len()) {
+                Some(span) => {
+                    let line_no = text[..span.start].matches('\n').count() + 1;
+                    let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+                    anyhow::anyhow!("{}:{line_no}: `{line}`: {message}", origin.display())
+                }
+                None => anyhow::anyhow!("{}: {message}", origin.display()),
+            }
+        })
     }
 
     pub fn read(path: &Path) -> anyhow::Result<Self> {

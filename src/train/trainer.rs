@@ -2,7 +2,8 @@
 //! progress, metrics, checkpoints, resume).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Once};
 use std::time::Instant;
 
 use anyhow::{Context, bail, ensure};
@@ -39,13 +40,18 @@ pub struct Trainer {
     pub state: CheckpointState,
     /// The ranks this trainer shares its steps with (one, by default).
     dp: DataParallel,
+    /// Check every step's loss and gradient for NaN/Inf (`--detect-anomaly`).
+    pub detect_anomaly: bool,
 }
 
 /// What one step computed.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StepOutcome {
     pub loss: f32,
     pub lr: f64,
+    /// With `detect_anomaly`: what was first found not finite (the loss, or a parameter's
+    /// gradient on this rank), before the optimizer step used it.
+    pub anomaly: Option<String>,
 }
 
 impl Trainer {
@@ -65,7 +71,18 @@ impl Trainer {
         let ema = params.clone();
         let schedule = NoiseSchedule::new(train.schedule, train.timesteps);
         let state = CheckpointState::new(model_cfg, train, table.clone(), data_dir);
-        Ok(Self { device, model, table, params, adam, ema, schedule, state, dp: DataParallel::default() })
+        Ok(Self {
+            device,
+            model,
+            table,
+            params,
+            adam,
+            ema,
+            schedule,
+            state,
+            dp: DataParallel::default(),
+            detect_anomaly: false,
+        })
     }
 
     /// Continue from a loaded checkpoint.
@@ -94,6 +111,7 @@ impl Trainer {
             schedule,
             state: ckpt.state,
             dp: DataParallel::default(),
+            detect_anomaly: false,
         })
     }
 
@@ -154,6 +172,7 @@ impl Trainer {
             (xt, target)
         });
         let (loss, g) = self.gradient(&xt, &target, t, labels);
+        let anomaly = if self.detect_anomaly { self.first_non_finite(loss, &g) } else { None };
 
         let train = &self.state.train;
         let lr = train.lr_at(step);
@@ -166,7 +185,24 @@ impl Trainer {
         self.model = profile::time(Region::WriteBack, || self.table.write_values(self.model.clone(), &self.params));
 
         self.state.step += 1;
-        StepOutcome { loss, lr }
+        StepOutcome { loss, lr, anomaly }
+    }
+
+    /// The loss if it is not finite, else the first parameter whose gradient has a NaN or an
+    /// infinity, by name.
+    fn first_non_finite(&self, loss: f32, grad: &[f32]) -> Option<String> {
+        if !loss.is_finite() {
+            return Some(format!("the loss is {loss}"));
+        }
+        let i = grad.iter().position(|g| !g.is_finite())?;
+        let slot = self.table.slots.iter().find(|s| s.range().contains(&i))?;
+        let bad = grad[slot.range()].iter().filter(|g| !g.is_finite()).count();
+        Some(format!(
+            "the gradient of {} ({bad} of its {} values) is {} (first non-finite gradient in parameter order)",
+            slot.name,
+            slot.len(),
+            grad[i]
+        ))
     }
 
     /// The batch's loss and flat gradient: the size-weighted mean over the run's micro-batches,
@@ -304,7 +340,18 @@ impl Trainer {
         let model = table.write_values(model, &params);
         let schedule = NoiseSchedule::new(state.train.schedule, state.train.timesteps);
         let adam = AdamState { m, v, step: adam_step };
-        Ok(Self { device, model, table, params, adam, ema, schedule, state, dp: DataParallel::default() })
+        Ok(Self {
+            device,
+            model,
+            table,
+            params,
+            adam,
+            ema,
+            schedule,
+            state,
+            dp: DataParallel::default(),
+            detect_anomaly: false,
+        })
     }
 
     /// Bytes of optimizer state this rank keeps.
@@ -381,6 +428,41 @@ pub struct TrainOptions {
     pub device: Device,
     /// The ranks of a multi-process run (one by default).
     pub dp: DataParallel,
+    /// Check each step's loss and gradients for NaN/Inf and name the first parameter affected.
+    pub detect_anomaly: bool,
+}
+
+/// Set when the process is asked to stop (Ctrl-C, SIGTERM, SIGHUP): the loop finishes its
+/// step, writes a checkpoint and returns. A second request exits at once (the last checkpoint
+/// on disk is complete either way: checkpoints are written to a temporary name and renamed).
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+/// Install the stop handler (once per process; tests run several trainings in one).
+fn catch_stop_signals() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        let handler = || {
+            if STOP_REQUESTED.swap(true, Ordering::SeqCst) {
+                eprintln!("stopping now, without a checkpoint (the last one on disk is intact)");
+                std::process::exit(130);
+            }
+            eprintln!("stopping after this step and its checkpoint (press Ctrl-C again to stop at once)");
+        };
+        if let Err(e) = ctrlc::set_handler(handler) {
+            tracing::warn!("Ctrl-C will not stop training cleanly: {e}");
+        }
+    });
+}
+
+/// Whether any rank was asked to stop (all ranks then stop at the same step).
+fn stop_requested(dp: &DataParallel) -> bool {
+    let mine = STOP_REQUESTED.load(Ordering::SeqCst);
+    if dp.world() == 1 {
+        return mine;
+    }
+    let mut flag = [f32::from(u8::from(mine))];
+    dp.comm.all_reduce_sum(&mut flag);
+    flag[0] > 0.0
 }
 
 /// What a finished run reports.
@@ -394,6 +476,8 @@ pub struct TrainSummary {
     /// This process's rank, and the number of ranks (1 without `--dist`).
     pub rank: usize,
     pub ranks: usize,
+    /// Stopped early by a signal (Ctrl-C), after a checkpoint.
+    pub interrupted: bool,
 }
 
 /// `dits train`. With several ranks (`opts.dp`), every rank calls this: rank 0 builds or
@@ -402,7 +486,14 @@ pub struct TrainSummary {
 pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
     let run_dir = &opts.run_dir;
     let dp = opts.dp.clone();
-    let lead = dp.is_lead().then(|| start_or_resume(&opts));
+    // Held until the run returns: one process at a time trains in a run directory.
+    let mut run_lock = None;
+    let lead = dp.is_lead().then(|| {
+        if opts.resume && run_dir.is_dir() {
+            run_lock = Some(lock_run_dir(run_dir)?);
+        }
+        start_or_resume(&opts)
+    });
     let trainer = Trainer::broadcast_from_lead(lead, dp.comm.as_ref(), &opts.device)?;
     ensure!(
         trainer.state.train.batch >= dp.world(),
@@ -411,6 +502,7 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
         dp.world()
     );
     let mut trainer = trainer.with_data_parallel(dp.clone());
+    trainer.detect_anomaly = opts.detect_anomaly;
     let data_dir = if opts.resume { PathBuf::from(&trainer.state.data_dir) } else { opts.data_dir.clone() };
     let lead = dp.is_lead();
     let cfg = trainer.state.model.clone();
@@ -444,9 +536,14 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
     );
     let stop = opts.stop_after.map_or(total, |s| s.min(total));
     ensure!(trainer.state.step < stop, "--stop-after {stop} is not past the run's current step {}", trainer.state.step);
-    if lead {
-        std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    }
+    let _run_lock = match (lead, run_lock) {
+        (false, _) => None,
+        (true, Some(held)) => Some(held),
+        (true, None) => {
+            std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+            Some(lock_run_dir(run_dir)?)
+        }
+    };
 
     let start_step = trainer.state.step;
     let mut loader = BatchLoader::new(
@@ -477,9 +574,16 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
             trainer.optimizer_bytes() as f64 / (1 << 20) as f64
         );
     }
-    while trainer.state.step < stop {
+    catch_stop_signals();
+    STOP_REQUESTED.store(false, Ordering::SeqCst);
+    let mut interrupted = false;
+    while trainer.state.step < stop && !interrupted {
         let b = loader.next_batch();
         let out = trainer.step(&b);
+        if let Some(anomaly) = &out.anomaly {
+            bar.abandon();
+            bail!("anomaly at step {}: {anomaly}; training stopped, the last checkpoint is kept", trainer.state.step);
+        }
         if !out.loss.is_finite() {
             bar.abandon();
             bail!(
@@ -490,12 +594,13 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
             );
         }
         let step = trainer.state.step;
+        interrupted = stop_requested(&dp);
         trainer.state.epoch = step / per_epoch;
         trainer.state.batch_in_epoch = step % per_epoch;
         interval.1 += out.loss as f64;
         interval.2 += 1;
         bar.set_position(step);
-        if step % log_every == 0 || step == stop {
+        if step % log_every == 0 || step == stop || interrupted {
             let secs = interval.0.elapsed().as_secs_f64();
             let rate = (interval.2 as usize * batch) as f64 / secs.max(1e-9);
             last_loss = interval.1 / interval.2 as f64;
@@ -515,7 +620,7 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
             }
             interval = (Instant::now(), 0.0, 0);
         }
-        if step % ckpt_every == 0 || step == stop {
+        if step % ckpt_every == 0 || step == stop || interrupted {
             trainer.state.elapsed_s = elapsed_before + run_start.elapsed().as_secs_f64();
             let dir = trainer.save(run_dir, opts.keep)?;
             if lead {
@@ -527,7 +632,11 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
             last_ckpt = Some(dir);
         }
     }
-    bar.finish();
+    if interrupted {
+        bar.abandon();
+    } else {
+        bar.finish();
+    }
     let elapsed = run_start.elapsed().as_secs_f64();
     if dp.world() > 1 {
         let c = dp.comm.stats();
@@ -548,7 +657,27 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
         checkpoint: last_ckpt.expect("at least one step ran, and the last step always checkpoints"),
         rank: dp.rank(),
         ranks: dp.world(),
+        interrupted,
     })
+}
+
+/// Lock `run_dir` for this process (an advisory lock on `run_dir/.lock`, released by the
+/// kernel when the process ends, however it ends).
+fn lock_run_dir(run_dir: &Path) -> anyhow::Result<std::fs::File> {
+    let path = run_dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            bail!("{}: another dits process is training in this run directory", run_dir.display())
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", path.display())),
+    }
 }
 
 /// Rank 0's trainer: a new run, or the run in `opts.run_dir` resumed from its latest checkpoint.
