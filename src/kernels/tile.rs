@@ -12,7 +12,7 @@
 //! of `C` in 28 accumulators, and each step of `x` loads one row of `R` and broadcasts seven
 //! scalars of `L`: nothing is packed, and a 49-row product is exactly seven tiles.
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
 use std::arch::x86_64::*;
 
 /// Rows of `C` per register tile (28 accumulators + 4 row registers fit AVX-512's 32).
@@ -22,11 +22,13 @@ const TILE_COLS: usize = 64;
 
 /// Whether [`broadcast_product`] can run on this CPU.
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
     {
         std::arch::is_x86_feature_detected!("avx512f")
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    // Fuzz builds (cargo-fuzz's coverage instrumentation) leave the AVX-512 code out: nightly
+    // LLVM fails to compile it with those passes, and no fuzz target reaches the kernels.
+    #[cfg(not(all(target_arch = "x86_64", not(fuzzing))))]
     {
         false
     }
@@ -47,7 +49,7 @@ pub struct Strided {
 /// of `rhs` and `dst` are touched: the last partial register is loaded and stored masked), and
 /// `dst` must not overlap the operands.
 #[allow(clippy::too_many_arguments)]
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
 #[target_feature(enable = "avx512f")]
 pub unsafe fn broadcast_product(
     rows: usize,
@@ -88,7 +90,7 @@ pub unsafe fn broadcast_product(
 /// # Safety
 /// Never to be called.
 #[allow(clippy::too_many_arguments)]
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(not(all(target_arch = "x86_64", not(fuzzing))))]
 pub unsafe fn broadcast_product(
     _: usize,
     _: usize,
@@ -104,7 +106,7 @@ pub unsafe fn broadcast_product(
 
 /// The less common tile shapes (a last partial row tile, narrow heads).
 #[allow(clippy::too_many_arguments)]
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
 #[target_feature(enable = "avx512f")]
 unsafe fn dispatch(
     tile_rows: usize,
@@ -143,7 +145,7 @@ unsafe fn dispatch(
 
 /// One `ROWS × 16·V` tile of `C` over the whole `x` range, in registers.
 #[allow(clippy::too_many_arguments)]
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn tile<const ROWS: usize, const V: usize>(
@@ -185,7 +187,7 @@ unsafe fn tile<const ROWS: usize, const V: usize>(
     }
 }
 
-#[cfg(all(test, target_arch = "x86_64"))]
+#[cfg(all(test, target_arch = "x86_64", not(fuzzing)))]
 mod tests {
     use super::*;
 
