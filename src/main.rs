@@ -1,7 +1,7 @@
 //! The `dits` command line: argument parsing and dispatch, nothing else.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail, ensure};
@@ -433,32 +433,44 @@ fn resume_cmd(
     detect_anomaly: bool,
 ) -> anyhow::Result<()> {
     let length = length_of(&overrides)?;
-    if !dp.is_lead() {
-        // Rank 0 reads and checks the run and sends it over; this rank may not see the files.
-        let train = default_train_config();
-        let model = dits::model::DitConfig::mnist_dits();
-        let opts = TrainOptions {
-            data_dir: PathBuf::new(),
-            run_dir,
-            model,
-            length,
-            train,
-            resume: true,
-            stop_after,
-            keep,
-            progress,
-            device: dev,
-            dp,
-            detect_anomaly,
-        };
-        return report_train(train::trainer::run(opts)?, threads);
-    }
-    let saved = checkpoint::read_state(&checkpoint::resolve(&run_dir)?)?;
+    // Rank 0 reads and checks the run and sends it over: other ranks may not see the files.
+    let (data_dir, model, train) = if dp.is_lead() {
+        resume_settings(&run_dir, out.as_ref(), data.as_ref(), &model, &overrides)?
+    } else {
+        (PathBuf::new(), dits::model::DitConfig::mnist_dits(), default_train_config())
+    };
+    let opts = TrainOptions {
+        data_dir,
+        run_dir,
+        model,
+        length,
+        train,
+        resume: true,
+        stop_after,
+        keep,
+        progress,
+        device: dev,
+        dp,
+        detect_anomaly,
+    };
+    report_train(train::trainer::run(opts)?, threads)
+}
+
+/// The data directory, model and training settings of the run in `run_dir`, after checking
+/// that the flags change only what a resumed run may change.
+fn resume_settings(
+    run_dir: &Path,
+    out: Option<&PathBuf>,
+    data: Option<&PathBuf>,
+    model: &ModelOverrides,
+    overrides: &TrainOverrides,
+) -> anyhow::Result<(PathBuf, dits::model::DitConfig, train::TrainConfig)> {
+    let saved = checkpoint::read_state(&checkpoint::resolve(run_dir)?)?;
     ensure!(model.is_empty(), "a resumed run keeps its model: drop --model and the size flags");
-    if let Some(out) = &out {
-        ensure!(out == &run_dir, "--out {} differs from --resume {}", out.display(), run_dir.display());
+    if let Some(out) = out {
+        ensure!(out == run_dir, "--out {} differs from --resume {}", out.display(), run_dir.display());
     }
-    if data.as_ref().is_some_and(|d| d.display().to_string() != saved.data_dir) {
+    if data.is_some_and(|d| d.display().to_string() != saved.data_dir) {
         bail!("--data differs from the run being resumed ({}); a resumed run keeps its data", saved.data_dir);
     }
     // Everything but the length and the logging intervals must stay as the run has it.
@@ -474,21 +486,7 @@ fn resume_cmd(
     }
     train.checkpoint_every = overrides.checkpoint_every.unwrap_or(train.checkpoint_every);
     train.log_every = overrides.log_every.unwrap_or(train.log_every);
-    let opts = TrainOptions {
-        data_dir: PathBuf::from(&saved.data_dir),
-        run_dir,
-        model: saved.model.clone(),
-        length,
-        train,
-        resume: true,
-        stop_after,
-        keep,
-        progress,
-        device: dev,
-        dp,
-        detect_anomaly,
-    };
-    report_train(train::trainer::run(opts)?, threads)
+    Ok((PathBuf::from(&saved.data_dir), saved.model, train))
 }
 
 fn report_train(s: train::TrainSummary, threads: usize) -> anyhow::Result<()> {

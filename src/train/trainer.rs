@@ -69,9 +69,22 @@ impl Trainer {
         let params = table.read_values(&model);
         let adam = AdamState::new(table.total);
         let ema = params.clone();
-        let schedule = NoiseSchedule::new(train.schedule, train.timesteps);
         let state = CheckpointState::new(model_cfg, train, table.clone(), data_dir);
-        Ok(Self {
+        Ok(Self::assemble(device, model, table, params, adam, ema, state))
+    }
+
+    /// A trainer of one rank, without anomaly checks, from its parts.
+    fn assemble(
+        device: Device,
+        model: DitNet,
+        table: ParamTable,
+        params: Vec<f32>,
+        adam: AdamState,
+        ema: Vec<f32>,
+        state: CheckpointState,
+    ) -> Self {
+        let schedule = NoiseSchedule::new(state.train.schedule, state.train.timesteps);
+        Self {
             device,
             model,
             table,
@@ -82,7 +95,7 @@ impl Trainer {
             state,
             dp: DataParallel::default(),
             detect_anomaly: false,
-        })
+        }
     }
 
     /// Continue from a loaded checkpoint.
@@ -100,19 +113,7 @@ impl Trainer {
         let mut ema_model = DitNet::new(&ckpt.state.model, &device.clone().inner(), 0);
         weights::load_safetensors_bytes(&mut ema_model, ckpt.ema_bytes, &origin.join(checkpoint::EMA_FILE))?;
         let ema = table.read_values(&ema_model);
-        let schedule = NoiseSchedule::new(ckpt.state.train.schedule, ckpt.state.train.timesteps);
-        Ok(Self {
-            device,
-            model,
-            table,
-            params,
-            adam: ckpt.adam,
-            ema,
-            schedule,
-            state: ckpt.state,
-            dp: DataParallel::default(),
-            detect_anomaly: false,
-        })
+        Ok(Self::assemble(device, model, table, params, ckpt.adam, ema, ckpt.state))
     }
 
     /// Share the steps with the ranks of `dp`: from now on this rank computes the gradient of
@@ -338,20 +339,8 @@ impl Trainer {
         let table = ParamTable::of(&model);
         ensure!(table == state.params && params.len() == table.total, "trainer snapshot: parameter layout mismatch");
         let model = table.write_values(model, &params);
-        let schedule = NoiseSchedule::new(state.train.schedule, state.train.timesteps);
         let adam = AdamState { m, v, step: adam_step };
-        Ok(Self {
-            device,
-            model,
-            table,
-            params,
-            adam,
-            ema,
-            schedule,
-            state,
-            dp: DataParallel::default(),
-            detect_anomaly: false,
-        })
+        Ok(Self::assemble(device, model, table, params, adam, ema, state))
     }
 
     /// Bytes of optimizer state this rank keeps.
