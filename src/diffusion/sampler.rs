@@ -133,7 +133,7 @@ pub trait Denoiser {
 
 impl Denoiser for crate::model::DitNet {
     fn predict(&self, x: Tensor<4>, t: Tensor<1, Int>, y: Tensor<1, Int>) -> Tensor<4> {
-        self.forward(x, t, y)
+        self.infer(x, t, y)
     }
 }
 

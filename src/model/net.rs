@@ -3,6 +3,7 @@
 //! which it is.
 
 use burn::prelude::*;
+use rayon::prelude::*;
 
 use super::config::{DitConfig, Family};
 use super::mnist_dits::MnistDits;
@@ -40,10 +41,90 @@ impl DitNet {
         }
     }
 
+    /// [`Self::forward`] for inference (no gradients): on the CPU the batch is cut into chunks
+    /// small enough for a block's activations to stay in a core's L2 cache, and the chunks run
+    /// in parallel. Each image's output does not depend on the others, so the result equals
+    /// `forward`'s, bit for bit. Elsewhere (GPU, or under autodiff) it is `forward`.
+    ///
+    /// Why: at batch 256 each operation of a block streams megabytes through memory and the next
+    /// reads them back; in chunks of [`CHUNK_VALUES`] a block's activations stay in the cache
+    /// (`dits bench`, batch 256: about +10% images/s for mnist-dits and for dit-s4).
+    pub fn infer(&self, x: Tensor<4>, t: Tensor<1, Int>, y: Tensor<1, Int>) -> Tensor<4> {
+        let batch = x.dims()[0];
+        let (tokens, width) = self.token_shape();
+        let chunk = chunk_images(tokens, width);
+        if x.device() != Device::flex() || batch <= chunk {
+            return self.forward(x, t, y);
+        }
+        let threads = rayon::current_num_threads().max(1);
+        // Whole rounds of chunks per thread, so no core idles at the end.
+        let parts = batch.div_ceil(chunk).div_ceil(threads) * threads;
+        let outs: Vec<Tensor<4>> = crate::train::trainer::micro_batches(batch, parts)
+            .into_par_iter()
+            .map(|r| {
+                let (start, len) = (r.start, r.len());
+                self.forward(
+                    x.clone().narrow(0, start, len),
+                    t.clone().narrow(0, start, len),
+                    y.clone().narrow(0, start, len),
+                )
+            })
+            .collect();
+        Tensor::cat(outs, 0)
+    }
+
+    /// Tokens per image and their width.
+    fn token_shape(&self) -> (usize, usize) {
+        let dims = match self {
+            DitNet::MnistDits(m) => m.patch_pos_emb.dims(),
+            DitNet::Dit(m) => m.pos_embed.dims(),
+        };
+        (dims[1], dims[2])
+    }
+
     pub fn family(&self) -> Family {
         match self {
             DitNet::MnistDits(_) => Family::MnistDits,
             DitNet::Dit(_) => Family::Dit,
         }
+    }
+}
+
+/// Token values (tokens × width) per inference chunk: 64 mnist-dits images (49 × 64 f32, 0.8 MB),
+/// chosen by measurement (`dits bench`, batch 256, 2 threads: chunks of 16/32/64/128 images gave
+/// 4273-4391 / 4463-4823 / 4696-5012 / 4350-4503 images/s; dit-s4 gains 8-10% at 5-21 images).
+const CHUNK_VALUES: usize = 64 * 49 * 64;
+
+/// Images per inference chunk for tokens of `width` values.
+fn chunk_images(tokens: usize, width: usize) -> usize {
+    (CHUNK_VALUES / (tokens * width).max(1)).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Chunked inference is `forward`, bit for bit, including a last chunk of another size.
+    #[test]
+    fn infer_equals_forward() {
+        let cfg = DitConfig::mnist_dits();
+        let device = Device::flex();
+        let model = DitNet::new(&cfg, &device, 3);
+        let b = 2 * chunk_images(cfg.tokens(), cfg.width) + 5;
+        let mut rng = crate::rng::stream(3, crate::rng::Purpose::Bench, 0);
+        let n = cfg.channels * cfg.image_size * cfg.image_size;
+        let dims = [b, cfg.channels, cfg.image_size, cfg.image_size];
+        let x = Tensor::<4>::from_data(
+            TensorData::new(crate::diffusion::sampler::gaussian(&mut rng, b * n), dims),
+            &device,
+        );
+        let t =
+            Tensor::<1, Int>::from_data(TensorData::new((0..b as i64).map(|i| i * 37 % 1000).collect(), [b]), &device);
+        let y = Tensor::<1, Int>::from_data(TensorData::new((0..b as i64).map(|i| i % 10).collect(), [b]), &device);
+        let whole = model.forward(x.clone(), t.clone(), y.clone()).into_data().to_vec::<f32>().unwrap();
+        let chunked = model.infer(x, t, y).into_data().to_vec::<f32>().unwrap();
+        assert_eq!(whole.len(), chunked.len());
+        let differ = whole.iter().zip(&chunked).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert_eq!(differ, 0, "{differ} of {} values differ", whole.len());
     }
 }
