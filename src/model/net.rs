@@ -42,8 +42,8 @@ impl DitNet {
     }
 
     /// [`Self::forward`] for inference (no gradients): on the CPU the batch is cut into chunks
-    /// small enough for a block's activations to stay in a core's L2 cache, and the chunks run
-    /// in parallel. Each image's output does not depend on the others, so the result equals
+    /// small enough for a block's activations to stay in the caches, and the chunks run in
+    /// parallel. Each image's output does not depend on the others, so the result equals
     /// `forward`'s, bit for bit. Elsewhere (GPU, or under autodiff) it is `forward`.
     ///
     /// Why: at batch 256 each operation of a block streams megabytes through memory and the next
