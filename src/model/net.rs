@@ -121,8 +121,8 @@ mod tests {
         let t =
             Tensor::<1, Int>::from_data(TensorData::new((0..b as i64).map(|i| i * 37 % 1000).collect(), [b]), &device);
         let y = Tensor::<1, Int>::from_data(TensorData::new((0..b as i64).map(|i| i % 10).collect(), [b]), &device);
-        let whole = model.forward(x.clone(), t.clone(), y.clone()).into_data().to_vec::<f32>().unwrap();
-        let chunked = model.infer(x, t, y).into_data().to_vec::<f32>().unwrap();
+        let whole = model.forward(x.clone(), t.clone(), y.clone()).into_data().try_to_vec::<f32>().unwrap();
+        let chunked = model.infer(x, t, y).into_data().try_to_vec::<f32>().unwrap();
         assert_eq!(whole.len(), chunked.len());
         let differ = whole.iter().zip(&chunked).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
         assert_eq!(differ, 0, "{differ} of {} values differ", whole.len());
