@@ -133,7 +133,8 @@ pub fn run(opts: SampleOptions) -> anyhow::Result<SampleSummary> {
     let loaded = load_model(&opts.checkpoint, opts.weights, &opts.preset, &opts.device)?;
     let cfg = &loaded.config;
     let cfg_scale = opts.cfg_scale.unwrap_or(if cfg.null_class { DEFAULT_CFG_SCALE } else { 1.0 });
-    let mut denoiser = Guided::new(&loaded.model, cfg_scale, cfg.null_label())?;
+    let prepared = loaded.model.prepare_inference();
+    let mut denoiser = Guided::new(&prepared, cfg_scale, cfg.null_label())?;
     let (lo, hi) = opts.cfg_interval.unwrap_or(DEFAULT_CFG_INTERVAL);
     if lo > 0.0 || hi < f64::INFINITY {
         denoiser = denoiser.within(&loaded.schedule.sigmas(), lo, hi)?;

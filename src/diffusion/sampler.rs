@@ -137,6 +137,13 @@ impl Denoiser for crate::model::DitNet {
     }
 }
 
+/// What samplers should use: the weights are prepared (folded) once for the whole chain.
+impl Denoiser for crate::model::net::Inference<'_> {
+    fn predict(&self, x: Tensor<4>, t: Tensor<1, Int>, y: Tensor<1, Int>) -> Tensor<4> {
+        self.infer(x, t, y)
+    }
+}
+
 /// Standard normal noise of `len` values (host-generated so every backend draws the same
 /// numbers for the same seed).
 pub fn gaussian(rng: &mut impl rand::Rng, len: usize) -> Vec<f32> {

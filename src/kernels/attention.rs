@@ -16,6 +16,7 @@ use super::buffer::{self, assume_init, uninit_filled};
 use super::gemm::{Order, product};
 use super::simd::{softmax_columns, softmax_columns_backward};
 use super::tile::{self, Strided};
+use super::transpose::transpose;
 
 /// Sizes of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,7 +56,7 @@ impl Engine {
         if tile::available() { Engine::Tiles } else { Engine::Gemm }
     }
 
-    /// `dst[r, j] = Σₓ L(r, x) · rhs[x, j]` for one head (see [`tile::broadcast_product`]).
+    /// `dst[r, j] (+)= Σₓ L(r, x) · rhs[x, j]` for one head (see [`tile::broadcast_product`]).
     ///
     /// # Safety
     /// As for [`tile::broadcast_product`].
@@ -70,17 +71,18 @@ impl Engine {
         lhs: Strided,
         rhs: *const f32,
         rhs_rs: usize,
+        accumulate: bool,
     ) {
         // SAFETY: the caller's contract; `Tiles` is only chosen when available.
         unsafe {
             match self {
-                Engine::Tiles => tile::broadcast_product(rows, n, xs, dst, dst_rs, lhs, rhs, rhs_rs),
+                Engine::Tiles => tile::broadcast_product(rows, n, xs, dst, dst_rs, lhs, rhs, rhs_rs, accumulate),
                 Engine::Gemm => {
                     // Head-dim-wide results go to gemm transposed: their left operand is then
                     // unit-stride and 16-aligned, and is neither packed nor padded.
                     let order = if n.is_multiple_of(16) { Order::Transposed } else { Order::AsIs };
                     let l = (lhs.row_stride, lhs.x_stride);
-                    product(order, rows, n, xs, dst, dst_rs, lhs.ptr, l, rhs, (rhs_rs, 1), ONE_THREAD)
+                    product(order, rows, n, xs, dst, dst_rs, lhs.ptr, l, rhs, (rhs_rs, 1), ONE_THREAD, accumulate)
                 }
             }
         }
@@ -90,13 +92,10 @@ impl Engine {
 /// `dst[c·rows + r] = src[r·src_rs + c]`: a head's `rows × cols` block transposed, so that a
 /// score product can stream it as its row-major right operand.
 fn transpose_into(dst: &mut [f32], src: *const f32, src_rs: usize, rows: usize, cols: usize) {
-    // Column by column: the writes are contiguous and the `rows` source lines stay in L1.
-    for (c, column) in dst[..rows * cols].chunks_exact_mut(rows).enumerate() {
-        for (r, d) in column.iter_mut().enumerate() {
-            // SAFETY: `src` covers `rows` rows of `cols` values (the caller's head block).
-            *d = unsafe { *src.add(r * src_rs + c) };
-        }
-    }
+    assert!(dst.len() >= rows * cols, "attention: transpose scratch too small");
+    // SAFETY: `dst` holds `cols` rows of `rows` values (checked), and `src` covers `rows` rows of
+    // `cols` values (the caller's head block).
+    unsafe { transpose(dst.as_mut_ptr(), rows, src, src_rs, rows, cols) }
 }
 
 /// Forward pass. Returns the output `[B, S, H·D]` and, when `keep_probs`, the attention
@@ -119,14 +118,14 @@ pub fn forward(qkv: &[f32], d: AttnDims, scale: f32, keep_probs: bool, engine: E
             // SAFETY (products here and below): every operand is an s×dh head block inside this
             // image's rows or an s×s buffer of its own, and no destination overlaps an operand.
             let keys = Strided { ptr: k, row_stride: row, x_stride: 1 };
-            unsafe { engine.product(s, s, dh, pt.as_mut_ptr().cast(), s, keys, scratch.transposed.as_ptr(), s) };
+            unsafe { engine.product(s, s, dh, pt.as_mut_ptr().cast(), s, keys, scratch.transposed.as_ptr(), s, false) };
             // SAFETY: the product wrote all s·s scores.
             let pt = unsafe { assume_init(pt) };
             softmax_columns(pt, s, scale, &mut scratch.columns);
             // out_h = P V, with P read through its transpose, written straight into this
             // head's output columns (all heads together write every element of the image's rows).
             let probs = Strided { ptr: pt.as_ptr(), row_stride: 1, x_stride: s };
-            unsafe { engine.product(s, dh, s, o[h * dh..].as_mut_ptr().cast(), hd, probs, v, row) };
+            unsafe { engine.product(s, dh, s, o[h * dh..].as_mut_ptr().cast(), hd, probs, v, row, false) };
         }
     };
 
@@ -154,8 +153,61 @@ pub fn forward(qkv: &[f32], d: AttnDims, scale: f32, keep_probs: bool, engine: E
     (out, probs)
 }
 
-/// Per-thread buffers: a transposed head block, the softmax's column statistics, and (in the
-/// backward pass) the score gradients.
+/// Sizes of one [`folded_forward`] call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FoldedDims {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    /// The token width `W`: keys, folded queries and folded values are all `W` wide.
+    pub width: usize,
+}
+
+impl FoldedDims {
+    /// Width of one `qv` row, `2·H·W`.
+    pub fn row(&self) -> usize {
+        2 * self.heads * self.width
+    }
+}
+
+/// Inference attention with the key, value and output projections folded into the weights
+/// (see `model::mnist_dits::folded`): `out = Σₕ softmax(scale · Q'ₕ Kᵀ) V'ₕ`, where the keys
+/// `K` `[B, S, W]` are the block's normalised input itself, shared by every head, and `qv`
+/// `[B, S, 2·H·W]` holds the folded queries `Q'ₕ` then the folded values `V'ₕ`. Returns
+/// `[B, S, W]`: the heads' outputs are summed by accumulating products, so the output
+/// projection is already applied.
+pub fn folded_forward(qv: &[f32], keys: &[f32], d: FoldedDims, scale: f32, engine: Engine) -> Vec<f32> {
+    let FoldedDims { batch, seq: s, heads, width: w } = d;
+    let row = d.row();
+    assert_eq!(qv.len(), batch * s * row, "folded attention: qv has the wrong length");
+    assert_eq!(keys.len(), batch * s * w, "folded attention: keys have the wrong length");
+    assert!(s > 0 && w > 0 && heads > 0, "folded attention: empty sequence, width or heads");
+    let scratch = || Scratch::new(AttnDims { batch, seq: s, heads, head_dim: w });
+    // SAFETY: head 0's product writes every element of an image's rows; later heads add to them.
+    unsafe {
+        uninit_filled(batch * s * w, |out| {
+            out.par_chunks_mut(s * w).enumerate().for_each_init(scratch, |scratch, (bi, o)| {
+                let (x, k) = (qv[bi * s * row..].as_ptr(), keys[bi * s * w..].as_ptr());
+                let o: *mut f32 = o.as_mut_ptr().cast();
+                for h in 0..heads {
+                    // SAFETY (offsets, products): head blocks inside this image's rows of `qv`;
+                    // the scores and the transposed queries are this thread's own buffers.
+                    let (q, v) = (x.add(h * w), x.add((heads + h) * w));
+                    transpose_into(&mut scratch.transposed, q, row, s, w);
+                    let keys = Strided { ptr: k, row_stride: w, x_stride: 1 };
+                    let pt = scratch.scores.as_mut_ptr();
+                    engine.product(s, s, w, pt, s, keys, scratch.transposed.as_ptr(), s, false);
+                    softmax_columns(&mut scratch.scores, s, scale, &mut scratch.columns);
+                    let probs = Strided { ptr: scratch.scores.as_ptr(), row_stride: 1, x_stride: s };
+                    engine.product(s, w, s, o, w, probs, v, row, h > 0);
+                }
+            })
+        })
+    }
+}
+
+/// Per-thread buffers: a transposed head block, the softmax's column statistics, and the
+/// scores (the backward pass's score gradients; the folded forward's probabilities).
 struct Scratch {
     transposed: Vec<f32>,
     columns: Vec<f32>,
@@ -210,17 +262,21 @@ fn backward_into(
                 // image's rows or s×s buffers; each destination is a head block of `grad` or the
                 // scratch scores, overlapping no operand.
                 let probs = Strided { ptr: pt.as_ptr(), row_stride: s, x_stride: 1 };
-                unsafe { engine.product(s, dh, s, dv, row, probs, doh, hd) };
+                unsafe { engine.product(s, dh, s, dv, row, probs, doh, hd, false) };
                 // dPᵀ = V dOᵀ, then the softmax backward (times the scale) in place: dSᵀ.
                 transpose_into(&mut scratch.transposed, doh, hd, s, dh);
                 let values = Strided { ptr: v, row_stride: row, x_stride: 1 };
                 let dst = scratch.scores.as_mut_ptr();
-                unsafe { engine.product(s, s, dh, dst, s, values, scratch.transposed.as_ptr(), s) };
+                unsafe { engine.product(s, s, dh, dst, s, values, scratch.transposed.as_ptr(), s, false) };
                 softmax_columns_backward(pt, &mut scratch.scores, s, scale, &mut scratch.columns[..s]);
                 // dQ = dS K (dS read through its transpose), dK = dSᵀ Q
                 let ds = scratch.scores.as_ptr();
-                unsafe { engine.product(s, dh, s, dq, row, Strided { ptr: ds, row_stride: 1, x_stride: s }, k, row) };
-                unsafe { engine.product(s, dh, s, dk, row, Strided { ptr: ds, row_stride: s, x_stride: 1 }, q, row) };
+                unsafe {
+                    engine.product(s, dh, s, dq, row, Strided { ptr: ds, row_stride: 1, x_stride: s }, k, row, false)
+                };
+                unsafe {
+                    engine.product(s, dh, s, dk, row, Strided { ptr: ds, row_stride: s, x_stride: 1 }, q, row, false)
+                };
             }
         },
     );

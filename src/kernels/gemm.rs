@@ -12,12 +12,13 @@ pub enum Order {
     Transposed,
 }
 
-/// `dst = lhs · rhs`, `m×k` times `k×n`, with `dst` row-major (row stride `dst_rs`) and the
-/// operands' strides given as `(row, column)` in elements.
+/// `dst = lhs · rhs` (with `accumulate`, `dst += lhs · rhs`), `m×k` times `k×n`, with `dst`
+/// row-major (row stride `dst_rs`) and the operands' strides given as `(row, column)` in
+/// elements.
 ///
 /// # Safety
 /// The pointers must cover the strided ranges, and `dst` must not overlap the operands. `dst`
-/// is only written (every element of it, when `k > 0`).
+/// is only written (every element of it, when `k > 0`) unless `accumulate`.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn product(
     order: Order,
@@ -31,9 +32,11 @@ pub unsafe fn product(
     rhs: *const f32,
     rhs_s: (usize, usize),
     parallelism: gemm::Parallelism,
+    accumulate: bool,
 ) {
     // gemm's signature: (m, n, k, dst, dst_cs, dst_rs, read_dst, lhs, lhs_cs, lhs_rs, rhs, rhs_cs,
-    // rhs_rs, alpha, beta, conj_dst, conj_lhs, conj_rhs, parallelism); dst = beta·lhs·rhs.
+    // rhs_rs, alpha, beta, conj_dst, conj_lhs, conj_rhs, parallelism);
+    // dst = alpha·dst + beta·lhs·rhs, where dst is read only if read_dst.
     let (m, n, dst_cs, dst_rs, lhs, lhs_s, rhs, rhs_s) = match order {
         Order::AsIs => (m, n, 1, dst_rs, lhs, lhs_s, rhs, rhs_s),
         Order::Transposed => (n, m, dst_rs, 1, rhs, (rhs_s.1, rhs_s.0), lhs, (lhs_s.1, lhs_s.0)),
@@ -47,14 +50,14 @@ pub unsafe fn product(
             dst,
             dst_cs as isize,
             dst_rs as isize,
-            false,
+            accumulate,
             lhs,
             lhs_s.1 as isize,
             lhs_s.0 as isize,
             rhs,
             rhs_s.1 as isize,
             rhs_s.0 as isize,
-            0.0,
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
             false,

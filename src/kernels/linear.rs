@@ -148,6 +148,7 @@ pub fn forward(
                 weight.as_ptr(),
                 (output, 1),
                 ONE_THREAD,
+                false,
             )
         };
         // SAFETY: the GEMM wrote the whole block.
@@ -230,6 +231,7 @@ pub fn backward(
                     weight.as_ptr(),
                     (1, output),
                     ONE_THREAD,
+                    false,
                 );
             })
         })
@@ -255,6 +257,7 @@ pub fn backward(
                     dzp,
                     (output, 1),
                     gemm::Parallelism::Rayon(0),
+                    false,
                 )
             })
         }

@@ -44,6 +44,7 @@ pub mod norm;
 pub mod residual;
 pub mod simd;
 pub mod tile;
+pub mod transpose;
 
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -69,6 +70,10 @@ pub trait DitKernels: Backend {
     /// Multi-head self-attention from a packed `qkv` `[B, S, 3·H·D]` to `[B, S, H·D]`
     /// (see [`attention`]).
     fn packed_attention(qkv: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self>;
+
+    /// Inference attention with folded projections, `qv` `[B, S, 2·H·W]` and `keys`
+    /// `[B, S, W]` to `[B, S, W]` (see [`attention::folded_forward`]). No backward pass.
+    fn folded_attention(qv: FloatTensor<Self>, keys: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self>;
 
     /// adaLN: `LN(x)·(1 + scale) + shift`, see [`norm`].
     fn modulated_layer_norm(
@@ -177,6 +182,34 @@ pub fn packed_attention_composed(qkv: Tensor<3>, heads: usize, scale: f64) -> Te
     let (q, k, v) = (split(), split(), split());
     let probs = softmax(q.matmul(k.swap_dims(2, 3)) * scale, 3); // [B,H,S,S]
     probs.matmul(v).swap_dims(1, 2).reshape([b, s, hd])
+}
+
+/// Attention with the key, value and output projections folded into the weights (inference
+/// only, see `model::mnist_dits::folded`): `qv` `[B, S, 2·H·W]` (folded queries, then folded
+/// values, head `h` at `h·W..` of each), `keys` `[B, S, W]` → `Σₕ softmax(scale · Q'ₕ Kᵀ) V'ₕ`,
+/// `[B, S, W]`.
+pub fn folded_attention(qv: Tensor<3>, keys: Tensor<3>, heads: usize, scale: f64) -> Tensor<3> {
+    if on_flex(&qv.device()) && qv.dtype() == DType::F32 {
+        Tensor::from_dispatch(<Dispatch as DitKernels>::folded_attention(
+            qv.into_dispatch(),
+            keys.into_dispatch(),
+            heads,
+            scale,
+        ))
+    } else {
+        folded_attention_composed(qv, keys, heads, scale)
+    }
+}
+
+/// [`folded_attention`] from burn's own operations.
+pub fn folded_attention_composed(qv: Tensor<3>, keys: Tensor<3>, heads: usize, scale: f64) -> Tensor<3> {
+    let [b, s, w] = keys.dims();
+    let mut parts = qv.chunk(2, 2).into_iter();
+    let mut split = || parts.next().expect("two chunks").reshape([b, s, heads, w]).swap_dims(1, 2); // [B,H,S,W]
+    let (q, v) = (split(), split());
+    let k = keys.unsqueeze_dim::<4>(1).repeat_dim(1, heads); // [B,H,S,W]
+    let probs = softmax(q.matmul(k.swap_dims(2, 3)) * scale, 3); // [B,H,S,S]
+    probs.matmul(v).sum_dim(1).reshape([b, s, w])
 }
 
 /// adaLN: `LayerNorm(x; weight, bias, ε)·(1 + scale) + shift` for `x` `[B, S, W]`, with
@@ -320,6 +353,23 @@ fn attention_forward(qkv: &FlexTensor, heads: usize, scale: f64, keep_probs: boo
     (out, probs.map(|p| flex_tensor(p, vec![d.batch, d.heads, d.seq, d.seq])))
 }
 
+fn folded_attention_forward(qv: &FlexTensor, keys: &FlexTensor, heads: usize, scale: f64) -> FlexTensor {
+    let [batch, seq, width] = <[usize; 3]>::try_from(keys.layout().shape().as_ref()).expect("keys are [B, S, W]");
+    let d = attention::FoldedDims { batch, seq, heads, width };
+    assert_eq!(qv.layout().shape().as_ref(), [batch, seq, d.row()], "folded attention: qv must be [B, S, 2·H·W]");
+    let (qv, keys) = (contiguous(qv), contiguous(keys));
+    let out = profile::time(Region::AttentionForward, || {
+        attention::folded_forward(
+            qv.storage::<f32>(),
+            keys.storage::<f32>(),
+            d,
+            scale as f32,
+            attention::Engine::best(),
+        )
+    });
+    flex_tensor(out, vec![batch, seq, width])
+}
+
 /// The inputs of a modulated LayerNorm, contiguous.
 #[derive(Debug, Clone)]
 struct NormInputs {
@@ -443,6 +493,10 @@ impl DitKernels for Flex {
         attention_forward(&qkv, heads, scale, false).0
     }
 
+    fn folded_attention(qv: FloatTensor<Self>, keys: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self> {
+        folded_attention_forward(&qv, &keys, heads, scale)
+    }
+
     fn modulated_layer_norm(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -497,6 +551,27 @@ impl<C: CheckpointStrategy> DitKernels for Autodiff<Flex, C> {
         match ExchangeOp.prepare::<C>([node]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish(plan, out),
             OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+
+    fn folded_attention(qv: FloatTensor<Self>, keys: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct FoldedAttention;
+
+        impl Backward<Flex, 2> for FoldedAttention {
+            type State = ();
+
+            fn backward(self, _: Ops<Self::State, 2>, _: &mut Gradients, _: &mut Checkpointer) {
+                unreachable!("folded attention is only ever prepared untracked")
+            }
+        }
+
+        let ((qv, qv_node), (keys, keys_node)) = (qv.into_parts(), keys.into_parts());
+        match FoldedAttention.prepare::<C>([qv_node, keys_node]).compute_bound().stateful() {
+            OpsKind::Tracked(_) => {
+                panic!("folded attention has no backward pass: it serves inference (DitNet::infer) only")
+            }
+            OpsKind::UnTracked(prep) => prep.finish(folded_attention_forward(&qv, &keys, heads, scale)),
         }
     }
 

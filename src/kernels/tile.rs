@@ -44,7 +44,8 @@ pub struct Strided {
     pub x_stride: usize,
 }
 
-/// `dst[r·dst_rs + j] = Σ_{x<xs} L(r, x) · rhs[x·rhs_rs + j]` for `r < rows`, `j < n`.
+/// `dst[r·dst_rs + j] = Σ_{x<xs} L(r, x) · rhs[x·rhs_rs + j]` for `r < rows`, `j < n`; with
+/// `accumulate`, `dst += …` instead.
 ///
 /// # Safety
 /// [`available`] must be true; the pointers must cover the strided ranges (only the `n` columns
@@ -62,6 +63,7 @@ pub unsafe fn broadcast_product(
     lhs: Strided,
     rhs: *const f32,
     rhs_rs: usize,
+    accumulate: bool,
 ) {
     // SAFETY: the caller's contract; the column blocks and row tiles below stay inside it.
     unsafe {
@@ -77,8 +79,8 @@ pub unsafe fn broadcast_product(
                 let l = Strided { ptr: lhs.ptr.add(row * lhs.row_stride), ..lhs };
                 let (c, r) = (dst.add(row * dst_rs + col), rhs.add(col));
                 match (tile_rows, registers) {
-                    (6, 4) => tile::<6, 4>(xs, c, dst_rs, l, r, rhs_rs, mask),
-                    (t, v) => dispatch(t, v, xs, c, dst_rs, l, r, rhs_rs, mask),
+                    (6, 4) => tile::<6, 4>(xs, c, dst_rs, l, r, rhs_rs, mask, accumulate),
+                    (t, v) => dispatch(t, v, xs, c, dst_rs, l, r, rhs_rs, mask, accumulate),
                 }
                 row += tile_rows;
             }
@@ -102,6 +104,7 @@ pub unsafe fn broadcast_product(
     _: Strided,
     _: *const f32,
     _: usize,
+    _: bool,
 ) {
     unreachable!("tiled products need AVX-512 (tile::available() is false)")
 }
@@ -120,16 +123,17 @@ unsafe fn dispatch(
     r: *const f32,
     r_rs: usize,
     mask: __mmask16,
+    accumulate: bool,
 ) {
     macro_rules! by_rows {
         ($v:literal) => {
             match tile_rows {
-                1 => tile::<1, $v>(xs, c, c_rs, l, r, r_rs, mask),
-                2 => tile::<2, $v>(xs, c, c_rs, l, r, r_rs, mask),
-                3 => tile::<3, $v>(xs, c, c_rs, l, r, r_rs, mask),
-                4 => tile::<4, $v>(xs, c, c_rs, l, r, r_rs, mask),
-                5 => tile::<5, $v>(xs, c, c_rs, l, r, r_rs, mask),
-                _ => tile::<6, $v>(xs, c, c_rs, l, r, r_rs, mask),
+                1 => tile::<1, $v>(xs, c, c_rs, l, r, r_rs, mask, accumulate),
+                2 => tile::<2, $v>(xs, c, c_rs, l, r, r_rs, mask, accumulate),
+                3 => tile::<3, $v>(xs, c, c_rs, l, r, r_rs, mask, accumulate),
+                4 => tile::<4, $v>(xs, c, c_rs, l, r, r_rs, mask, accumulate),
+                5 => tile::<5, $v>(xs, c, c_rs, l, r, r_rs, mask, accumulate),
+                _ => tile::<6, $v>(xs, c, c_rs, l, r, r_rs, mask, accumulate),
             }
         };
     }
@@ -157,10 +161,19 @@ unsafe fn tile<const ROWS: usize, const V: usize>(
     r: *const f32,
     r_rs: usize,
     last_mask: __mmask16,
+    accumulate: bool,
 ) {
     // SAFETY: forwarded from `broadcast_product`; masked lanes are neither read nor written.
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); V]; ROWS];
+        if accumulate {
+            for (i, acc_row) in acc.iter_mut().enumerate() {
+                for (v, a) in acc_row.iter_mut().enumerate() {
+                    let mask = if v + 1 == V { last_mask } else { 0xffff };
+                    *a = _mm512_maskz_loadu_ps(mask, c.add(i * c_rs + 16 * v));
+                }
+            }
+        }
         for x in 0..xs {
             let r_row = r.add(x * r_rs);
             let mut rv = [_mm512_setzero_ps(); V];
@@ -193,7 +206,8 @@ mod tests {
     use super::*;
 
     /// Every tile shape (full and partial row tiles, 1–4 registers, masked columns, more than
-    /// 64 columns) against a plain triple loop, with a transposed (strided) left operand.
+    /// 64 columns) against a plain triple loop, with a transposed (strided) left operand,
+    /// writing and then accumulating.
     #[test]
     fn matches_the_definition() {
         if !available() {
@@ -209,16 +223,22 @@ mod tests {
             let dst_rs = n + 5;
             let mut dst = vec![f32::NAN; rows * dst_rs];
             let lhs = Strided { ptr: l.as_ptr(), row_stride: 1, x_stride: rows };
-            unsafe { broadcast_product(rows, n, xs, dst.as_mut_ptr(), dst_rs, lhs, rhs.as_ptr(), rhs_rs) };
-            for r in 0..rows {
-                for j in 0..n {
-                    let want: f32 = (0..xs).map(|x| l[x * rows + r] * rhs[x * rhs_rs + j]).sum();
-                    let got = dst[r * dst_rs + j];
-                    assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "({rows},{n},{xs}) at ({r},{j})");
+            unsafe { broadcast_product(rows, n, xs, dst.as_mut_ptr(), dst_rs, lhs, rhs.as_ptr(), rhs_rs, false) };
+            let want = |r: usize, j: usize| -> f32 { (0..xs).map(|x| l[x * rows + r] * rhs[x * rhs_rs + j]).sum() };
+            let check = |dst: &[f32], times: f32| {
+                for r in 0..rows {
+                    for j in 0..n {
+                        let (got, want) = (dst[r * dst_rs + j], times * want(r, j));
+                        assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "({rows},{n},{xs}) at ({r},{j})");
+                    }
+                    // Columns past n are untouched.
+                    assert!(dst[r * dst_rs + n..(r + 1) * dst_rs].iter().all(|v| v.is_nan()));
                 }
-                // Columns past n are untouched.
-                assert!(dst[r * dst_rs + n..(r + 1) * dst_rs].iter().all(|v| v.is_nan()));
-            }
+            };
+            check(&dst, 1.0);
+            // Accumulating the same product again doubles it.
+            unsafe { broadcast_product(rows, n, xs, dst.as_mut_ptr(), dst_rs, lhs, rhs.as_ptr(), rhs_rs, true) };
+            check(&dst, 2.0);
         }
     }
 }

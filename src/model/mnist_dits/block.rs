@@ -6,6 +6,7 @@
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 
+use super::folded::FoldedAttention;
 use crate::kernels::{Activation, gated_residual, linear_act, linear_cat, modulated_layer_norm, packed_attention};
 use crate::model::config::DitConfig;
 
@@ -81,6 +82,17 @@ impl DitBlock {
 
     /// `x`: `[batch, tokens, width]`, `cond`: `[batch, width]` → `[batch, tokens, width]`.
     pub fn forward(&self, x: Tensor<3>, cond: Tensor<2>) -> Tensor<3> {
+        self.forward_with(x, cond, |h| linear_act(&self.lv, self.attention(h), Activation::Identity))
+    }
+
+    /// [`Self::forward`] with the attention folded for inference (see [`super::folded`]).
+    pub fn forward_folded(&self, x: Tensor<3>, cond: Tensor<2>, folded: &FoldedAttention) -> Tensor<3> {
+        self.forward_with(x, cond, |h| folded.forward(h))
+    }
+
+    /// The block around `attention`, which maps the normalised tokens to the attention's
+    /// output after its projection.
+    fn forward_with(&self, x: Tensor<3>, cond: Tensor<2>, attention: impl FnOnce(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
         // The six modulation Linears as one product, then split: γ₁ β₁ α₁ γ₂ β₂ α₂, each [B,W].
         let layers = [&self.gamma1, &self.beta1, &self.alpha1, &self.gamma2, &self.beta2, &self.alpha2];
         let [g1, b1, a1, g2, b2, a2] =
@@ -88,7 +100,7 @@ impl DitBlock {
                 .expect("six chunks");
 
         let h = adaln(&self.ln1, x.clone(), b1, g1); // LN(x)·(1+γ₁) + β₁
-        let x = gated_residual(x, a1, linear_act(&self.lv, self.attention(h), Activation::Identity)); // x + α₁·Attn(h)
+        let x = gated_residual(x, a1, attention(h)); // x + α₁·Attn(h)
         let h = adaln(&self.ln2, x.clone(), b2, g2);
         gated_residual(x, a2, self.ff.forward(h))
     }

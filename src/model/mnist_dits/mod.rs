@@ -3,6 +3,7 @@
 
 pub mod block;
 pub mod embed;
+pub mod folded;
 
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -14,6 +15,7 @@ use super::config::DitConfig;
 use crate::kernels::{Activation, linear_act};
 use block::DitBlock;
 use embed::{TimeEmbedding, embed_labels, label_embedding};
+use folded::FoldedAttention;
 
 /// Field names follow the PyTorch `state_dict` of owenliang/mnist-dits (see
 /// [`super::weights`] for the few that differ).
@@ -61,6 +63,33 @@ impl MnistDits {
     /// Predict the noise: `x` `[B, C, H, W]`, `t` `[B]` timesteps, `y` `[B]` labels →
     /// `[B, C, H, W]`.
     pub fn forward(&self, x: Tensor<4>, t: Tensor<1, Int>, y: Tensor<1, Int>) -> Tensor<4> {
+        self.forward_blocks(x, t, y, None)
+    }
+
+    /// The blocks' attention folded for inference, or `None` where folding would not pay.
+    pub fn fold(&self) -> Option<Vec<FoldedAttention>> {
+        let tokens = self.patch_pos_emb.dims()[1];
+        self.dits.iter().map(|block| FoldedAttention::new(block, tokens)).collect()
+    }
+
+    /// [`Self::forward`] with folded attention (from [`Self::fold`]): inference only.
+    pub fn forward_folded(
+        &self,
+        x: Tensor<4>,
+        t: Tensor<1, Int>,
+        y: Tensor<1, Int>,
+        folded: &[FoldedAttention],
+    ) -> Tensor<4> {
+        self.forward_blocks(x, t, y, Some(folded))
+    }
+
+    fn forward_blocks(
+        &self,
+        x: Tensor<4>,
+        t: Tensor<1, Int>,
+        y: Tensor<1, Int>,
+        folded: Option<&[FoldedAttention]>,
+    ) -> Tensor<4> {
         let [b, c, height, width] = x.dims();
         let p = self.patch;
         let (gh, gw) = (height / p, width / p);
@@ -69,8 +98,11 @@ impl MnistDits {
         let x = self.conv.forward(x); // [B, C·p², gh, gw]
         let x = x.permute([0, 2, 3, 1]).reshape([b, gh * gw, c * p * p]); // [B, S, C·p²]
         let mut x = linear_act(&self.patch_emb, x, Activation::Identity) + self.patch_pos_emb.val(); // [B, S, W]
-        for block in &self.dits {
-            x = block.forward(x, cond.clone());
+        for (i, block) in self.dits.iter().enumerate() {
+            x = match folded {
+                Some(folded) => block.forward_folded(x, cond.clone(), &folded[i]),
+                None => block.forward(x, cond.clone()),
+            };
         }
         // The final LayerNorm through the fused kernel too (no modulation: shift = scale = 0).
         let none = Tensor::<2>::zeros([b, self.ln.gamma.dims()[0]], &x.device());
