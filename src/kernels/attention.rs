@@ -170,40 +170,147 @@ impl FoldedDims {
     }
 }
 
-/// Inference attention with the key, value and output projections folded into the weights
-/// (see `model::mnist_dits::folded`): `out = Σₕ softmax(scale · Q'ₕ Kᵀ) V'ₕ`, where the keys
-/// `K` `[B, S, W]` are the block's normalised input itself, shared by every head, and `qv`
-/// `[B, S, 2·H·W]` holds the folded queries `Q'ₕ` then the folded values `V'ₕ`. Returns
-/// `[B, S, W]`: the heads' outputs are summed by accumulating products, so the output
-/// projection is already applied.
-pub fn folded_forward(qv: &[f32], keys: &[f32], d: FoldedDims, scale: f32, engine: Engine) -> Vec<f32> {
+/// Attention with the key, value and output projections folded into the weights (see
+/// `model::mnist_dits::folded`): `out = Σₕ softmax(scale · Q'ₕ Kᵀ) V'ₕ`, where the keys `K`
+/// `[B, S, W]` are the block's normalised input itself, shared by every head, and `qv`
+/// `[B, S, 2·H·W]` holds the folded queries `Q'ₕ` then the folded values `V'ₕ`. Returns the
+/// output `[B, S, W]` (the heads' outputs summed by accumulating products, so the output
+/// projection is already applied) and, when `keep_probs`, the probabilities transposed per
+/// head (`[B, H, S(key), S(query)]`) for [`folded_backward`].
+pub fn folded_forward(
+    qv: &[f32],
+    keys: &[f32],
+    d: FoldedDims,
+    scale: f32,
+    keep_probs: bool,
+    engine: Engine,
+) -> (Vec<f32>, Option<Vec<f32>>) {
     let FoldedDims { batch, seq: s, heads, width: w } = d;
     let row = d.row();
     assert_eq!(qv.len(), batch * s * row, "folded attention: qv has the wrong length");
     assert_eq!(keys.len(), batch * s * w, "folded attention: keys have the wrong length");
     assert!(s > 0 && w > 0 && heads > 0, "folded attention: empty sequence, width or heads");
+    let one_image = |bi: usize, o: &mut [MaybeUninit<f32>], p: &mut [MaybeUninit<f32>], scratch: &mut Scratch| {
+        let (x, k) = (qv[bi * s * row..].as_ptr(), keys[bi * s * w..].as_ptr());
+        let o: *mut f32 = o.as_mut_ptr().cast();
+        for h in 0..heads {
+            // SAFETY (offsets): head blocks inside this image's rows of `qv`.
+            let (q, v) = unsafe { (x.add(h * w), x.add((heads + h) * w)) };
+            let pt = &mut p[h * s * s..(h + 1) * s * s];
+            transpose_into(&mut scratch.transposed, q, row, s, w);
+            // SAFETY (products): operands are head blocks of this image, its keys, or this
+            // thread's buffers; no destination overlaps an operand. Head 0 writes every output
+            // element of the image, later heads add to them.
+            let keys = Strided { ptr: k, row_stride: w, x_stride: 1 };
+            unsafe { engine.product(s, s, w, pt.as_mut_ptr().cast(), s, keys, scratch.transposed.as_ptr(), s, false) };
+            // SAFETY: the product wrote all s·s scores.
+            let pt = unsafe { assume_init(pt) };
+            softmax_columns(pt, s, scale, &mut scratch.columns);
+            let probs = Strided { ptr: pt.as_ptr(), row_stride: 1, x_stride: s };
+            unsafe { engine.product(s, w, s, o, w, probs, v, row, h > 0) };
+        }
+    };
     let scratch = || Scratch::new(AttnDims { batch, seq: s, heads, head_dim: w });
-    // SAFETY: head 0's product writes every element of an image's rows; later heads add to them.
-    unsafe {
+    let mut probs = None;
+    // SAFETY: head 0's product writes every element of an image's rows and, when kept, the
+    // score products write every probability.
+    let out = unsafe {
         uninit_filled(batch * s * w, |out| {
-            out.par_chunks_mut(s * w).enumerate().for_each_init(scratch, |scratch, (bi, o)| {
-                let (x, k) = (qv[bi * s * row..].as_ptr(), keys[bi * s * w..].as_ptr());
-                let o: *mut f32 = o.as_mut_ptr().cast();
-                for h in 0..heads {
-                    // SAFETY (offsets, products): head blocks inside this image's rows of `qv`;
-                    // the scores and the transposed queries are this thread's own buffers.
-                    let (q, v) = (x.add(h * w), x.add((heads + h) * w));
-                    transpose_into(&mut scratch.transposed, q, row, s, w);
-                    let keys = Strided { ptr: k, row_stride: w, x_stride: 1 };
-                    let pt = scratch.scores.as_mut_ptr();
-                    engine.product(s, s, w, pt, s, keys, scratch.transposed.as_ptr(), s, false);
-                    softmax_columns(&mut scratch.scores, s, scale, &mut scratch.columns);
-                    let probs = Strided { ptr: scratch.scores.as_ptr(), row_stride: 1, x_stride: s };
-                    engine.product(s, w, s, o, w, probs, v, row, h > 0);
-                }
-            })
+            if keep_probs {
+                probs = Some(uninit_filled(batch * heads * s * s, |p| {
+                    out.par_chunks_mut(s * w)
+                        .zip(p.par_chunks_mut(heads * s * s))
+                        .enumerate()
+                        .for_each_init(scratch, |scratch, (bi, (o, p))| one_image(bi, o, p, scratch));
+                }));
+            } else {
+                out.par_chunks_mut(s * w).enumerate().for_each_init(
+                    || (buffer::scratch(heads * s * s), scratch()),
+                    |(p, scratch), (bi, o)| one_image(bi, o, p, scratch),
+                );
+            }
         })
-    }
+    };
+    (out, probs)
+}
+
+/// Backward pass of [`folded_forward`]: the gradients of `qv` (`[B, S, 2·H·W]`) and of the
+/// keys (`[B, S, W]`, summed over the heads) from that of the output.
+pub fn folded_backward(
+    qv: &[f32],
+    keys: &[f32],
+    probs: &[f32],
+    grad_out: &[f32],
+    d: FoldedDims,
+    scale: f32,
+    engine: Engine,
+) -> (Vec<f32>, Vec<f32>) {
+    let FoldedDims { batch, seq: s, heads, width: w } = d;
+    let row = d.row();
+    assert_eq!(qv.len(), batch * s * row, "folded attention backward: qv has the wrong length");
+    assert_eq!(keys.len(), batch * s * w, "folded attention backward: keys have the wrong length");
+    assert_eq!(probs.len(), batch * heads * s * s, "folded attention backward: probs have the wrong length");
+    assert_eq!(grad_out.len(), batch * s * w, "folded attention backward: gradient has the wrong length");
+    let mut grad_keys = None;
+    // SAFETY: per image and head the products write that head's columns of dQ' and dV', which
+    // together cover every element; head 0 writes every key gradient, later heads add to them.
+    let grad_qv = unsafe {
+        uninit_filled(batch * s * row, |gqv| {
+            grad_keys = Some(uninit_filled(batch * s * w, |gk| {
+                gqv.par_chunks_mut(s * row).zip(gk.par_chunks_mut(s * w)).enumerate().for_each_init(
+                    || Scratch::new(AttnDims { batch, seq: s, heads, head_dim: w }),
+                    |scratch, (bi, (gqv, gk))| {
+                        let (x, k, go) =
+                            (qv[bi * s * row..].as_ptr(), keys[bi * s * w..].as_ptr(), grad_out[bi * s * w..].as_ptr());
+                        let (gqv, gk): (*mut f32, *mut f32) = (gqv.as_mut_ptr().cast(), gk.as_mut_ptr().cast());
+                        // dO is shared by the heads: transposed once per image.
+                        transpose_into(&mut scratch.transposed, go, w, s, w);
+                        for h in 0..heads {
+                            let pt = &probs[(bi * heads + h) * s * s..(bi * heads + h + 1) * s * s];
+                            // SAFETY (offsets and products): head blocks of this image's rows of
+                            // `qv` and its gradient, its keys and their gradient, or this
+                            // thread's buffers; no destination overlaps an operand.
+                            let (q, v, dq, dv) =
+                                (x.add(h * w), x.add((heads + h) * w), gqv.add(h * w), gqv.add((heads + h) * w));
+                            // dV'ₕ = Pₕᵀ dO
+                            let p_t = Strided { ptr: pt.as_ptr(), row_stride: s, x_stride: 1 };
+                            engine.product(s, w, s, dv, row, p_t, go, w, false);
+                            // dPₕᵀ = V'ₕ dOᵀ, then the softmax backward (times the scale): dSₕᵀ.
+                            let values = Strided { ptr: v, row_stride: row, x_stride: 1 };
+                            let dst = scratch.scores.as_mut_ptr();
+                            engine.product(s, s, w, dst, s, values, scratch.transposed.as_ptr(), s, false);
+                            softmax_columns_backward(pt, &mut scratch.scores, s, scale, &mut scratch.columns[..s]);
+                            // dQ'ₕ = dSₕ K, dK += dSₕᵀ Q'ₕ
+                            let ds = scratch.scores.as_ptr();
+                            engine.product(
+                                s,
+                                w,
+                                s,
+                                dq,
+                                row,
+                                Strided { ptr: ds, row_stride: 1, x_stride: s },
+                                k,
+                                w,
+                                false,
+                            );
+                            engine.product(
+                                s,
+                                w,
+                                s,
+                                gk,
+                                w,
+                                Strided { ptr: ds, row_stride: s, x_stride: 1 },
+                                q,
+                                row,
+                                h > 0,
+                            );
+                        }
+                    },
+                );
+            }));
+        })
+    };
+    (grad_qv, grad_keys.expect("filled above"))
 }
 
 /// Per-thread buffers: a transposed head block, the softmax's column statistics, and the

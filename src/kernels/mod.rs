@@ -71,8 +71,8 @@ pub trait DitKernels: Backend {
     /// (see [`attention`]).
     fn packed_attention(qkv: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self>;
 
-    /// Inference attention with folded projections, `qv` `[B, S, 2·H·W]` and `keys`
-    /// `[B, S, W]` to `[B, S, W]` (see [`attention::folded_forward`]). No backward pass.
+    /// Attention with folded projections, `qv` `[B, S, 2·H·W]` and `keys` `[B, S, W]` to
+    /// `[B, S, W]` (see [`attention::folded_forward`]).
     fn folded_attention(qv: FloatTensor<Self>, keys: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self>;
 
     /// adaLN: `LN(x)·(1 + scale) + shift`, see [`norm`].
@@ -184,8 +184,8 @@ pub fn packed_attention_composed(qkv: Tensor<3>, heads: usize, scale: f64) -> Te
     probs.matmul(v).swap_dims(1, 2).reshape([b, s, hd])
 }
 
-/// Attention with the key, value and output projections folded into the weights (inference
-/// only, see `model::mnist_dits::folded`): `qv` `[B, S, 2·H·W]` (folded queries, then folded
+/// Attention with the key, value and output projections folded into the weights (see
+/// `model::mnist_dits::folded`): `qv` `[B, S, 2·H·W]` (folded queries, then folded
 /// values, head `h` at `h·W..` of each), `keys` `[B, S, W]` → `Σₕ softmax(scale · Q'ₕ Kᵀ) V'ₕ`,
 /// `[B, S, W]`.
 pub fn folded_attention(qv: Tensor<3>, keys: Tensor<3>, heads: usize, scale: f64) -> Tensor<3> {
@@ -353,21 +353,34 @@ fn attention_forward(qkv: &FlexTensor, heads: usize, scale: f64, keep_probs: boo
     (out, probs.map(|p| flex_tensor(p, vec![d.batch, d.heads, d.seq, d.seq])))
 }
 
-fn folded_attention_forward(qv: &FlexTensor, keys: &FlexTensor, heads: usize, scale: f64) -> FlexTensor {
+fn folded_dims(qv: &FlexTensor, keys: &FlexTensor, heads: usize) -> attention::FoldedDims {
     let [batch, seq, width] = <[usize; 3]>::try_from(keys.layout().shape().as_ref()).expect("keys are [B, S, W]");
     let d = attention::FoldedDims { batch, seq, heads, width };
     assert_eq!(qv.layout().shape().as_ref(), [batch, seq, d.row()], "folded attention: qv must be [B, S, 2·H·W]");
-    let (qv, keys) = (contiguous(qv), contiguous(keys));
-    let out = profile::time(Region::AttentionForward, || {
+    d
+}
+
+/// Folded attention on contiguous inputs: the output and, when `keep_probs`, the probabilities.
+fn folded_attention_forward(
+    qv: &FlexTensor,
+    keys: &FlexTensor,
+    heads: usize,
+    scale: f64,
+    keep_probs: bool,
+) -> (FlexTensor, Option<FlexTensor>) {
+    let d = folded_dims(qv, keys, heads);
+    let (out, probs) = profile::time(Region::AttentionForward, || {
         attention::folded_forward(
             qv.storage::<f32>(),
             keys.storage::<f32>(),
             d,
             scale as f32,
+            keep_probs,
             attention::Engine::best(),
         )
     });
-    flex_tensor(out, vec![batch, seq, width])
+    let out = flex_tensor(out, vec![d.batch, d.seq, d.width]);
+    (out, probs.map(|p| flex_tensor(p, vec![d.batch, d.heads, d.seq, d.seq])))
 }
 
 /// The inputs of a modulated LayerNorm, contiguous.
@@ -494,7 +507,7 @@ impl DitKernels for Flex {
     }
 
     fn folded_attention(qv: FloatTensor<Self>, keys: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self> {
-        folded_attention_forward(&qv, &keys, heads, scale)
+        folded_attention_forward(&contiguous(&qv), &contiguous(&keys), heads, scale, false).0
     }
 
     fn modulated_layer_norm(
@@ -559,19 +572,38 @@ impl<C: CheckpointStrategy> DitKernels for Autodiff<Flex, C> {
         struct FoldedAttention;
 
         impl Backward<Flex, 2> for FoldedAttention {
-            type State = ();
+            /// The inputs, the probabilities, the head count and the scale.
+            type State = (FlexTensor, FlexTensor, FlexTensor, usize, f64);
 
-            fn backward(self, _: Ops<Self::State, 2>, _: &mut Gradients, _: &mut Checkpointer) {
-                unreachable!("folded attention is only ever prepared untracked")
+            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let grad_out = grads.consume::<Flex>(&ops.node);
+                let (qv, keys, probs, heads, scale) = ops.state;
+                let d = folded_dims(&qv, &keys, heads);
+                let grad_out = contiguous(&grad_out);
+                let (grad_qv, grad_keys) = profile::time(Region::AttentionBackward, || {
+                    attention::folded_backward(
+                        qv.storage::<f32>(),
+                        keys.storage::<f32>(),
+                        probs.storage::<f32>(),
+                        grad_out.storage::<f32>(),
+                        d,
+                        scale as f32,
+                        attention::Engine::best(),
+                    )
+                });
+                let shapes = [vec![d.batch, d.seq, d.row()], vec![d.batch, d.seq, d.width]];
+                register_grads(ops.parents, |p| p.id, grads, [grad_qv, grad_keys].into_iter().zip(shapes));
             }
         }
 
         let ((qv, qv_node), (keys, keys_node)) = (qv.into_parts(), keys.into_parts());
+        let (qv, keys) = (contiguous(&qv), contiguous(&keys));
         match FoldedAttention.prepare::<C>([qv_node, keys_node]).compute_bound().stateful() {
-            OpsKind::Tracked(_) => {
-                panic!("folded attention has no backward pass: it serves inference (DitNet::infer) only")
+            OpsKind::Tracked(prep) => {
+                let (out, probs) = folded_attention_forward(&qv, &keys, heads, scale, true);
+                prep.finish((qv, keys, probs.expect("kept"), heads, scale), out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(folded_attention_forward(&qv, &keys, heads, scale)),
+            OpsKind::UnTracked(prep) => prep.finish(folded_attention_forward(&qv, &keys, heads, scale, false).0),
         }
     }
 

@@ -142,10 +142,30 @@ impl DitConfig {
     /// and weighted sums, feed-forward, output layer); elementwise work is left out, as in the
     /// usual "model FLOPs" accounting. A training step costs about 3× this per image.
     pub fn forward_flops(&self) -> f64 {
+        self.flops(false)
+    }
+
+    /// [`Self::forward_flops`] as dits executes them: with the attention folded where it pays
+    /// (mnist-dits, see [`super::mnist_dits::folded`]), fewer than the model as written.
+    pub fn executed_forward_flops(&self) -> f64 {
+        self.flops(self.family == Family::MnistDits && self.attention_folds())
+    }
+
+    /// Whether mnist-dits blocks of this shape run their attention folded.
+    pub fn attention_folds(&self) -> bool {
+        super::mnist_dits::folded::folding_pays(self.tokens(), self.width, self.head_dim)
+    }
+
+    fn flops(&self, folded: bool) -> f64 {
         let (t, w, pv) = (self.tokens() as f64, self.width as f64, self.patch_values() as f64);
         let inner = (self.heads * self.head_dim) as f64;
         let hidden = (self.mlp_ratio * self.width) as f64;
-        let attention = 3.0 * t * w * inner + 2.0 * t * t * inner + t * inner * w;
+        let attention = if folded {
+            // q' and v' (H heads of W each), scores and weighted sums W wide.
+            2.0 * t * w * self.heads as f64 * w + 2.0 * t * t * self.heads as f64 * w
+        } else {
+            3.0 * t * w * inner + 2.0 * t * t * inner + t * inner * w
+        };
         let block = attention + 2.0 * t * w * hidden + 6.0 * w * w;
         let (embed, time, head) = match self.family {
             // Conv2d(C → C·p²) then Linear(C·p² → W); time MLP W → W → W; LN → Linear(W → C·p²).
@@ -227,6 +247,11 @@ mod tests {
         let s4 = DitConfig::preset("dit-s4").unwrap();
         let per_block = 2.0 * (12.0 * 192.0 * 192.0 * 49.0 + 2.0 * 49.0 * 49.0 * 192.0 + 6.0 * 192.0 * 192.0);
         assert!(s4.forward_flops() > 6.0 * per_block && s4.forward_flops() < 6.2 * per_block);
+        // Folding applies to mnist-dits (26% fewer), not to the DiT-paper presets.
+        let m = DitConfig::mnist_dits();
+        let saved = 1.0 - m.executed_forward_flops() / m.forward_flops();
+        assert!((saved - 0.26).abs() < 0.01, "{saved}");
+        assert_eq!(s4.executed_forward_flops(), s4.forward_flops());
     }
 
     #[test]

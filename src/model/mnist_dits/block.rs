@@ -81,11 +81,22 @@ impl DitBlock {
     }
 
     /// `x`: `[batch, tokens, width]`, `cond`: `[batch, width]` → `[batch, tokens, width]`.
+    ///
+    /// Runs the attention folded (see [`super::folded`]) where that saves work, as it does for
+    /// the mnist-dits shapes: the same function as [`Self::forward_unfolded`] up to rounding.
     pub fn forward(&self, x: Tensor<3>, cond: Tensor<2>) -> Tensor<3> {
+        match FoldedAttention::new(self, x.dims()[1]) {
+            Some(folded) => self.forward_folded(x, cond, &folded),
+            None => self.forward_unfolded(x, cond),
+        }
+    }
+
+    /// The block as written in mnist-dits: separate query, key, value and output projections.
+    pub fn forward_unfolded(&self, x: Tensor<3>, cond: Tensor<2>) -> Tensor<3> {
         self.forward_with(x, cond, |h| linear_act(&self.lv, self.attention(h), Activation::Identity))
     }
 
-    /// [`Self::forward`] with the attention folded for inference (see [`super::folded`]).
+    /// [`Self::forward`] with the folded weights given (computed once for many calls).
     pub fn forward_folded(&self, x: Tensor<3>, cond: Tensor<2>, folded: &FoldedAttention) -> Tensor<3> {
         self.forward_with(x, cond, |h| folded.forward(h))
     }
