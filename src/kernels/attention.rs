@@ -175,8 +175,12 @@ impl FoldedDims {
 /// `[B, S, W]` are the block's normalised input itself, shared by every head, and `qv`
 /// `[B, S, 2·H·W]` holds the folded queries `Q'ₕ` then the folded values `V'ₕ`. Returns the
 /// output `[B, S, W]` (the heads' outputs summed by accumulating products, so the output
-/// projection is already applied) and, when `keep_probs`, the probabilities transposed per
-/// head (`[B, H, S(key), S(query)]`) for [`folded_backward`].
+/// projection is already applied) and, when `keep_probs`, the probabilities for
+/// [`folded_backward`], `[B, S(key), H·S(query)]`.
+///
+/// Because the heads share their keys, one product scores every head: its right operand is all
+/// heads' queries transposed side by side, `H·S` columns (196 for mnist-dits: 94% of the
+/// vector lanes busy, against 77% for 49 columns per head), and one softmax pass covers them.
 pub fn folded_forward(
     qv: &[f32],
     keys: &[f32],
@@ -186,52 +190,70 @@ pub fn folded_forward(
     engine: Engine,
 ) -> (Vec<f32>, Option<Vec<f32>>) {
     let FoldedDims { batch, seq: s, heads, width: w } = d;
-    let row = d.row();
+    let (row, hs) = (d.row(), heads * s);
     assert_eq!(qv.len(), batch * s * row, "folded attention: qv has the wrong length");
     assert_eq!(keys.len(), batch * s * w, "folded attention: keys have the wrong length");
     assert!(s > 0 && w > 0 && heads > 0, "folded attention: empty sequence, width or heads");
-    let one_image = |bi: usize, o: &mut [MaybeUninit<f32>], p: &mut [MaybeUninit<f32>], scratch: &mut Scratch| {
+    let one_image = |bi: usize, o: &mut [MaybeUninit<f32>], p: &mut [MaybeUninit<f32>], scratch: &mut FoldedScratch| {
         let (x, k) = (qv[bi * s * row..].as_ptr(), keys[bi * s * w..].as_ptr());
         let o: *mut f32 = o.as_mut_ptr().cast();
         for h in 0..heads {
-            // SAFETY (offsets): head blocks inside this image's rows of `qv`.
-            let (q, v) = unsafe { (x.add(h * w), x.add((heads + h) * w)) };
-            let pt = &mut p[h * s * s..(h + 1) * s * s];
-            transpose_into(&mut scratch.transposed, q, row, s, w);
-            // SAFETY (products): operands are head blocks of this image, its keys, or this
-            // thread's buffers; no destination overlaps an operand. Head 0 writes every output
-            // element of the image, later heads add to them.
-            let keys = Strided { ptr: k, row_stride: w, x_stride: 1 };
-            unsafe { engine.product(s, s, w, pt.as_mut_ptr().cast(), s, keys, scratch.transposed.as_ptr(), s, false) };
-            // SAFETY: the product wrote all s·s scores.
-            let pt = unsafe { assume_init(pt) };
-            softmax_columns(pt, s, scale, &mut scratch.columns);
-            let probs = Strided { ptr: pt.as_ptr(), row_stride: 1, x_stride: s };
-            unsafe { engine.product(s, w, s, o, w, probs, v, row, h > 0) };
+            // Head h's queries, transposed, at columns h·S.. of a W × H·S block.
+            // SAFETY: the source is head h's S × W block of this image's rows of `qv`; the
+            // destination block holds W rows of H·S values.
+            unsafe { transpose(scratch.queries[h * s..].as_mut_ptr(), hs, x.add(h * w), row, s, w) };
+        }
+        // SAFETY (products): operands are this image's blocks of `qv` and `keys`, or this
+        // thread's buffers; no destination overlaps an operand.
+        let keys = Strided { ptr: k, row_stride: w, x_stride: 1 };
+        unsafe { engine.product(s, hs, w, p.as_mut_ptr().cast(), hs, keys, scratch.queries.as_ptr(), hs, false) };
+        // SAFETY: the product wrote all S·H·S scores.
+        let p = unsafe { assume_init(p) };
+        softmax_columns(p, hs, scale, &mut scratch.columns);
+        for h in 0..heads {
+            // Head 0 writes every output element of the image, later heads add to them.
+            let probs = Strided { ptr: p[h * s..].as_ptr(), row_stride: 1, x_stride: hs };
+            unsafe { engine.product(s, w, s, o, w, probs, x.add((heads + h) * w), row, h > 0) };
         }
     };
-    let scratch = || Scratch::new(AttnDims { batch, seq: s, heads, head_dim: w });
+    let scratch = || FoldedScratch::new(d);
     let mut probs = None;
     // SAFETY: head 0's product writes every element of an image's rows and, when kept, the
-    // score products write every probability.
+    // score product writes every probability.
     let out = unsafe {
         uninit_filled(batch * s * w, |out| {
             if keep_probs {
-                probs = Some(uninit_filled(batch * heads * s * s, |p| {
+                probs = Some(uninit_filled(batch * s * hs, |p| {
                     out.par_chunks_mut(s * w)
-                        .zip(p.par_chunks_mut(heads * s * s))
+                        .zip(p.par_chunks_mut(s * hs))
                         .enumerate()
                         .for_each_init(scratch, |scratch, (bi, (o, p))| one_image(bi, o, p, scratch));
                 }));
             } else {
                 out.par_chunks_mut(s * w).enumerate().for_each_init(
-                    || (buffer::scratch(heads * s * s), scratch()),
+                    || (buffer::scratch(s * hs), scratch()),
                     |(p, scratch), (bi, o)| one_image(bi, o, p, scratch),
                 );
             }
         })
     };
     (out, probs)
+}
+
+/// Per-thread buffers of the folded attention: the transposed queries of every head (or, in
+/// the backward pass, the transposed output gradient), the score gradients, and the softmax's
+/// column statistics.
+struct FoldedScratch {
+    queries: Vec<f32>,
+    scores: Vec<f32>,
+    columns: Vec<f32>,
+}
+
+impl FoldedScratch {
+    fn new(d: FoldedDims) -> Self {
+        let hs = d.heads * d.seq;
+        Self { queries: vec![0.0; d.width * hs], scores: vec![0.0; d.seq * hs], columns: vec![0.0; 2 * hs] }
+    }
 }
 
 /// Backward pass of [`folded_forward`]: the gradients of `qv` (`[B, S, 2·H·W]`) and of the
@@ -246,11 +268,43 @@ pub fn folded_backward(
     engine: Engine,
 ) -> (Vec<f32>, Vec<f32>) {
     let FoldedDims { batch, seq: s, heads, width: w } = d;
-    let row = d.row();
+    let (row, hs) = (d.row(), heads * s);
     assert_eq!(qv.len(), batch * s * row, "folded attention backward: qv has the wrong length");
     assert_eq!(keys.len(), batch * s * w, "folded attention backward: keys have the wrong length");
-    assert_eq!(probs.len(), batch * heads * s * s, "folded attention backward: probs have the wrong length");
+    assert_eq!(probs.len(), batch * s * hs, "folded attention backward: probs have the wrong length");
     assert_eq!(grad_out.len(), batch * s * w, "folded attention backward: gradient has the wrong length");
+    let one_image = |bi: usize, gqv: *mut f32, gk: *mut f32, scratch: &mut FoldedScratch| {
+        let (x, k, go) = (qv[bi * s * row..].as_ptr(), keys[bi * s * w..].as_ptr(), grad_out[bi * s * w..].as_ptr());
+        let p = &probs[bi * s * hs..(bi + 1) * s * hs];
+        // dO is shared by the heads: transposed once per image.
+        // SAFETY: dO's S × W block of this image into W rows of S values of the scratch.
+        unsafe { transpose(scratch.queries.as_mut_ptr(), s, go, w, s, w) };
+        // SAFETY (offsets and products): blocks of this image's rows of `qv` and its gradient, its
+        // keys and their gradient, or this thread's buffers; no destination overlaps an operand.
+        unsafe {
+            for h in 0..heads {
+                let (v, dv, ph) = (x.add((heads + h) * w), gqv.add((heads + h) * w), p[h * s..].as_ptr());
+                // dV'ₕ = Pₕᵀ dO
+                engine.product(s, w, s, dv, row, Strided { ptr: ph, row_stride: hs, x_stride: 1 }, go, w, false);
+                // dPₕᵀ = V'ₕ dOᵀ, at columns h·S.. of the score gradients.
+                let values = Strided { ptr: v, row_stride: row, x_stride: 1 };
+                let dst = scratch.scores[h * s..].as_mut_ptr();
+                engine.product(s, s, w, dst, hs, values, scratch.queries.as_ptr(), s, false);
+            }
+        }
+        // The softmax backward (times the scale) of every head at once: dSᵀ.
+        softmax_columns_backward(p, &mut scratch.scores, hs, scale, &mut scratch.columns[..hs]);
+        let ds = scratch.scores.as_ptr();
+        // SAFETY: as above.
+        unsafe {
+            for h in 0..heads {
+                let (q, dq, dsh) = (x.add(h * w), gqv.add(h * w), ds.add(h * s));
+                // dQ'ₕ = dSₕ K, dK += dSₕᵀ Q'ₕ (head 0 writes every key gradient).
+                engine.product(s, w, s, dq, row, Strided { ptr: dsh, row_stride: 1, x_stride: hs }, k, w, false);
+                engine.product(s, w, s, gk, w, Strided { ptr: dsh, row_stride: hs, x_stride: 1 }, q, row, h > 0);
+            }
+        }
+    };
     let mut grad_keys = None;
     // SAFETY: per image and head the products write that head's columns of dQ' and dV', which
     // together cover every element; head 0 writes every key gradient, later heads add to them.
@@ -258,54 +312,8 @@ pub fn folded_backward(
         uninit_filled(batch * s * row, |gqv| {
             grad_keys = Some(uninit_filled(batch * s * w, |gk| {
                 gqv.par_chunks_mut(s * row).zip(gk.par_chunks_mut(s * w)).enumerate().for_each_init(
-                    || Scratch::new(AttnDims { batch, seq: s, heads, head_dim: w }),
-                    |scratch, (bi, (gqv, gk))| {
-                        let (x, k, go) =
-                            (qv[bi * s * row..].as_ptr(), keys[bi * s * w..].as_ptr(), grad_out[bi * s * w..].as_ptr());
-                        let (gqv, gk): (*mut f32, *mut f32) = (gqv.as_mut_ptr().cast(), gk.as_mut_ptr().cast());
-                        // dO is shared by the heads: transposed once per image.
-                        transpose_into(&mut scratch.transposed, go, w, s, w);
-                        for h in 0..heads {
-                            let pt = &probs[(bi * heads + h) * s * s..(bi * heads + h + 1) * s * s];
-                            // SAFETY (offsets and products): head blocks of this image's rows of
-                            // `qv` and its gradient, its keys and their gradient, or this
-                            // thread's buffers; no destination overlaps an operand.
-                            let (q, v, dq, dv) =
-                                (x.add(h * w), x.add((heads + h) * w), gqv.add(h * w), gqv.add((heads + h) * w));
-                            // dV'ₕ = Pₕᵀ dO
-                            let p_t = Strided { ptr: pt.as_ptr(), row_stride: s, x_stride: 1 };
-                            engine.product(s, w, s, dv, row, p_t, go, w, false);
-                            // dPₕᵀ = V'ₕ dOᵀ, then the softmax backward (times the scale): dSₕᵀ.
-                            let values = Strided { ptr: v, row_stride: row, x_stride: 1 };
-                            let dst = scratch.scores.as_mut_ptr();
-                            engine.product(s, s, w, dst, s, values, scratch.transposed.as_ptr(), s, false);
-                            softmax_columns_backward(pt, &mut scratch.scores, s, scale, &mut scratch.columns[..s]);
-                            // dQ'ₕ = dSₕ K, dK += dSₕᵀ Q'ₕ
-                            let ds = scratch.scores.as_ptr();
-                            engine.product(
-                                s,
-                                w,
-                                s,
-                                dq,
-                                row,
-                                Strided { ptr: ds, row_stride: 1, x_stride: s },
-                                k,
-                                w,
-                                false,
-                            );
-                            engine.product(
-                                s,
-                                w,
-                                s,
-                                gk,
-                                w,
-                                Strided { ptr: ds, row_stride: s, x_stride: 1 },
-                                q,
-                                row,
-                                h > 0,
-                            );
-                        }
-                    },
+                    || FoldedScratch::new(d),
+                    |scratch, (bi, (gqv, gk))| one_image(bi, gqv.as_mut_ptr().cast(), gk.as_mut_ptr().cast(), scratch),
                 );
             }));
         })
@@ -313,8 +321,8 @@ pub fn folded_backward(
     (grad_qv, grad_keys.expect("filled above"))
 }
 
-/// Per-thread buffers: a transposed head block, the softmax's column statistics, and the
-/// scores (the backward pass's score gradients; the folded forward's probabilities).
+/// Per-thread buffers: a transposed head block, the softmax's column statistics, and (in the
+/// backward pass) the score gradients.
 struct Scratch {
     transposed: Vec<f32>,
     columns: Vec<f32>,
@@ -424,6 +432,37 @@ mod tests {
             assert!(max_rel_diff(&tiles.0, &gemm.0) < 1e-5, "{d:?}: outputs differ");
             assert!(max_rel_diff(&tiles.1, &gemm.1) < 1e-5, "{d:?}: probabilities differ");
             assert!(max_rel_diff(&tiles.2, &gemm.2) < 1e-5, "{d:?}: gradients differ");
+        }
+    }
+
+    /// The same for the folded attention, whose products also accumulate (gemm with `read_dst`).
+    #[test]
+    fn folded_tiles_and_gemm_agree() {
+        if Engine::best() != Engine::Tiles {
+            eprintln!("no AVX-512: only the gemm engine runs on this CPU");
+            return;
+        }
+        for d in [
+            FoldedDims { batch: 2, seq: 49, heads: 4, width: 64 },
+            FoldedDims { batch: 3, seq: 10, heads: 3, width: 20 },
+        ] {
+            let value = |i: usize| ((i * 7919) % 1009) as f32 / 300.0 - 1.6;
+            let qv: Vec<f32> = (0..d.batch * d.seq * d.row()).map(value).collect();
+            let keys: Vec<f32> = (0..d.batch * d.seq * d.width).map(|i| value(i + 3)).collect();
+            let grad_out: Vec<f32> = (0..d.batch * d.seq * d.width).map(|i| value(i + 5)).collect();
+            let run = |engine| {
+                let (out, probs) = folded_forward(&qv, &keys, d, 0.3, true, engine);
+                let probs = probs.unwrap();
+                let (gqv, gk) = folded_backward(&qv, &keys, &probs, &grad_out, d, 0.3, engine);
+                (out, probs, gqv, gk)
+            };
+            let (tiles, gemm) = (run(Engine::Tiles), run(Engine::Gemm));
+            assert!(max_rel_diff(&tiles.0, &gemm.0) < 1e-5, "{d:?}: outputs differ");
+            assert!(max_rel_diff(&tiles.1, &gemm.1) < 1e-5, "{d:?}: probabilities differ");
+            assert!(max_rel_diff(&tiles.2, &gemm.2) < 1e-5, "{d:?}: qv gradients differ");
+            assert!(max_rel_diff(&tiles.3, &gemm.3) < 1e-5, "{d:?}: key gradients differ");
+            // Without kept probabilities the output is the same.
+            assert_eq!(folded_forward(&qv, &keys, d, 0.3, false, Engine::Tiles).0, tiles.0);
         }
     }
 }

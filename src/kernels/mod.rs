@@ -380,7 +380,7 @@ fn folded_attention_forward(
         )
     });
     let out = flex_tensor(out, vec![d.batch, d.seq, d.width]);
-    (out, probs.map(|p| flex_tensor(p, vec![d.batch, d.heads, d.seq, d.seq])))
+    (out, probs.map(|p| flex_tensor(p, vec![d.batch, d.seq, d.heads * d.seq])))
 }
 
 /// The inputs of a modulated LayerNorm, contiguous.
