@@ -17,9 +17,9 @@
 //! so in training the gradients flow back to `Wq`, `Wk`, `Wv`, `Lv` and their biases: the
 //! parameters, checkpoints and PyTorch weights are the unfolded model's. (`bk` gets an exactly
 //! zero gradient, as it mathematically has: it does not change the function. Unfolded, its
-//! gradient is rounding noise, which Adam's normalisation can turn into steps of up to lr.) The results
-//! equal the unfolded block's up to float rounding (the products are associated differently);
-//! `tests` bounds the difference.
+//! gradient is rounding noise, which Adam's normalisation can turn into steps of up to lr.)
+//! The results equal the unfolded block's up to float rounding (the products are associated
+//! differently); `tests` bounds the difference.
 
 use burn::nn::Linear;
 use burn::prelude::*;
