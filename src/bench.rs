@@ -7,11 +7,11 @@ use burn::prelude::*;
 use rand::Rng;
 
 use crate::data::Batch;
-use crate::diffusion::sampler::gaussian;
 use crate::model::{DitConfig, DitNet};
 use crate::profile::{self, Region};
+use crate::rng::standard_normal;
 use crate::rng::{Purpose, stream};
-use crate::train::{Trainer, default_train_config};
+use crate::train::{TrainConfig, Trainer};
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -37,6 +37,32 @@ pub struct BenchResult {
     pub micro_batches: usize,
     /// Where the profiled training steps spent their time.
     pub profile: Option<StepProfile>,
+    /// The throughput as FLOP rates.
+    pub achieved: Achieved,
+}
+
+/// Throughput as FLOP rates, counted by the FLOP model ([`crate::model::flops`]): a training
+/// step costs three forward passes per image.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Achieved {
+    /// FLOPs of one image's forward pass as dits executes it (attention folded where it pays).
+    pub executed_flops: f64,
+    /// The same as the model is written.
+    pub written_flops: f64,
+    pub train_gflops: f64,
+    pub sample_gflops: f64,
+}
+
+impl Achieved {
+    fn of(model: &DitConfig, train_samples_per_s: f64, sample_images_per_s: f64) -> Self {
+        let executed_flops = model.executed_forward_flops();
+        Self {
+            executed_flops,
+            written_flops: model.forward_flops(),
+            train_gflops: 3.0 * executed_flops * train_samples_per_s / 1e9,
+            sample_gflops: executed_flops * sample_images_per_s / 1e9,
+        }
+    }
 }
 
 /// Thread time per region of a training step (see [`crate::profile`]).
@@ -119,7 +145,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
     let labels: Vec<u8> = (0..b).map(|_| rng.random_range(0..cfg.classes) as u8).collect();
     let batch = Batch { images, labels: labels.clone(), epoch: 0, index: 0 };
 
-    let mut train = default_train_config();
+    let mut train = TrainConfig::default();
     train.batch = b;
     train.micro_batches = opts.micro_batches.unwrap_or(train.micro_batches).min(b);
     // Throughput does not depend on the label ids; the preset may have no null label.
@@ -145,7 +171,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
     let device = &opts.device;
     let model = DitNet::new(cfg, device, 1);
     let dims = [b, cfg.channels, cfg.image_size, cfg.image_size];
-    let x = Tensor::<4>::from_data(TensorData::new(gaussian(&mut rng, b * n), dims), device);
+    let x = Tensor::<4>::from_data(TensorData::new(standard_normal(&mut rng, b * n), dims), device);
     let t = Tensor::<1, Int>::from_data(
         TensorData::new((0..b as i64).map(|i| i * 7 % 1000).collect::<Vec<_>>(), [b]),
         device,
@@ -160,9 +186,12 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
         // Reading one value forces the computation on lazy backends.
         let _ = out.slice([0..1, 0..1, 0..1, 0..1]).into_data();
     });
+    let train_samples_per_s = b as f64 / (train_step_ms.median / 1e3);
+    let sample_images_per_s = b as f64 / (forward_ms.median / 1e3);
     Ok(BenchResult {
-        train_samples_per_s: b as f64 / (train_step_ms.median / 1e3),
-        sample_images_per_s: b as f64 / (forward_ms.median / 1e3),
+        achieved: Achieved::of(&opts.model, train_samples_per_s, sample_images_per_s),
+        train_samples_per_s,
+        sample_images_per_s,
         train_step_ms,
         forward_ms,
         params,

@@ -2,12 +2,11 @@
 //!
 //! A training step allocates and frees the same large activation and gradient buffers every
 //! time. glibc's defaults serve blocks above 128 KiB with `mmap` and give freed heap tops
-//! back to the kernel, so each step page-faults (and zero-fills) those buffers anew: measured
-//! here, that cost 40% of a batch-64 training step. Raising both thresholds keeps the pages
+//! back to the kernel, so each step page-faults (and zero-fills) those buffers anew (README,
+//! "Speed", has the cost as measured). Raising both thresholds keeps the pages
 //! mapped between steps; peak memory does not grow, because the same sizes come back each
 //! step. One arena for all threads: the worker threads' own arenas are separate `mmap`ed heaps
-//! that glibc unmaps whenever they empty, which happened every step (kernel page-fault time
-//! fell from 9% to 4.5% of a batch-256 training step with a single arena).
+//! that glibc unmaps whenever they empty, which happened every step.
 
 /// Call once, before the first large allocation. Does nothing outside glibc.
 pub fn keep_freed_memory() {

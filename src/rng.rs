@@ -37,6 +37,13 @@ pub fn derive_seed(seed: u64, purpose: Purpose, index: u64) -> u64 {
     stream(seed, purpose, index).next_u64()
 }
 
+/// Standard normal noise of `len` values, drawn on the host so that every backend gets the
+/// same numbers for the same seed (training noise and sampling noise alike).
+pub fn standard_normal(rng: &mut impl rand::Rng, len: usize) -> Vec<f32> {
+    use rand_distr::Distribution;
+    (0..len).map(|_| rand_distr::StandardNormal.sample(rng)).collect()
+}
+
 /// Runs `init` (e.g. a model's construction) with burn's random generator for `device` seeded
 /// with `seed`, holding a process-wide lock throughout.
 ///

@@ -250,27 +250,10 @@ fn threaded_ranks_equal_one_rank() {
     let dir = tmp.path();
     common::write_toy_dataset(&dir.join("data"), 30);
     let run = |out: &str, extra: &[&str]| {
-        let mut args = vec![
-            "train",
-            "--data",
-            "data",
-            "--out",
-            out,
-            "--steps",
-            "3",
-            "--batch",
-            "7",
-            "--label-dropout",
-            "0",
-            "--warmup-steps",
-            "0",
-            "--threads",
-            "1",
-            "--checkpoint-every",
-            "3",
-        ];
-        args.extend(extra);
-        ok(&dits(&args, dir))
+        let recipe = ["--steps", "3", "--batch", "7", "--label-dropout", "0", "--warmup-steps", "0"];
+        let args =
+            common::train_args(out, &[&recipe[..], &["--threads", "1", "--checkpoint-every", "3"], extra].concat());
+        ok(&dits(&args.iter().map(String::as_str).collect::<Vec<_>>(), dir))
     };
     run("one", &["--micro-batches", "2"]);
     let text = run("two", &["--micro-batches", "1", "--dist", "devices", "--ranks", "2"]);

@@ -17,29 +17,9 @@ const EVERY: u64 = 3;
 
 fn train_args(out: &str) -> Vec<String> {
     let (steps, every) = (STEPS.to_string(), EVERY.to_string());
-    [
-        "train",
-        "--data",
-        "data",
-        "--out",
-        out,
-        "--steps",
-        &steps,
-        "--batch",
-        "8",
-        "--checkpoint-every",
-        &every,
-        "--log-every",
-        "1",
-        "--threads",
-        "1",
-        "--no-progress",
-        "--keep",
-        "3",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    let flags = ["--steps", &steps, "--batch", "8", "--checkpoint-every", &every, "--log-every", "1"];
+    let rest = ["--threads", "1", "--no-progress", "--keep", "3"];
+    common::train_args(out, &[&flags[..], &rest].concat())
 }
 
 fn resume_args(out: &str) -> Vec<String> {

@@ -16,33 +16,9 @@ use safetensors::SafeTensors;
 /// the weights move well beyond the tolerance (up to 5e-4 a step).
 fn train_args(out: &str, steps: u64) -> Vec<String> {
     let steps = steps.to_string();
-    [
-        "train",
-        "--data",
-        "data",
-        "--out",
-        out,
-        "--steps",
-        &steps,
-        "--batch",
-        "7",
-        "--checkpoint-every",
-        "2",
-        "--label-dropout",
-        "0",
-        "--warmup-steps",
-        "0",
-        "--lr",
-        "5e-4",
-        "--threads",
-        "1",
-        "--no-progress",
-        "--log-every",
-        "1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    let recipe = ["--steps", &steps, "--batch", "7", "--checkpoint-every", "2", "--label-dropout", "0"];
+    let rest = ["--warmup-steps", "0", "--lr", "5e-4", "--threads", "1", "--no-progress", "--log-every", "1"];
+    common::train_args(out, &[&recipe[..], &rest].concat())
 }
 
 fn run(cmd: &mut Command) -> String {
@@ -203,7 +179,7 @@ fn ulysses_rank() {
     use dits::distributed::mpi::MpiWorld;
     use dits::distributed::ulysses::SequenceParallel;
     use dits::model::DitConfig;
-    use dits::model::paper::block::DitBlock;
+    use dits::model::dit::block::DitBlock;
     use dits::rng::{Purpose, stream, with_device_seed};
     use dits::train::params::ParamTable;
 
@@ -217,10 +193,10 @@ fn ulysses_rank() {
     // parameter seeded random values (the same on both ranks).
     let table = ParamTable::of(&block);
     let mut rng = stream(3, Purpose::Bench, 0);
-    let values: Vec<f32> = dits::diffusion::sampler::gaussian(&mut rng, table.total).iter().map(|v| 0.05 * v).collect();
+    let values: Vec<f32> = dits::rng::standard_normal(&mut rng, table.total).iter().map(|v| 0.05 * v).collect();
     let block = table.write_values(block, &values);
     let tensor = |len: usize, dims: [usize; 3], rng: &mut rand_chacha::ChaCha8Rng| {
-        Tensor::<3>::from_data(TensorData::new(dits::diffusion::sampler::gaussian(rng, len), dims), &device)
+        Tensor::<3>::from_data(TensorData::new(dits::rng::standard_normal(rng, len), dims), &device)
     };
     let x = tensor(batch * seq * width, [batch, seq, width], &mut rng);
     let c = tensor(batch * width, [batch, 1, width], &mut rng).squeeze_dim::<2>(1);
@@ -236,7 +212,7 @@ fn ulysses_rank() {
     let sp = SequenceParallel::new(comm.clone(), seq, cfg.heads).unwrap();
     let mine = sp.my_tokens();
     let x_mine = x.slice([0..batch, mine.clone(), 0..width]).require_grad();
-    let y_mine = block.forward_sequence_parallel(x_mine.clone(), c, &sp);
+    let y_mine = sp.block(&block, x_mine.clone(), c);
     let grads = (y_mine.clone() * upstream.slice([0..batch, mine.clone(), 0..width])).sum().backward();
     let dx_mine = x_mine.grad(&grads).unwrap();
     // Parameter gradients are partial sums over each rank's tokens.

@@ -35,11 +35,8 @@ fn train(out: &str, steps: &str) -> Vec<String> {
 }
 
 fn train_every(out: &str, steps: &str, every: &str) -> Vec<String> {
-    ["train", "--data", "data", "--out", out, "--steps", steps, "--batch", "4", "--checkpoint-every", every]
-        .iter()
-        .chain(&["--threads", "1", "--no-progress", "--log-every", "1"])
-        .map(|s| s.to_string())
-        .collect()
+    let flags = ["--steps", steps, "--batch", "4", "--checkpoint-every", every];
+    common::train_args(out, &[&flags[..], &["--threads", "1", "--no-progress", "--log-every", "1"]].concat())
 }
 
 fn args(v: &[String]) -> Vec<&str> {

@@ -11,7 +11,7 @@ use burn::prelude::*;
 use dits::diffusion::guidance::Guided;
 use dits::diffusion::oracle::GaussianOracle;
 use dits::diffusion::sampler::{Chain, Clip, NoiseSource, SamplerKind, StepRule, sample_batch, timestep_sequence};
-use dits::diffusion::schedule::{Level, NoiseSchedule, Schedule};
+use dits::diffusion::schedule::{Level, NoiseSchedule, ScheduleKind};
 use safetensors::SafeTensors;
 use serde::Deserialize;
 
@@ -88,15 +88,15 @@ fn schedule_tables_match_smalldiffusion_and_diffusers() {
     let f = fixture();
     // smalldiffusion computes these in float64 (the script sets the default dtype) ...
     for name in ["linear", "sigmoid", "log-linear"] {
-        let ours = NoiseSchedule::new(Schedule::from_name(name).unwrap(), T);
+        let ours = NoiseSchedule::new(ScheduleKind::from_name(name).unwrap(), T);
         let want = &f.f64s[&format!("schedule.smalldiffusion.{name}.alpha_bar")].1;
         assert_close(&format!("smalldiffusion {name}"), &alpha_bars(&ours), want, 1e-12);
     }
     // ... its cosine schedule and every diffusers table in float32.
-    let cosine = alpha_bars(&NoiseSchedule::new(Schedule::Cosine, T));
+    let cosine = alpha_bars(&NoiseSchedule::new(ScheduleKind::Cosine, T));
     assert_close("smalldiffusion cosine", &cosine, &f.f64s["schedule.smalldiffusion.cosine.alpha_bar"].1, 2e-6);
     for name in ["linear", "cosine", "sigmoid"] {
-        let ours = alpha_bars(&NoiseSchedule::new(Schedule::from_name(name).unwrap(), T));
+        let ours = alpha_bars(&NoiseSchedule::new(ScheduleKind::from_name(name).unwrap(), T));
         assert_close(
             &format!("diffusers {name}"),
             &ours,
@@ -104,7 +104,7 @@ fn schedule_tables_match_smalldiffusion_and_diffusers() {
             2e-6,
         );
     }
-    let flow = NoiseSchedule::new(Schedule::Flow, T);
+    let flow = NoiseSchedule::new(ScheduleKind::Flow, T);
     let t: Vec<f64> = flow.levels.iter().map(|l| l.b).collect();
     assert_close("smalldiffusion flow t", &t, &f.f64s["schedule.smalldiffusion.flow.t"].1, 1e-12);
 }
@@ -169,11 +169,11 @@ fn generalised_sampler_matches_smalldiffusion() {
             // of exactly those levels, ending at clean data.
             let ts = &f.f64s[&format!("case.{}.levels", case.name)].1;
             let levels: Vec<Level> = ts[..case.steps].iter().rev().map(|&t| Level { a: 1.0 - t, b: t }).collect();
-            let schedule = NoiseSchedule { kind: Schedule::Flow, levels };
+            let schedule = NoiseSchedule { kind: ScheduleKind::Flow, levels };
             let chain = Chain { indices: (0..case.steps).rev().collect(), end: None, rule, clip: Clip::None };
             (run_chain(&f, case, &schedule, &chain, 1.0), vec![1.0; case.steps + 1])
         } else {
-            let mut schedule = NoiseSchedule::new(Schedule::from_name(&case.schedule).unwrap(), T);
+            let mut schedule = NoiseSchedule::new(ScheduleKind::from_name(&case.schedule).unwrap(), T);
             let indices = timestep_sequence(T, case.steps).unwrap();
             // The levels exactly as the reference had them (its cosine table is float32; the
             // tables themselves are compared above).

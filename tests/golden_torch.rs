@@ -11,7 +11,7 @@ use burn::prelude::*;
 use dits::model::{DitConfig, DitNet, weights};
 use dits::train::LossKind;
 use dits::train::params::ParamTable;
-use dits::train::trainer::noise_loss;
+use dits::train::step::noise_loss;
 use safetensors::SafeTensors;
 
 const TOL: f32 = 1e-4;

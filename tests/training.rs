@@ -7,27 +7,31 @@ use std::path::Path;
 
 use burn::prelude::*;
 use dits::model::DitConfig;
-use dits::train::trainer::{self, Length, TrainOptions, Trainer};
-use dits::train::{checkpoint, default_train_config, metrics};
+use dits::train::recipe::TrainOverrides;
+use dits::train::{self as trainer, Length, ResumeFlags, Start, TrainConfig, TrainOptions, Trainer};
+use dits::train::{checkpoint, metrics};
 
 fn options(data: &Path, run: &Path, steps: u64, resume: bool) -> TrainOptions {
     options_stopping(data, run, steps, None, resume)
 }
 
 fn options_stopping(data: &Path, run: &Path, steps: u64, stop_after: Option<u64>, resume: bool) -> TrainOptions {
-    let mut train = default_train_config();
-    train.batch = 8;
-    train.checkpoint_every = 2;
-    train.log_every = 1;
-    train.seed = 5;
+    let train = TrainConfig { batch: 8, checkpoint_every: 2, log_every: 1, seed: 5, ..Default::default() };
+    let start = if resume {
+        let steps = TrainOverrides { steps: Some(steps), ..Default::default() };
+        Start::Resume(ResumeFlags { train: steps, ..Default::default() })
+    } else {
+        Start::New {
+            data_dir: data.to_path_buf(),
+            // The default recipe: label dropout (hence a null label) and a decaying learning rate.
+            model: DitConfig { null_class: true, ..DitConfig::mnist_dits() },
+            train,
+            length: Length::Steps(steps),
+        }
+    };
     TrainOptions {
-        data_dir: data.to_path_buf(),
         run_dir: run.to_path_buf(),
-        // The default recipe: label dropout (hence a null label) and a decaying learning rate.
-        model: DitConfig { null_class: true, ..DitConfig::mnist_dits() },
-        train,
-        length: Some(Length::Steps(steps)),
-        resume,
+        start,
         stop_after,
         keep: 2,
         progress: false,
@@ -39,7 +43,7 @@ fn options_stopping(data: &Path, run: &Path, steps: u64, stop_after: Option<u64>
 
 #[test]
 fn overfits_one_small_batch() {
-    let mut train = default_train_config();
+    let mut train = TrainConfig::default();
     train.batch = 16;
     // A constant rate from the first step: the test is whether the model can learn at all.
     train.warmup_steps = 0;
@@ -52,7 +56,7 @@ fn overfits_one_small_batch() {
     let x0: Vec<f32> = (0..16 * 784).map(|_| rng.random_range(-1.0..1.0)).collect();
     let labels: Vec<u8> = (0..16).map(|i| i % 10).collect();
     let t: Vec<usize> = (0..16).map(|_| rng.random_range(0..1000)).collect();
-    let eps = dits::diffusion::sampler::gaussian(&mut rng, 16 * 784);
+    let eps = dits::rng::standard_normal(&mut rng, 16 * 784);
     let losses: Vec<f32> = (0..120).map(|_| trainer.step_on(&x0, &labels, &t, eps.clone()).loss).collect();
     let (first, last) = (losses[0], *losses.last().unwrap());
     assert!(first / last >= 5.0, "loss fell only from {first} to {last}");
@@ -146,12 +150,9 @@ fn micro_batched_steps_equal_whole_batch_steps() {
     let x0: Vec<f32> = (0..b * 784).map(|_| rng.random_range(-1.0..1.0)).collect();
     let labels: Vec<u8> = (0..b).map(|i| (i % 11) as u8).collect();
     let t: Vec<usize> = (0..b).map(|_| rng.random_range(0..1000)).collect();
-    let eps = dits::diffusion::sampler::gaussian(&mut rng, b * 784);
+    let eps = dits::rng::standard_normal(&mut rng, b * 784);
     let weights_after = |parts: usize| {
-        let mut train = default_train_config();
-        train.batch = b;
-        train.micro_batches = parts;
-        train.warmup_steps = 0;
+        let mut train = TrainConfig { batch: b, micro_batches: parts, warmup_steps: 0, ..Default::default() };
         // Adam divides by √v: on a weight whose gradient is nearly zero, rounding alone can
         // flip the step's sign. An ε far above √v makes the step proportional to the gradient,
         // so the comparison measures the gradients' agreement.

@@ -23,11 +23,10 @@
 
 use anyhow::ensure;
 use burn::prelude::*;
-use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
 use super::schedule::{Level, NoiseSchedule};
-use crate::rng::{Purpose, stream};
+use crate::rng::{Purpose, standard_normal, stream};
 
 /// The named samplers of `--sampler`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
@@ -144,12 +143,6 @@ impl Denoiser for crate::model::net::Inference<'_> {
     }
 }
 
-/// Standard normal noise of `len` values (host-generated so every backend draws the same
-/// numbers for the same seed).
-pub fn gaussian(rng: &mut impl rand::Rng, len: usize) -> Vec<f32> {
-    (0..len).map(|_| StandardNormal.sample(rng)).collect()
-}
-
 /// One chain: the levels it visits and how it steps.
 #[derive(Debug, Clone)]
 pub struct Chain {
@@ -186,7 +179,7 @@ impl SeededNoise {
 
 impl NoiseSource for SeededNoise {
     fn noise(&mut self, _k: usize, len: usize) -> Vec<f32> {
-        gaussian(&mut self.0, len)
+        standard_normal(&mut self.0, len)
     }
 }
 
@@ -206,7 +199,7 @@ impl NoiseSource for ImageNoise {
         let per_image = len / self.0.len();
         let mut out = Vec::with_capacity(len);
         for rng in &mut self.0 {
-            out.extend(gaussian(rng, per_image));
+            out.extend(standard_normal(rng, per_image));
         }
         out
     }
@@ -248,7 +241,7 @@ pub fn sample_batch(
         };
         let tt = Tensor::<1, Int>::from_data(TensorData::new(vec![t as i64; b], [b]), device);
         let out = model.predict(x.clone(), tt, y.clone());
-        let (x0, eps) = split(level, prediction, x, out, chain.clip);
+        let (x0, eps) = data_and_noise(level, prediction, x, out, chain.clip);
 
         let (sigma, sigma_next) = (level.sigma(), next.sigma());
         let (sigma_p, eta) = chain.rule.noise_split(sigma, sigma_next);
@@ -279,7 +272,7 @@ pub fn sample_batch(
 
 /// `(x̂_0, ε̂)` from the network output, with x̂_0 clipped (and ε̂ made consistent with it,
 /// `x = a·x̂_0 + b·ε̂`) under [`Clip::X0`].
-fn split(
+fn data_and_noise(
     level: Level,
     prediction: super::schedule::Prediction,
     x: Tensor<4>,
@@ -304,7 +297,7 @@ fn split(
 mod tests {
     use super::*;
     use crate::diffusion::oracle::GaussianOracle;
-    use crate::diffusion::schedule::Schedule;
+    use crate::diffusion::schedule::ScheduleKind;
 
     #[test]
     fn trailing_sequences() {
@@ -341,7 +334,7 @@ mod tests {
     #[test]
     fn every_sampler_reaches_the_data_mean_and_spread_under_an_oracle() {
         let device = Device::flex();
-        for sched in [Schedule::default(), Schedule::Cosine, Schedule::Flow] {
+        for sched in [ScheduleKind::default(), ScheduleKind::Cosine, ScheduleKind::Flow] {
             let schedule = NoiseSchedule::new(sched, 1000);
             let oracle = GaussianOracle::new(schedule.clone(), 0.5);
             // (sampler, steps, the spread it must reach, data sd 0.5). With few steps every

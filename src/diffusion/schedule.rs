@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 /// How the levels are spaced. Serialised in checkpoints (`{"linear": {"start": …}}`, `"cosine"`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub enum Schedule {
+pub enum ScheduleKind {
     /// DDPM (Ho et al. 2020): β linear from `start` to `end` (1e-4 → 0.02), ᾱ = ∏(1 − β).
     Linear { start: f64, end: f64 },
     /// Improved DDPM (Nichol & Dhariwal 2021): ᾱ(t) ∝ cos²((t + 0.008)/1.008 · π/2), β ≤ 0.999.
@@ -27,42 +27,53 @@ pub enum Schedule {
     Flow,
 }
 
-impl Default for Schedule {
+impl Default for ScheduleKind {
     fn default() -> Self {
-        Schedule::Linear { start: 1e-4, end: 0.02 }
+        ScheduleKind::Linear { start: 1e-4, end: 0.02 }
     }
 }
 
 /// Names for `--schedule`, each with its default parameters.
 pub const SCHEDULE_NAMES: &[&str] = &["linear", "cosine", "sigmoid", "log-linear", "flow"];
 
-impl Schedule {
+impl ScheduleKind {
     pub fn from_name(name: &str) -> anyhow::Result<Self> {
         Ok(match name {
-            "linear" => Schedule::default(),
-            "cosine" => Schedule::Cosine,
-            "sigmoid" => Schedule::Sigmoid { start: 1e-4, end: 0.02 },
-            "log-linear" => Schedule::LogLinear { sigma_min: 0.02, sigma_max: 10.0 },
-            "flow" => Schedule::Flow,
+            "linear" => ScheduleKind::default(),
+            "cosine" => ScheduleKind::Cosine,
+            "sigmoid" => ScheduleKind::Sigmoid { start: 1e-4, end: 0.02 },
+            "log-linear" => ScheduleKind::LogLinear { sigma_min: 0.02, sigma_max: 10.0 },
+            "flow" => ScheduleKind::Flow,
             other => anyhow::bail!("unknown schedule '{other}' (known: {})", SCHEDULE_NAMES.join(", ")),
         })
+    }
+
+    /// The `--schedule` name of this kind.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ScheduleKind::Linear { .. } => "linear",
+            ScheduleKind::Cosine => "cosine",
+            ScheduleKind::Sigmoid { .. } => "sigmoid",
+            ScheduleKind::LogLinear { .. } => "log-linear",
+            ScheduleKind::Flow => "flow",
+        }
     }
 
     /// What the network is trained to output under this schedule.
     pub fn prediction(&self) -> Prediction {
         match self {
-            Schedule::Flow => Prediction::Velocity,
+            ScheduleKind::Flow => Prediction::Velocity,
             _ => Prediction::Epsilon,
         }
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
         let ok = match *self {
-            Schedule::Linear { start, end } | Schedule::Sigmoid { start, end } => {
+            ScheduleKind::Linear { start, end } | ScheduleKind::Sigmoid { start, end } => {
                 0.0 < start && start <= end && end < 1.0
             }
-            Schedule::LogLinear { sigma_min, sigma_max } => 0.0 < sigma_min && sigma_min <= sigma_max,
-            Schedule::Cosine | Schedule::Flow => true,
+            ScheduleKind::LogLinear { sigma_min, sigma_max } => 0.0 < sigma_min && sigma_min <= sigma_max,
+            ScheduleKind::Cosine | ScheduleKind::Flow => true,
         };
         anyhow::ensure!(ok, "invalid noise schedule {self:?}: β must satisfy 0 < start ≤ end < 1, σ 0 < min ≤ max");
         Ok(())
@@ -95,9 +106,9 @@ impl Level {
         self.b / self.a
     }
 
-    /// Split a network output into the prediction of the data and of the noise, consistent
+    /// A network output as the prediction of the data and of the noise, consistent
     /// with `x = a·x̂_0 + b·ε̂`. Values are `(x̂_0, ε̂)` per element.
-    pub fn split(&self, prediction: Prediction, x: f32, out: f32) -> (f32, f32) {
+    pub fn data_and_noise(&self, prediction: Prediction, x: f32, out: f32) -> (f32, f32) {
         let (a, b) = (self.a as f32, self.b as f32);
         match prediction {
             // x̂_0 = (x − b·ε̂)/a
@@ -111,35 +122,35 @@ impl Level {
 /// The tables of a schedule over `T` levels, in f64 (cumulative products lose precision in f32).
 #[derive(Debug, Clone)]
 pub struct NoiseSchedule {
-    pub kind: Schedule,
+    pub kind: ScheduleKind,
     pub levels: Vec<Level>,
 }
 
 impl NoiseSchedule {
-    pub fn new(kind: Schedule, timesteps: usize) -> Self {
+    pub fn new(kind: ScheduleKind, timesteps: usize) -> Self {
         let n = timesteps;
         let frac = |i: usize| if n == 1 { 0.0 } else { i as f64 / (n - 1) as f64 };
         let levels =
             match kind {
-                Schedule::Linear { start, end } => from_betas((0..n).map(|i| start + (end - start) * frac(i))),
-                Schedule::Sigmoid { start, end } => {
+                ScheduleKind::Linear { start, end } => from_betas((0..n).map(|i| start + (end - start) * frac(i))),
+                ScheduleKind::Sigmoid { start, end } => {
                     let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
                     from_betas((0..n).map(|i| sigmoid(-6.0 + 12.0 * frac(i)) * (end - start) + start))
                 }
-                Schedule::Cosine => {
+                ScheduleKind::Cosine => {
                     let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
                     from_betas((0..n).map(|i| {
                         (1.0 - alpha_bar((i + 1) as f64 / n as f64) / alpha_bar(i as f64 / n as f64)).min(0.999)
                     }))
                 }
-                Schedule::LogLinear { sigma_min, sigma_max } => (0..n)
+                ScheduleKind::LogLinear { sigma_min, sigma_max } => (0..n)
                     .map(|i| {
                         let sigma = 10f64.powf(sigma_min.log10() + (sigma_max.log10() - sigma_min.log10()) * frac(i));
                         let a = 1.0 / (1.0 + sigma * sigma).sqrt();
                         Level { a, b: sigma * a }
                     })
                     .collect(),
-                Schedule::Flow => (0..n)
+                ScheduleKind::Flow => (0..n)
                     .map(|i| {
                         let t = (i + 1) as f64 / n as f64;
                         Level { a: 1.0 - t, b: t }
@@ -151,7 +162,7 @@ impl NoiseSchedule {
 
     /// DDPM as in mnist-dits: linear β from 1e-4 to 0.02 over 1000 steps.
     pub fn ddpm() -> Self {
-        Self::new(Schedule::default(), 1000)
+        Self::new(ScheduleKind::default(), 1000)
     }
 
     pub fn timesteps(&self) -> usize {
@@ -231,20 +242,20 @@ mod tests {
     #[test]
     fn every_schedule_goes_from_nearly_clean_to_nearly_pure_noise() {
         for name in SCHEDULE_NAMES {
-            let s = NoiseSchedule::new(Schedule::from_name(name).unwrap(), 1000);
+            let s = NoiseSchedule::new(ScheduleKind::from_name(name).unwrap(), 1000);
             let sig = s.sigmas();
             assert!(sig.windows(2).all(|w| w[1] > w[0]), "{name}: σ not increasing");
             assert!(sig[0] < 0.03, "{name}: first σ {}", sig[0]);
             assert!(sig[999] >= 10.0, "{name}: last σ {}", sig[999]);
         }
-        let flow = NoiseSchedule::new(Schedule::Flow, 1000);
+        let flow = NoiseSchedule::new(ScheduleKind::Flow, 1000);
         assert_eq!(flow.levels[999], Level { a: 0.0, b: 1.0 });
         assert_eq!(flow.sigmas()[999], f64::INFINITY);
         assert!((flow.levels[0].b - 0.001).abs() < 1e-15);
     }
 
     #[test]
-    fn split_inverts_the_forward_process() {
+    fn data_and_noise_inverts_the_forward_process() {
         let (x0, eps) = (0.3f32, -1.2f32);
         for (level, pred) in [
             (Level { a: 0.8, b: 0.6 }, Prediction::Epsilon),
@@ -256,7 +267,7 @@ mod tests {
                 Prediction::Epsilon => eps,
                 Prediction::Velocity => eps - x0,
             };
-            let (x0_hat, eps_hat) = level.split(pred, x, out);
+            let (x0_hat, eps_hat) = level.data_and_noise(pred, x, out);
             assert!((x0_hat - x0).abs() < 1e-6 && (eps_hat - eps).abs() < 1e-6, "{level:?}");
         }
     }
@@ -273,7 +284,7 @@ mod tests {
         assert!((out[3] as f64 - (1.0 - s.alpha_bar(999)).sqrt() * 2.0).abs() < 1e-5);
         s.target(&x0, &eps, &mut out);
         assert_eq!(out, eps);
-        let f = NoiseSchedule::new(Schedule::Flow, 10);
+        let f = NoiseSchedule::new(ScheduleKind::Flow, 10);
         f.add_noise(&x0, &[4, 9], &eps, &mut out);
         assert!((out[0] - (0.5 * 1.0 + 0.5 * 0.1)).abs() < 1e-6 && out[3] == 2.0);
         f.target(&x0, &eps, &mut out);
@@ -282,11 +293,14 @@ mod tests {
 
     #[test]
     fn names_and_validation() {
-        assert!(Schedule::from_name("quadratic").is_err());
-        assert!(Schedule::Linear { start: 0.02, end: 1e-4 }.validate().is_err());
-        assert!(Schedule::LogLinear { sigma_min: 0.0, sigma_max: 1.0 }.validate().is_err());
+        assert!(ScheduleKind::from_name("quadratic").is_err());
+        assert!(ScheduleKind::Linear { start: 0.02, end: 1e-4 }.validate().is_err());
+        assert!(ScheduleKind::LogLinear { sigma_min: 0.0, sigma_max: 1.0 }.validate().is_err());
         // The checkpoint format of the linear schedule is unchanged.
-        assert_eq!(serde_json::to_string(&Schedule::default()).unwrap(), r#"{"linear":{"start":0.0001,"end":0.02}}"#);
-        assert_eq!(serde_json::to_string(&Schedule::Cosine).unwrap(), r#""cosine""#);
+        assert_eq!(
+            serde_json::to_string(&ScheduleKind::default()).unwrap(),
+            r#"{"linear":{"start":0.0001,"end":0.02}}"#
+        );
+        assert_eq!(serde_json::to_string(&ScheduleKind::Cosine).unwrap(), r#""cosine""#);
     }
 }

@@ -1,7 +1,7 @@
 //! Data parallelism with DDP semantics, and ZeRO-1 sharding of the optimizer state.
 //!
 //! Every rank draws the same global batch (same seed, same permutation) and computes the
-//! gradient of its own contiguous share of its rows ([`super::split`]): the shards of an epoch
+//! gradient of its own contiguous share of its rows ([`crate::ranges::even_ranges`]): the shards of an epoch
 //! are disjoint and cover it. Each rank weights its mean gradient by its share of the batch, so
 //! the sum over the ranks is the gradient of the whole batch, whatever the world size.
 //!
@@ -18,7 +18,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::{Collective, Local};
-use crate::train::adam::{AdamConfig, AdamState};
+use crate::optim::adam::{AdamConfig, AdamState};
 
 /// How the ranks share the optimizer step (`--zero`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -39,12 +39,17 @@ pub struct DataParallel {
     pub bucket: usize,
 }
 
-/// PyTorch DDP's default bucket size, 25 MiB.
-pub const DEFAULT_BUCKET_BYTES: usize = 25 << 20;
+/// PyTorch DDP's default gradient bucket, in MiB.
+pub const DEFAULT_BUCKET_MIB: u64 = 25;
+
+/// The f32 elements of a bucket of `mib` MiB.
+pub fn bucket_elements(mib: u64) -> usize {
+    mib as usize * (1 << 20) / size_of::<f32>()
+}
 
 impl Default for DataParallel {
     fn default() -> Self {
-        Self { comm: Arc::new(Local), zero: ZeroStage::Off, bucket: DEFAULT_BUCKET_BYTES / 4 }
+        Self { comm: Arc::new(Local), zero: ZeroStage::Off, bucket: bucket_elements(DEFAULT_BUCKET_MIB) }
     }
 }
 
@@ -70,7 +75,7 @@ impl DataParallel {
 
     /// This rank's rows of a global batch of `batch`.
     pub fn my_rows(&self, batch: usize) -> Range<usize> {
-        super::split(batch, self.world())[self.rank()].clone()
+        crate::ranges::even_ranges(batch, self.world())[self.rank()].clone()
     }
 
     /// Length of each rank's block of the parameters under ZeRO-1 (the last ones padded).

@@ -17,6 +17,7 @@ use burn::prelude::*;
 
 use super::Collective;
 use crate::kernels::{Exchange, ExchangeDirection, exchange, packed_attention};
+use crate::model::dit::block::DitBlock;
 
 /// The ranks a sequence is split over.
 #[derive(Clone)]
@@ -53,6 +54,12 @@ impl SequenceParallel {
         self.comm.rank() * n..(self.comm.rank() + 1) * n
     }
 
+    /// `block` on this rank's tokens `x` `[B, S/P, W]`: everything but attention is token-wise
+    /// and runs locally.
+    pub fn block(&self, block: &DitBlock, x: Tensor<3>, c: Tensor<2>) -> Tensor<3> {
+        block.forward_with(x, c, &|qkv| self.attention(qkv, block.attn.scale))
+    }
+
     /// Multi-head attention of the whole sequence from this rank's packed `qkv` `[B, S/P,
     /// 3·H·D]`; returns this rank's rows of the output, `[B, S/P, H·D]`. Differentiable.
     pub fn attention(&self, qkv: Tensor<3>, scale: f64) -> Tensor<3> {
@@ -67,108 +74,10 @@ impl SequenceParallel {
     }
 }
 
-/// Sizes of one exchange: `chunks` blocks of `heads · head_dim` columns per token (3 for
-/// `qkv`, 1 for the attention output), over `ranks`.
-#[derive(Debug, Clone, Copy)]
-struct Layout {
-    batch: usize,
-    /// Tokens per rank.
-    tokens: usize,
-    chunks: usize,
-    /// Columns of one head group within a chunk: `(H/P)·D`.
-    group: usize,
-    ranks: usize,
-}
-
-impl Layout {
-    fn block(&self) -> usize {
-        self.batch * self.tokens * self.chunks * self.group
-    }
-}
-
-/// `[B, T, C·H·D]` (this rank's T tokens, all heads) → `[B, P·T, C·(H/P)·D]` (all tokens, this
-/// rank's head group).
-fn seq_to_heads(comm: &dyn Collective, x: &[f32], l: Layout) -> Vec<f32> {
-    let Layout { batch, tokens, chunks, group, ranks } = l;
-    let width = chunks * group * ranks;
-    // Send block j: head group j of every local token, in (b, t, c) order.
-    let mut send = Vec::with_capacity(x.len());
-    for j in 0..ranks {
-        for row in x.chunks_exact(width) {
-            for c in 0..chunks {
-                let start = c * group * ranks + j * group;
-                send.extend_from_slice(&row[start..start + group]);
-            }
-        }
-    }
-    let mut recv = vec![0f32; x.len()];
-    comm.all_to_all(&send, &mut recv);
-    // Block i holds rank i's tokens: they become rows i·T.. of each image.
-    let mut out = vec![0f32; x.len()];
-    let out_row = chunks * group;
-    for (i, block) in recv.chunks_exact(l.block()).enumerate() {
-        for (bt, src) in block.chunks_exact(out_row).enumerate() {
-            let (b, t) = (bt / tokens, bt % tokens);
-            let dst = (b * ranks * tokens + i * tokens + t) * out_row;
-            out[dst..dst + out_row].copy_from_slice(src);
-        }
-    }
-    debug_assert_eq!(send.len(), batch * tokens * width);
-    out
-}
-
-/// The inverse of [`seq_to_heads`].
-fn heads_to_seq(comm: &dyn Collective, y: &[f32], l: Layout) -> Vec<f32> {
-    let Layout { tokens, chunks, group, ranks, .. } = l;
-    let in_row = chunks * group;
-    // Send block i: the rows of rank i's tokens, in (b, t) order.
-    let mut send = Vec::with_capacity(y.len());
-    for i in 0..ranks {
-        for image in y.chunks_exact(ranks * tokens * in_row) {
-            send.extend_from_slice(&image[i * tokens * in_row..(i + 1) * tokens * in_row]);
-        }
-    }
-    let mut recv = vec![0f32; y.len()];
-    comm.all_to_all(&send, &mut recv);
-    // Block j holds head group j of this rank's tokens.
-    let width = chunks * group * ranks;
-    let mut out = vec![0f32; y.len()];
-    for (j, block) in recv.chunks_exact(l.block()).enumerate() {
-        for (bt, src) in block.chunks_exact(in_row).enumerate() {
-            for c in 0..chunks {
-                let dst = bt * width + c * group * ranks + j * group;
-                out[dst..dst + group].copy_from_slice(&src[c * group..(c + 1) * group]);
-            }
-        }
-    }
-    out
-}
-
-/// Runs one exchange on a contiguous `[B, tokens, columns]` buffer; returns the result and its
-/// shape.
-pub(crate) fn run_exchange(plan: &Exchange, x: &[f32], shape: [usize; 3]) -> (Vec<f32>, [usize; 3]) {
-    let p = plan.comm.size();
-    let group = plan.heads / p * plan.head_dim;
-    let [batch, tokens, columns] = shape;
-    match plan.direction {
-        ExchangeDirection::SeqToHeads => {
-            assert_eq!(columns, plan.chunks * plan.heads * plan.head_dim, "exchange: wrong width");
-            let l = Layout { batch, tokens, chunks: plan.chunks, group, ranks: p };
-            (seq_to_heads(plan.comm.as_ref(), x, l), [batch, tokens * p, plan.chunks * group])
-        }
-        ExchangeDirection::HeadsToSeq => {
-            assert_eq!(columns, plan.chunks * group, "exchange: wrong width");
-            assert_eq!(tokens % p, 0, "exchange: tokens not divisible by the ranks");
-            let l = Layout { batch, tokens: tokens / p, chunks: plan.chunks, group, ranks: p };
-            (heads_to_seq(plan.comm.as_ref(), x, l), [batch, tokens / p, plan.chunks * plan.heads * plan.head_dim])
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::distributed::{CommStats, Local};
+    use crate::collective::CommStats;
 
     /// A world of `size` ranks that only answers for its size (no collective is called).
     struct Sized(usize);
@@ -216,17 +125,5 @@ mod tests {
         let err = SequenceParallel::new(Arc::new(Sized(2)), 49, 6).unwrap_err().to_string();
         assert!(err.contains("49 tokens"), "{err}");
         assert_eq!(SequenceParallel::new(Arc::new(Sized(2)), 196, 6).unwrap().my_tokens(), 0..98);
-    }
-
-    /// On one rank both exchanges are the identity; the layouts' inverse property for several
-    /// ranks is tested under MPI (`tests/distributed.rs`).
-    #[test]
-    fn one_rank_exchanges_are_the_identity() {
-        let plan = |direction| Exchange { comm: Arc::new(Local), chunks: 3, heads: 2, head_dim: 4, direction };
-        let x: Vec<f32> = (0..2 * 5 * 24).map(|i| i as f32).collect();
-        let (y, shape) = run_exchange(&plan(ExchangeDirection::SeqToHeads), &x, [2, 5, 24]);
-        assert_eq!((&y, shape), (&x, [2, 5, 24]));
-        let (z, _) = run_exchange(&plan(ExchangeDirection::HeadsToSeq), &y, shape);
-        assert_eq!(z, x);
     }
 }

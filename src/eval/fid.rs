@@ -11,14 +11,14 @@ use nalgebra::{DMatrix, DVector};
 
 /// Mean and covariance of a feature set.
 #[derive(Debug, Clone)]
-pub struct Gaussian {
+pub struct FeatureStats {
     pub mean: DVector<f64>,
     /// Unbiased (divides by n − 1), as numpy's `np.cov` in the reference FID code.
     pub cov: DMatrix<f64>,
     pub n: usize,
 }
 
-impl Gaussian {
+impl FeatureStats {
     /// Fit to `features`: `n` rows of `dim` values.
     pub fn fit(features: &[f32], dim: usize) -> anyhow::Result<Self> {
         ensure!(dim > 0 && features.len().is_multiple_of(dim), "features are not rows of {dim} values");
@@ -45,7 +45,7 @@ fn symmetric(m: &DMatrix<f64>) -> DMatrix<f64> {
 }
 
 /// The Fréchet distance d² between `a` and `b` (≥ 0 up to rounding).
-pub fn frechet_distance(a: &Gaussian, b: &Gaussian) -> f64 {
+pub fn frechet_distance(a: &FeatureStats, b: &FeatureStats) -> f64 {
     let a_half = psd_sqrt(&a.cov);
     let middle = symmetric(&(&a_half * &b.cov * &a_half));
     let trace_sqrt: f64 = middle.symmetric_eigenvalues().iter().map(|l| l.max(0.0).sqrt()).sum();
@@ -57,8 +57,8 @@ pub fn frechet_distance(a: &Gaussian, b: &Gaussian) -> f64 {
 mod tests {
     use super::*;
 
-    fn gaussian(mean: Vec<f64>, cov: DMatrix<f64>) -> Gaussian {
-        Gaussian { mean: DVector::from_vec(mean), cov, n: 0 }
+    fn stats(mean: Vec<f64>, cov: DMatrix<f64>) -> FeatureStats {
+        FeatureStats { mean: DVector::from_vec(mean), cov, n: 0 }
     }
 
     /// A random symmetric positive definite matrix `AAᵀ + I/10`.
@@ -81,8 +81,8 @@ mod tests {
     fn diagonal_covariances_match_the_closed_form() {
         // d² = |μa − μb|² + Σ (√a_i − √b_i)².
         let (da, db) = ([4.0, 1.0, 0.25], [1.0, 9.0, 0.25]);
-        let a = gaussian(vec![0.0, 1.0, 2.0], DMatrix::from_diagonal(&DVector::from_row_slice(&da)));
-        let b = gaussian(vec![1.0, 1.0, 0.0], DMatrix::from_diagonal(&DVector::from_row_slice(&db)));
+        let a = stats(vec![0.0, 1.0, 2.0], DMatrix::from_diagonal(&DVector::from_row_slice(&da)));
+        let b = stats(vec![1.0, 1.0, 0.0], DMatrix::from_diagonal(&DVector::from_row_slice(&db)));
         let want = 1.0 + 4.0 + (2.0 - 1.0f64).powi(2) + (1.0 - 3.0f64).powi(2);
         assert!((frechet_distance(&a, &b) - want).abs() < 1e-10);
     }
@@ -90,15 +90,15 @@ mod tests {
     #[test]
     fn identical_gaussians_are_at_zero_and_distance_is_symmetric_and_rotation_invariant() {
         let (sa, sb) = (spd(8, 2), spd(8, 3));
-        let a = gaussian(vec![0.5; 8], sa.clone());
-        let b = gaussian(vec![-0.5; 8], sb.clone());
+        let a = stats(vec![0.5; 8], sa.clone());
+        let b = stats(vec![-0.5; 8], sb.clone());
         assert!(frechet_distance(&a, &a) < 1e-9);
         let d = frechet_distance(&a, &b);
         assert!((d - frechet_distance(&b, &a)).abs() < 1e-9 * d);
         // Rotate both: the distance does not change.
         let q = spd(8, 4).symmetric_eigen().eigenvectors;
-        let ra = gaussian((&q * &a.mean).as_slice().to_vec(), &q * &sa * q.transpose());
-        let rb = gaussian((&q * &b.mean).as_slice().to_vec(), &q * &sb * q.transpose());
+        let ra = stats((&q * &a.mean).as_slice().to_vec(), &q * &sa * q.transpose());
+        let rb = stats((&q * &b.mean).as_slice().to_vec(), &q * &sb * q.transpose());
         assert!((frechet_distance(&ra, &rb) - d).abs() < 1e-9 * d);
     }
 
@@ -108,19 +108,19 @@ mod tests {
         let q = spd(4, 5).symmetric_eigen().eigenvectors;
         let (da, db) = ([1.0, 2.0, 3.0, 4.0], [4.0, 0.5, 3.0, 0.0]);
         let cov = |d: &[f64]| &q * DMatrix::from_diagonal(&DVector::from_row_slice(d)) * q.transpose();
-        let a = gaussian(vec![0.0; 4], cov(&da));
-        let b = gaussian(vec![0.0; 4], cov(&db));
+        let a = stats(vec![0.0; 4], cov(&da));
+        let b = stats(vec![0.0; 4], cov(&db));
         let want: f64 = da.iter().zip(&db).map(|(x, y)| (x.sqrt() - y.sqrt()).powi(2)).sum();
         assert!((frechet_distance(&a, &b) - want).abs() < 1e-9);
     }
 
     #[test]
     fn fit_gives_the_unbiased_covariance() {
-        let g = Gaussian::fit(&[1.0, 0.0, 3.0, 2.0, 5.0, 4.0], 2).unwrap();
+        let g = FeatureStats::fit(&[1.0, 0.0, 3.0, 2.0, 5.0, 4.0], 2).unwrap();
         assert_eq!(g.n, 3);
         assert_eq!(g.mean.as_slice(), &[3.0, 2.0]);
         assert_eq!(g.cov, DMatrix::from_row_slice(2, 2, &[4.0, 4.0, 4.0, 4.0]));
-        assert!(Gaussian::fit(&[1.0, 2.0], 2).is_err());
-        assert!(Gaussian::fit(&[1.0, 2.0, 3.0], 2).is_err());
+        assert!(FeatureStats::fit(&[1.0, 2.0], 2).is_err());
+        assert!(FeatureStats::fit(&[1.0, 2.0, 3.0], 2).is_err());
     }
 }

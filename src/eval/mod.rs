@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::{ImageDataset, Split};
 use crate::fsutil::{sha256_hex, write_atomic};
 use classifier::{Classifier, ClassifierTraining};
-use fid::{Gaussian, frechet_distance};
+use fid::{FeatureStats, frechet_distance};
 
 #[derive(Debug, Clone)]
 pub struct EvalOptions {
@@ -90,10 +90,10 @@ pub fn run(opts: &EvalOptions) -> anyhow::Result<EvalReport> {
     }
 
     let all_test: Vec<usize> = (0..test.len()).collect();
-    let test_gauss = gaussian_of(&model, &test, &all_test, dims, device)?;
-    let fid = frechet_distance(&Gaussian::fit(&feats, classifier::FEATURES)?, &test_gauss);
+    let test_stats = feature_stats_of(&model, &test, &all_test, dims, device)?;
+    let fid = frechet_distance(&FeatureStats::fit(&feats, classifier::FEATURES)?, &test_stats);
     let floor_rows = matching_real_subset(&train, &samples.labels, opts.seed);
-    let fid_floor = frechet_distance(&gaussian_of(&model, &train, &floor_rows, dims, device)?, &test_gauss);
+    let fid_floor = frechet_distance(&feature_stats_of(&model, &train, &floor_rows, dims, device)?, &test_stats);
 
     Ok(EvalReport {
         samples: n,
@@ -111,20 +111,20 @@ fn argmax(v: &[f32]) -> usize {
     v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i)
 }
 
-fn gaussian_of(
+fn feature_stats_of(
     model: &Classifier,
     ds: &ImageDataset,
     rows: &[usize],
     dims: [usize; 3],
     device: &Device,
-) -> anyhow::Result<Gaussian> {
+) -> anyhow::Result<FeatureStats> {
     let len = ds.image_len();
     let mut images = vec![0f32; rows.len() * len];
     for (slot, &i) in rows.iter().enumerate() {
         crate::data::loader::scale_image(ds, i, &mut images[slot * len..(slot + 1) * len]);
     }
     let (_, feats) = classifier::probabilities_and_features(model, &images, dims, device);
-    Gaussian::fit(&feats, classifier::FEATURES)
+    FeatureStats::fit(&feats, classifier::FEATURES)
 }
 
 /// Training images with the same class counts as `labels`, chosen by a seeded shuffle.

@@ -1,7 +1,7 @@
 //! Output buffers that a kernel writes completely, allocated without zeroing them first.
 //!
 //! Zeroed allocations (`vec![0.0; n]`, i.e. `calloc` on reused memory) cost a `memset` of every
-//! output: 10% of a sampling forward pass once the kernels were fused. The kernels write each
+//! output, a visible share of a sampling forward pass once the kernels were fused. The kernels write each
 //! output element exactly once (directly, or through a GEMM with `read_dst = false`), so they
 //! fill `MaybeUninit` buffers instead.
 

@@ -1,6 +1,6 @@
 //! Row-wise softmax and its backward, vectorised.
 //!
-//! Written by hand because the scalar `expf` of libm was 5% of a training step (perf): the
+//! Written by hand because the scalar `expf` of libm showed in the training profile: the
 //! exponential here is a branch-free polynomial that the compiler vectorises, and each function
 //! is compiled a second time for AVX-512 (or AVX2 + FMA) and picked at run time, since dits is
 //! built for the baseline x86-64 target.
@@ -156,8 +156,8 @@ pub fn softmax_columns_backward(p: &[f32], dp: &mut [f32], cols: usize, scale: f
 ///
 /// Written with intrinsics because the compiler's vectorisation of the portable version runs
 /// 49-wide rows (the mnist-dits sequence) almost entirely in its scalar remainder loop: its
-/// vector loop wants 64 elements per iteration. That made the softmax 23% of the attention
-/// forward pass (2 µs per 49×49 head); a masked last register costs one vector.
+/// vector loop wants 64 elements per iteration (README, "Speed", has the profile that showed
+/// it); a masked last register costs one vector.
 #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
 mod avx512 {
     use std::arch::x86_64::*;

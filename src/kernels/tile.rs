@@ -16,8 +16,8 @@
 use std::arch::x86_64::*;
 
 /// Rows of `C` per register tile: 24 accumulators + 4 row registers + 1 broadcast fit AVX-512's
-/// 32 registers. (Seven rows, 28 + 4 + 1 = 33, made LLVM spill an accumulator to the stack in
-/// the inner loop: 2.5% slower training steps, 2% slower sampling, measured A/B.)
+/// 32 registers. (Seven rows, 28 + 4 + 1 = 33, make LLVM spill an accumulator to the stack in
+/// the inner loop: slower, README "Speed".)
 const TILE_ROWS: usize = 6;
 /// Columns of `C` per tile: four 16-lane registers.
 const TILE_COLS: usize = 64;

@@ -2,9 +2,9 @@
 //!
 //! The attention kernel transposes one block per head and image (queries in the forward pass,
 //! the output gradient in the backward pass) so that a score product can stream it row-major.
-//! Element by element that took 18% of the attention forward pass (1.5 µs per 49×64 block:
-//! one load and one store per value); sixteen rows loaded as vectors and transposed with
-//! shuffles move sixteen values per instruction.
+//! Element by element that is one load and one store per value, a visible share of the
+//! attention forward pass; sixteen rows loaded as vectors and transposed with shuffles move
+//! sixteen values per instruction.
 
 #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
 use std::arch::x86_64::*;

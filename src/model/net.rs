@@ -6,9 +6,9 @@ use burn::prelude::*;
 use rayon::prelude::*;
 
 use super::config::{DitConfig, Family};
+use super::dit::Dit;
 use super::mnist_dits::MnistDits;
 use super::mnist_dits::folded::FoldedAttention;
-use super::paper::PaperDit;
 
 /// burn derives `Module` for the enum: parameters are visited through the active variant.
 /// Checkpoint keys skip the variant name (see [`super::weights`]), so files keep the PyTorch
@@ -16,7 +16,7 @@ use super::paper::PaperDit;
 #[derive(Module, Debug)]
 pub enum DitNet {
     MnistDits(MnistDits),
-    Dit(PaperDit),
+    Dit(Dit),
 }
 
 impl DitNet {
@@ -29,7 +29,7 @@ impl DitNet {
     pub fn new(cfg: &DitConfig, device: &Device, seed: u64) -> Self {
         crate::rng::with_device_seed(device, seed, || match cfg.family {
             Family::MnistDits => DitNet::MnistDits(MnistDits::new(cfg, device)),
-            Family::Dit => DitNet::Dit(PaperDit::new(cfg, device)),
+            Family::Dit => DitNet::Dit(Dit::new(cfg, device)),
         })
     }
 
@@ -89,8 +89,7 @@ impl DitNet {
 /// - The batch is cut into chunks small enough for a block's activations to stay in the caches,
 ///   and the chunks run in parallel (each image's output does not depend on the others). Why:
 ///   at batch 256 each operation of a block streams megabytes through memory and the next reads
-///   them back; in chunks of [`CHUNK_VALUES`] they stay in the cache (`dits bench`, batch 256:
-///   about +10% images/s for mnist-dits and dit-s4).
+///   them back; in chunks of [`CHUNK_VALUES`] they stay in the cache.
 /// - The folded attention weights (see [`super::mnist_dits::folded`]), which `forward` derives
 ///   from the parameters at every call, are derived once.
 pub struct Inference<'a> {
@@ -111,7 +110,7 @@ impl Inference<'_> {
         let threads = rayon::current_num_threads().max(1);
         // Whole rounds of chunks per thread, so no core idles at the end.
         let parts = batch.div_ceil(chunk).div_ceil(threads) * threads;
-        let outs: Vec<Tensor<4>> = crate::train::trainer::micro_batches(batch, parts)
+        let outs: Vec<Tensor<4>> = crate::ranges::micro_batches(batch, parts)
             .into_par_iter()
             .map(|r| {
                 let (start, len) = (r.start, r.len());
@@ -139,8 +138,7 @@ impl Inference<'_> {
 }
 
 /// Token values (tokens × width) per inference chunk: 64 mnist-dits images (49 × 64 f32, 0.8 MB),
-/// chosen by measurement (`dits bench`, batch 256, 2 threads: chunks of 16/32/64/128 images gave
-/// 4273-4391 / 4463-4823 / 4696-5012 / 4350-4503 images/s; dit-s4 gains 8-10% at 5-21 images).
+/// chosen by measurement (README, "Speed": the chunk sizes tried).
 const CHUNK_VALUES: usize = 64 * 49 * 64;
 
 /// Images per inference chunk for tokens of `width` values.
@@ -163,10 +161,7 @@ mod tests {
         let mut rng = crate::rng::stream(3, crate::rng::Purpose::Bench, 0);
         let n = cfg.channels * cfg.image_size * cfg.image_size;
         let dims = [b, cfg.channels, cfg.image_size, cfg.image_size];
-        let x = Tensor::<4>::from_data(
-            TensorData::new(crate::diffusion::sampler::gaussian(&mut rng, b * n), dims),
-            &device,
-        );
+        let x = Tensor::<4>::from_data(TensorData::new(crate::rng::standard_normal(&mut rng, b * n), dims), &device);
         let t =
             Tensor::<1, Int>::from_data(TensorData::new((0..b as i64).map(|i| i * 37 % 1000).collect(), [b]), &device);
         let y = Tensor::<1, Int>::from_data(TensorData::new((0..b as i64).map(|i| i % 10).collect(), [b]), &device);

@@ -14,13 +14,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail, ensure};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
-use serde::{Deserialize, Serialize};
 
-use super::adam::AdamState;
-use super::config::TrainConfig;
-use super::params::ParamTable;
+use super::state::{FORMAT_VERSION, RunState};
 use crate::fsutil::{sha256_hex, sync_dir, write_atomic};
-use crate::model::DitConfig;
+use crate::optim::adam::AdamState;
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -28,39 +25,9 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const EMA_FILE: &str = "ema.safetensors";
 pub const STATE_FILE: &str = "state.json";
 const LATEST: &str = "latest";
-const FORMAT_VERSION: u32 = 1;
-
-/// How every random number of the run is derived (see [`crate::rng`]); stored so a reader knows
-/// that (seed, step, epoch) is the complete generator state.
-pub const RNG_SCHEME: &str = "chacha8: stream(seed, purpose, index); data order index = epoch, \
-                              training noise index = step";
-
-/// `state.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CheckpointState {
-    pub format_version: u32,
-    pub model: DitConfig,
-    pub train: TrainConfig,
-    /// Optimizer steps completed.
-    pub step: u64,
-    /// The epoch and batch the next step reads.
-    pub epoch: u64,
-    pub batch_in_epoch: u64,
-    pub rng_seed: u64,
-    pub rng_scheme: String,
-    /// Training wall-clock seconds so far (for throughput across resumes).
-    pub elapsed_s: f64,
-    pub data_dir: String,
-    /// Parameter layout of the flat optimizer vectors.
-    pub params: ParamTable,
-    /// SHA-256 of each file beside this one.
-    pub sha256: BTreeMap<String, String>,
-}
-
 /// The bytes of a checkpoint, ready to write or just read and verified.
 pub struct Checkpoint {
-    pub state: CheckpointState,
+    pub state: RunState,
     pub model_bytes: Vec<u8>,
     pub ema_bytes: Vec<u8>,
     pub adam: AdamState,
@@ -116,7 +83,7 @@ fn adam_from_bytes(bytes: &[u8], expected_len: usize, origin: &Path) -> anyhow::
 /// the newest `keep` checkpoints. Returns its directory.
 pub fn save(
     run_dir: &Path,
-    mut state: CheckpointState,
+    mut state: RunState,
     model_bytes: &[u8],
     ema_bytes: &[u8],
     adam: &AdamState,
@@ -219,15 +186,15 @@ pub fn resolve(path: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// Read `state.json` of a checkpoint directory.
-pub fn read_state(dir: &Path) -> anyhow::Result<CheckpointState> {
+pub fn read_state(dir: &Path) -> anyhow::Result<RunState> {
     let path = dir.join(STATE_FILE);
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     parse_state(&bytes, &path)
 }
 
 /// Parse the bytes of a `state.json` (read from `path`, named in errors).
-pub fn parse_state(bytes: &[u8], path: &Path) -> anyhow::Result<CheckpointState> {
-    let state: CheckpointState =
+pub fn parse_state(bytes: &[u8], path: &Path) -> anyhow::Result<RunState> {
+    let state: RunState =
         serde_json::from_slice(bytes).with_context(|| format!("{}: not a dits checkpoint state", path.display()))?;
     ensure!(
         state.format_version == FORMAT_VERSION,
@@ -239,7 +206,7 @@ pub fn parse_state(bytes: &[u8], path: &Path) -> anyhow::Result<CheckpointState>
 }
 
 /// Read a file of a checkpoint and check it against the SHA-256 recorded in `state.json`.
-pub fn read_verified(dir: &Path, state: &CheckpointState, file: &str) -> anyhow::Result<Vec<u8>> {
+pub fn read_verified(dir: &Path, state: &RunState, file: &str) -> anyhow::Result<Vec<u8>> {
     let path = dir.join(file);
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     verify(&bytes, state, dir, file)?;
@@ -247,7 +214,7 @@ pub fn read_verified(dir: &Path, state: &CheckpointState, file: &str) -> anyhow:
 }
 
 /// Check `bytes`, the content of `file` in checkpoint `dir`, against its recorded SHA-256.
-fn verify(bytes: &[u8], state: &CheckpointState, dir: &Path, file: &str) -> anyhow::Result<()> {
+fn verify(bytes: &[u8], state: &RunState, dir: &Path, file: &str) -> anyhow::Result<()> {
     let expected =
         state.sha256.get(file).with_context(|| format!("{}: no checksum recorded for {file}", dir.display()))?;
     let found = sha256_hex(bytes);
@@ -287,7 +254,7 @@ pub fn from_bytes(
 
 fn assemble(
     dir: &Path,
-    state: CheckpointState,
+    state: RunState,
     model_bytes: Vec<u8>,
     ema_bytes: Vec<u8>,
     opt_bytes: &[u8],
@@ -301,26 +268,6 @@ fn assemble(
         state.step
     );
     Ok(Checkpoint { state, model_bytes, ema_bytes, adam })
-}
-
-impl CheckpointState {
-    pub fn new(model: DitConfig, train: TrainConfig, params: ParamTable, data_dir: String) -> Self {
-        let rng_seed = train.seed;
-        Self {
-            format_version: FORMAT_VERSION,
-            model,
-            train,
-            step: 0,
-            epoch: 0,
-            batch_in_epoch: 0,
-            rng_seed,
-            rng_scheme: RNG_SCHEME.to_string(),
-            elapsed_s: 0.0,
-            data_dir,
-            params,
-            sha256: BTreeMap::new(),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,46 +1,28 @@
-//! Training: the flat parameter view, Adam, checkpoints, metrics, and the loop.
+//! Training: a run's recipe and state, one optimisation step, and a run's life around it.
+//!
+//! - [`config`] and [`recipe`]: the recipe, its defaults, and how a TOML file and flags change it.
+//! - [`state`], [`params`], [`checkpoint`], [`metrics`]: what a run is at a step and what it writes.
+//! - [`step`]: one optimisation step ([`Trainer`]); [`snapshot`]: rank 0's trainer sent to the others.
+//! - [`start`]: how a run starts (new or resumed), resolved once; [`run`]: the loop, with
+//!   [`run_dir`] (the lock) and [`stop`] (signals); [`launch`]: every rank of a world.
 
-pub mod adam;
 pub mod checkpoint;
 pub mod config;
-pub mod ema;
+pub mod launch;
 pub mod metrics;
 pub mod params;
 pub mod recipe;
-pub mod trainer;
+pub mod run;
+pub mod run_dir;
+pub mod snapshot;
+pub mod start;
+pub mod state;
+pub mod step;
+pub mod stop;
 
-pub use config::{LossKind, LrDecay, TimestepSampling, TrainConfig};
-pub use trainer::{Length, TrainOptions, TrainSummary, Trainer};
-
-use crate::diffusion::schedule::Schedule;
-
-/// The default recipe, chosen by measurement (README, "Choosing the default recipe"): flow
-/// matching (velocity prediction) with logit-normal noise levels, MSE, small batches and a
-/// learning rate twice mnist-dits', warmed up then decayed, reach in 15 CPU minutes what
-/// mnist-dits' DDPM recipe (L1, 1e-3, batch 1000) does not reach at all; label dropout makes
-/// guided sampling possible.
-pub fn default_train_config() -> TrainConfig {
-    TrainConfig {
-        batch: DEFAULT_BATCH,
-        micro_batches: 2,
-        lr: 2e-3,
-        total_steps: 1,
-        seed: 0,
-        loss: LossKind::Mse,
-        adam: adam::AdamConfig::default(),
-        warmup_steps: 200,
-        lr_decay: config::LrDecay::Cosine,
-        label_dropout: 0.1,
-        ema_decay: 0.999,
-        checkpoint_every: 500,
-        log_every: 50,
-        timesteps: 1000,
-        schedule: Schedule::Flow,
-        timestep_sampling: config::TimestepSampling::LogitNormal { mean: 0.0, std: 1.0 },
-    }
-}
-
-/// Batch size of the default recipe.
-pub const DEFAULT_BATCH: usize = 32;
-/// Epochs of the default recipe.
-pub const DEFAULT_EPOCHS: u64 = 12;
+pub use config::{Length, LossKind, LrDecay, TimestepSampling, TrainConfig};
+pub use launch::launch;
+pub use run::{Interrupted, TrainOptions, TrainSummary, run};
+pub use start::{ResumeFlags, Start};
+pub use state::RunState;
+pub use step::Trainer;

@@ -1,6 +1,6 @@
 //! The model's parameters as one flat f32 vector, in a fixed order with names and shapes.
 //!
-//! The optimizer, checkpoints and (later) gradient all-reduce and ZeRO sharding all work on
+//! The optimizer, checkpoints, the gradient all-reduce and ZeRO-1 sharding all work on
 //! this flat view: one contiguous buffer per quantity (weights, gradients, Adam moments)
 //! instead of one small tensor per parameter.
 

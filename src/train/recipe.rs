@@ -1,5 +1,5 @@
 //! A training recipe from three sources, each overriding the one before: the defaults (the
-//! model preset and [`super::default_train_config`]), a TOML file (`--config run.toml`) and
+//! model preset and [`TrainConfig::default`]), a TOML file (`--config run.toml`) and
 //! command-line flags. The file's keys are the flags' names without the dashes, in a `[model]`
 //! and a `[train]` table; an unknown or mistyped key is an error naming it.
 //!
@@ -19,15 +19,15 @@ use std::path::Path;
 use anyhow::{Context, ensure};
 use serde::Deserialize;
 
-use super::config::{LossKind, LrDecay, TimestepSampling, TrainConfig};
-use crate::diffusion::schedule::Schedule;
+use super::config::{Length, LossKind, LrDecay, TimestepSampling, TrainConfig};
+use crate::diffusion::schedule::ScheduleKind;
 use crate::model::{DitConfig, Family};
 
 /// Model shape: a preset, then any size changed.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ModelOverrides {
-    /// Model preset: mnist-dits, dit-s2, dit-s4 [default: mnist-dits].
+    /// Model preset: mnist-dits, dit-s2, dit-s4.
     #[arg(long = "model", value_name = "PRESET")]
     #[serde(alias = "model")]
     pub preset: Option<String>,
@@ -71,7 +71,7 @@ impl ModelOverrides {
 
     /// The config: the preset with the given sizes, validated.
     pub fn resolve(&self) -> anyhow::Result<DitConfig> {
-        let mut c = DitConfig::preset(self.preset.as_deref().unwrap_or("mnist-dits"))?;
+        let mut c = DitConfig::preset(self.preset.as_deref().unwrap_or(Self::DEFAULT_PRESET))?;
         c.patch = self.patch.unwrap_or(c.patch);
         c.depth = self.depth.unwrap_or(c.depth);
         c.heads = self.heads.unwrap_or(c.heads);
@@ -101,55 +101,95 @@ impl ModelOverrides {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct TrainOverrides {
-    /// Total epochs of the run [default: 12].
+    /// Total epochs of the run.
     #[arg(long, conflicts_with = "steps")]
     pub epochs: Option<u64>,
     /// Total optimizer steps of the run (instead of --epochs).
     #[arg(long)]
     pub steps: Option<u64>,
-    /// Batch size [default: 32].
+    /// Batch size (drop-last).
     #[arg(long)]
     pub batch: Option<usize>,
     /// Micro-batches per batch, their gradients computed in parallel (one per core) and
-    /// averaged; part of the recipe, not the machine, so results do not depend on --threads
-    /// [default: 2].
+    /// averaged; part of the recipe, not the machine, so results do not depend on --threads.
     #[arg(long)]
     pub micro_batches: Option<usize>,
-    /// Peak Adam learning rate [default: 0.002].
+    /// Peak Adam learning rate.
     #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f64>,
-    /// Seed of every random number in the run [default: 0].
+    /// Seed of every random number in the run.
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Loss between prediction and target [default: mse].
+    /// Loss between prediction and target.
     #[arg(long, value_enum)]
     pub loss: Option<LossKind>,
-    /// Linear learning-rate warm-up over the first N steps [default: 200].
+    /// Linear learning-rate warm-up over the first N steps.
     #[arg(long)]
     pub warmup_steps: Option<u64>,
-    /// Learning-rate decay after warm-up, over the run's total steps [default: cosine].
+    /// Learning-rate decay after warm-up, over the run's total steps.
     #[arg(long, value_enum)]
     pub lr_decay: Option<LrDecay>,
     /// Probability of training on the null label instead of the image's label, which enables
-    /// classifier-free guidance at sampling time [default: 0.1].
+    /// classifier-free guidance at sampling time.
     #[arg(long, allow_negative_numbers = true)]
     pub label_dropout: Option<f64>,
-    /// Decay of the weights' moving average used for sampling [default: 0.999].
+    /// Decay of the weights' moving average used for sampling.
     #[arg(long, allow_negative_numbers = true)]
     pub ema_decay: Option<f64>,
-    /// Noise schedule: linear, cosine, sigmoid, log-linear, flow [default: flow].
+    /// Noise schedule: linear, cosine, sigmoid, log-linear, flow.
     #[arg(long)]
     pub schedule: Option<String>,
-    /// Noise levels visited in training: uniform, or logit-normal (mean 0, std 1) [default:
-    /// logit-normal].
+    /// Noise levels visited in training: uniform, or logit-normal (mean 0, std 1).
     #[arg(long, value_enum)]
     pub timestep_sampling: Option<TimestepSamplingName>,
-    /// Save a checkpoint every N steps (and always at the end) [default: 500].
+    /// Save a checkpoint every N steps (and always at the end).
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
-    /// Log metrics every N steps [default: 50].
+    /// Log metrics every N steps.
     #[arg(long)]
     pub log_every: Option<u64>,
+}
+
+impl ModelOverrides {
+    /// The preset used when none is given.
+    pub const DEFAULT_PRESET: &str = "mnist-dits";
+}
+
+/// The name clap shows for a value of a `ValueEnum`.
+fn value_name(v: impl clap::ValueEnum) -> String {
+    v.to_possible_value().map(|p| p.get_name().to_string()).unwrap_or_default()
+}
+
+impl TrainOverrides {
+    /// What each flag defaults to, by clap argument id, from [`TrainConfig::default`] and
+    /// [`Length::DEFAULT`]: the CLI shows these in `--help`, so no help text repeats a value.
+    pub fn defaults() -> Vec<(&'static str, String)> {
+        let d = TrainConfig::default();
+        let sampling = match d.timestep_sampling {
+            TimestepSampling::Uniform => "uniform".to_string(),
+            TimestepSampling::LogitNormal { mean, std } => format!("logit-normal, mean {mean}, std {std}"),
+        };
+        let length = match Length::DEFAULT {
+            Length::Epochs(e) => ("epochs", e.to_string()),
+            Length::Steps(s) => ("steps", s.to_string()),
+        };
+        vec![
+            length,
+            ("batch", d.batch.to_string()),
+            ("micro_batches", d.micro_batches.to_string()),
+            ("lr", d.lr.to_string()),
+            ("seed", d.seed.to_string()),
+            ("loss", value_name(d.loss)),
+            ("warmup_steps", d.warmup_steps.to_string()),
+            ("lr_decay", value_name(d.lr_decay)),
+            ("label_dropout", d.label_dropout.to_string()),
+            ("ema_decay", d.ema_decay.to_string()),
+            ("schedule", d.schedule.name().to_string()),
+            ("timestep_sampling", sampling),
+            ("checkpoint_every", d.checkpoint_every.to_string()),
+            ("log_every", d.log_every.to_string()),
+        ]
+    }
 }
 
 /// `--timestep-sampling` values.
@@ -200,7 +240,7 @@ impl TrainOverrides {
         t.label_dropout = self.label_dropout.unwrap_or(t.label_dropout);
         t.ema_decay = self.ema_decay.unwrap_or(t.ema_decay);
         if let Some(name) = &self.schedule {
-            t.schedule = Schedule::from_name(name)?;
+            t.schedule = ScheduleKind::from_name(name)?;
         }
         if let Some(s) = self.timestep_sampling {
             t.timestep_sampling = match s {
@@ -262,8 +302,8 @@ mod tests {
         let cli = TrainOverrides { lr: Some(5e-4), steps: Some(100), ..Default::default() };
         let t = cli.or(file.train.clone());
         assert_eq!((t.lr, t.steps, t.epochs, t.label_dropout), (Some(5e-4), Some(100), None, Some(0.2)));
-        let cfg = t.apply(crate::train::default_train_config()).unwrap();
-        assert_eq!(cfg.schedule, Schedule::Flow);
+        let cfg = t.apply(TrainConfig::default()).unwrap();
+        assert_eq!(cfg.schedule, ScheduleKind::Flow);
         let model = ModelOverrides { heads: Some(4), ..Default::default() }.or(file.model).resolve().unwrap();
         assert_eq!((model.family, model.depth, model.heads, model.head_dim, model.width), (Family::Dit, 4, 4, 32, 128));
     }

@@ -29,3 +29,9 @@ pub fn write_toy_dataset(dir: &Path, n: u32) {
         std::fs::write(dir.join(format!("{split}-labels-idx1-ubyte")), encode_idx(&[n], &labels)).unwrap();
     }
 }
+
+/// The arguments of `dits train` on the data set in `data/` (beside the run), writing `out`, with
+/// `flags` after: the command line every multi-step test starts from.
+pub fn train_args(out: &str, flags: &[&str]) -> Vec<String> {
+    ["train", "--data", "data", "--out", out].iter().chain(flags).map(|s| s.to_string()).collect()
+}

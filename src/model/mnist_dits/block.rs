@@ -35,7 +35,7 @@ pub(crate) fn adaln(ln: &LayerNorm, x: Tensor<3>, shift: Tensor<2>, scale: Tenso
 }
 
 #[derive(Module, Debug)]
-pub struct DitBlock {
+pub struct MnistDitsBlock {
     pub gamma1: Linear,
     pub beta1: Linear,
     pub alpha1: Linear,
@@ -55,7 +55,7 @@ pub struct DitBlock {
     pub attn_scale: f64,
 }
 
-impl DitBlock {
+impl MnistDitsBlock {
     pub fn new(cfg: &DitConfig, device: &Device) -> Self {
         let w = cfg.width;
         let inner = cfg.heads * cfg.head_dim;

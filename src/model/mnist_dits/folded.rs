@@ -24,7 +24,7 @@
 use burn::nn::Linear;
 use burn::prelude::*;
 
-use super::block::DitBlock;
+use super::block::MnistDitsBlock;
 use crate::kernels::{Activation, folded_attention, fused_linear};
 
 /// Whether folding saves work for `tokens` tokens of width `width` and heads of `head_dim`.
@@ -47,7 +47,7 @@ pub struct FoldedAttention {
 impl FoldedAttention {
     /// The folded form of `block`'s attention over `tokens` tokens, or `None` when folding
     /// would cost more multiply-adds than it saves.
-    pub fn new(block: &DitBlock, tokens: usize) -> Option<Self> {
+    pub fn new(block: &MnistDitsBlock, tokens: usize) -> Option<Self> {
         let (h, d) = (block.heads, block.head_dim);
         let w = block.wq.weight.dims()[0];
         if !folding_pays(tokens, w, d) {
@@ -108,7 +108,7 @@ mod tests {
     fn folded_block_equals_the_block() {
         let cfg = DitConfig::mnist_dits();
         let device = Device::flex();
-        let block = crate::rng::with_device_seed(&device, 5, || DitBlock::new(&cfg, &device));
+        let block = crate::rng::with_device_seed(&device, 5, || MnistDitsBlock::new(&cfg, &device));
         let folded = FoldedAttention::new(&block, cfg.tokens()).expect("mnist-dits folds");
         let x = normal([3, cfg.tokens(), cfg.width], 6, &device);
         let cond = normal([3, cfg.width], 7, &device);
@@ -154,7 +154,7 @@ mod tests {
     fn parameter_gradients_match_the_unfolded_block() {
         let cfg = DitConfig::mnist_dits();
         let device = Device::flex().autodiff();
-        let block = crate::rng::with_device_seed(&device, 21, || DitBlock::new(&cfg, &device));
+        let block = crate::rng::with_device_seed(&device, 21, || MnistDitsBlock::new(&cfg, &device));
         let x = normal([2, cfg.tokens(), cfg.width], 22, &device);
         let cond = normal([2, cfg.width], 23, &device);
         let upstream = normal([2, cfg.tokens(), cfg.width], 24, &device);
@@ -184,7 +184,7 @@ mod tests {
     fn wide_tokens_are_not_folded() {
         let cfg = DitConfig::mnist_dits();
         let device = Device::flex();
-        let mut block = DitBlock::new(&cfg, &device);
+        let mut block = MnistDitsBlock::new(&cfg, &device);
         block.head_dim = 16; // 4 heads of 16 over 64-wide tokens
         assert!(FoldedAttention::new(&block, cfg.tokens()).is_none());
     }

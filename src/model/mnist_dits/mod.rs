@@ -13,7 +13,7 @@ use burn::tensor::Distribution;
 
 use super::config::DitConfig;
 use crate::kernels::{Activation, linear_act};
-use block::DitBlock;
+use block::MnistDitsBlock;
 use embed::{TimeEmbedding, embed_labels, label_embedding};
 use folded::FoldedAttention;
 
@@ -28,7 +28,7 @@ pub struct MnistDits {
     pub patch_pos_emb: Param<Tensor<3>>,
     pub time_emb: TimeEmbedding,
     pub label_emb: Embedding,
-    pub dits: Vec<DitBlock>,
+    pub dits: Vec<MnistDitsBlock>,
     pub ln: LayerNorm,
     pub linear: Linear,
     pub channels: usize,
@@ -52,7 +52,7 @@ impl MnistDits {
             )),
             time_emb: TimeEmbedding::new(cfg.width, device),
             label_emb: label_embedding(cfg.label_rows(), cfg.width, device),
-            dits: (0..cfg.depth).map(|_| DitBlock::new(cfg, device)).collect(),
+            dits: (0..cfg.depth).map(|_| MnistDitsBlock::new(cfg, device)).collect(),
             ln: LayerNormConfig::new(cfg.width).init(device),
             linear: LinearConfig::new(cfg.width, pv).init(device),
             channels: cfg.channels,

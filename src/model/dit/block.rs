@@ -10,7 +10,6 @@ use burn::prelude::*;
 use burn::tensor::activation::silu;
 
 use super::embed::{xavier_linear, zero_linear};
-use crate::distributed::ulysses::SequenceParallel;
 use crate::kernels::{Activation, gated_residual, linear_act, modulated_layer_norm, packed_attention};
 use crate::model::config::DitConfig;
 
@@ -93,13 +92,9 @@ impl DitBlock {
         self.forward_with(x, c, &|qkv| packed_attention(qkv, self.attn.heads, self.attn.scale))
     }
 
-    /// The block on this rank's tokens `x` `[B, S/P, W]` of sequences split over the ranks of
-    /// `sp` (DeepSpeed-Ulysses): everything but attention is token-wise and runs locally.
-    pub fn forward_sequence_parallel(&self, x: Tensor<3>, c: Tensor<2>, sp: &SequenceParallel) -> Tensor<3> {
-        self.forward_with(x, c, &|qkv| sp.attention(qkv, self.attn.scale))
-    }
-
-    fn forward_with(&self, x: Tensor<3>, c: Tensor<2>, attend: &dyn Fn(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
+    /// [`Self::forward`] with the attention of the packed `qkv` computed by `attend` (the parallel
+    /// schemes attend across ranks); everything else in the block is token-wise.
+    pub fn forward_with(&self, x: Tensor<3>, c: Tensor<2>, attend: &dyn Fn(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
         let m = self.ada_ln.forward(silu(c)).chunk(6, 1); // 6 × [B, W]
         let [shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp] =
             <[Tensor<2>; 6]>::try_from(m).expect("six chunks");

@@ -12,7 +12,7 @@ use block::{DitBlock, FinalLayer};
 use embed::{LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d};
 
 #[derive(Module, Debug)]
-pub struct PaperDit {
+pub struct Dit {
     pub x_embedder: PatchEmbed,
     /// `[1, tokens, width]`, fixed: a constant of the module, not a parameter.
     pub pos_embed: Tensor<3>,
@@ -24,7 +24,7 @@ pub struct PaperDit {
     pub patch: usize,
 }
 
-impl PaperDit {
+impl Dit {
     /// A freshly initialised model (seed the device first for reproducible weights).
     pub fn new(cfg: &DitConfig, device: &Device) -> Self {
         let pos = sincos_2d(cfg.width, cfg.grid());

@@ -1,0 +1,96 @@
+//! The ranks of a run, from the `--dist`, `--ranks`, `--zero` and `--bucket-mb` settings: one
+//! process, one MPI process per rank, or one thread per device in this process.
+
+use std::sync::Arc;
+
+use anyhow::{Context, ensure};
+use burn::prelude::*;
+
+use super::Collective;
+use super::data_parallel::{DEFAULT_BUCKET_MIB, DataParallel, ZeroStage, bucket_elements};
+use super::devices::DeviceWorld;
+use crate::collective::Local;
+use crate::device::{DeviceKind, device, devices};
+
+/// How the ranks of a run are laid out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DistKind {
+    /// One process.
+    #[default]
+    None,
+    /// MPI (OpenMPI, MPICH), launched by mpirun.
+    Mpi,
+    /// Threads of this process, one device each.
+    Devices,
+}
+
+/// The settings a world is built from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorldSpec {
+    pub dist: DistKind,
+    /// Ranks of [`DistKind::Devices`] (mpirun sets those of [`DistKind::Mpi`]).
+    pub ranks: Option<u64>,
+    /// ZeRO stage: 0 or 1.
+    pub zero: u8,
+    pub bucket_mib: u64,
+    pub device: DeviceKind,
+}
+
+impl Default for WorldSpec {
+    fn default() -> Self {
+        Self { dist: DistKind::None, ranks: None, zero: 0, bucket_mib: DEFAULT_BUCKET_MIB, device: DeviceKind::Cpu }
+    }
+}
+
+/// The ranks this process runs, each with its device.
+pub enum World {
+    /// One rank in this thread: a single process, or this process's rank of an MPI world.
+    Process(DataParallel, Device),
+    /// One thread per rank (`--dist devices`).
+    Threads(Vec<(DataParallel, Device)>),
+}
+
+impl WorldSpec {
+    /// The world these settings describe (for MPI: joins it).
+    pub fn build(&self) -> anyhow::Result<World> {
+        ensure!(
+            self.ranks.is_none() || self.dist == DistKind::Devices,
+            "--ranks is for --dist devices (mpirun sets the ranks of --dist mpi)"
+        );
+        let zero = if self.zero == 1 { ZeroStage::One } else { ZeroStage::Off };
+        let bucket = bucket_elements(self.bucket_mib);
+        let ranked = |comm: Arc<dyn Collective>| DataParallel { comm, zero, bucket };
+        let comm: Arc<dyn Collective> = match self.dist {
+            DistKind::None => {
+                ensure!(
+                    self.zero == 0,
+                    "--zero 1 shards the optimizer state over ranks: it needs --dist mpi or devices"
+                );
+                Arc::new(Local)
+            }
+            DistKind::Devices => {
+                let ranks = self.ranks.context("--dist devices needs --ranks N")? as usize;
+                // burn's collective all-reduce runs on GPU backends; CPU ranks sum in shared memory.
+                let on_devices = self.device != DeviceKind::Cpu;
+                let world = DeviceWorld::world(devices(self.device, ranks)?, on_devices);
+                return Ok(World::Threads(
+                    world
+                        .into_iter()
+                        .map(|w| {
+                            let device = w.device().clone();
+                            (ranked(Arc::new(w)), device)
+                        })
+                        .collect(),
+                ));
+            }
+            #[cfg(feature = "mpi")]
+            DistKind::Mpi => Arc::new(super::mpi::MpiWorld::init()?),
+            #[cfg(not(feature = "mpi"))]
+            DistKind::Mpi => anyhow::bail!(
+                "this dits was built without MPI support: install MPI and libclang \
+                 (apt-get install openmpi-bin libopenmpi-dev libclang-dev), then `cargo build --release --features mpi`"
+            ),
+        };
+        Ok(World::Process(ranked(comm), device(self.device)?))
+    }
+}

@@ -1,0 +1,287 @@
+//! The kernels under autodiff: each forward as in [`super::flex`], recorded on burn's graph
+//! with a handwritten backward.
+
+use burn::backend::autodiff::NodeId;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, NodeGuard, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Flex};
+
+use super::flex::*;
+use super::linear::{self, Activation};
+use super::{DitKernels, Exchange, attention, norm, residual};
+use crate::profile::{self, Region};
+
+/// Registers each computed gradient (values and shape) with its parent, for the parents that
+/// track one.
+fn register_grads<P>(
+    parents: impl IntoIterator<Item = Option<P>>,
+    id: impl Fn(&P) -> NodeId,
+    grads: &mut Gradients,
+    results: impl IntoIterator<Item = (Vec<f32>, Vec<usize>)>,
+) {
+    for (parent, (grad, shape)) in parents.into_iter().zip(results) {
+        if let Some(parent) = parent {
+            grads.register::<Flex>(id(&parent), flex_tensor(grad, shape));
+        }
+    }
+}
+
+/// Runs an operation of the extension under autodiff: unpacks `inputs` into their primitives
+/// and graph guards, and records `op` on the graph. `forward(inputs, tracked)` computes the
+/// output and, when `tracked` (a backward will run), the state `op`'s backward reads.
+fn record<O, C, const N: usize>(
+    op: O,
+    inputs: [FloatTensor<Autodiff<Flex, C>>; N],
+    forward: impl FnOnce([FlexTensor; N], bool) -> (FlexTensor, Option<O::State>),
+) -> FloatTensor<Autodiff<Flex, C>>
+where
+    O: Backward<Flex, N>,
+    O::State: Clone + Send + std::fmt::Debug + 'static,
+    C: CheckpointStrategy,
+{
+    let (tensors, guards): (Vec<FlexTensor>, Vec<NodeGuard>) = inputs.into_iter().map(|x| x.into_parts()).unzip();
+    let tensors: [FlexTensor; N] = tensors.try_into().unwrap_or_else(|_| unreachable!("N inputs"));
+    let guards: [NodeGuard; N] = guards.try_into().unwrap_or_else(|_| unreachable!("N inputs"));
+    match op.prepare::<C>(guards).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let (out, state) = forward(tensors, true);
+            prep.finish(state.expect("a tracked forward returns its backward's state"), out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(tensors, false).0),
+    }
+}
+
+impl<C: CheckpointStrategy> DitKernels for Autodiff<Flex, C> {
+    fn exchange(x: FloatTensor<Self>, plan: Exchange) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct ExchangeOp;
+
+        impl Backward<Flex, 1> for ExchangeOp {
+            type State = Exchange;
+
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let [parent] = ops.parents;
+                let grad_out = grads.consume::<Flex>(&ops.node);
+                // Every rank runs the backward of every exchange, in the same order: the
+                // autodiff graph is the same on all ranks.
+                let grad = ops.state.reversed().apply(&grad_out);
+                if let Some(parent) = parent {
+                    grads.register::<Flex>(parent.id, grad);
+                }
+            }
+        }
+
+        record::<_, C, _>(ExchangeOp, [x], |[x], tracked| (plan.apply(&x), tracked.then_some(plan)))
+    }
+
+    fn folded_attention(qv: FloatTensor<Self>, keys: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct FoldedAttention;
+
+        impl Backward<Flex, 2> for FoldedAttention {
+            /// The inputs, the probabilities, the head count and the scale.
+            type State = (FlexTensor, FlexTensor, FlexTensor, usize, f64);
+
+            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let grad_out = grads.consume::<Flex>(&ops.node);
+                let (qv, keys, probs, heads, scale) = ops.state;
+                let d = folded_dims(&qv, &keys, heads);
+                let grad_out = contiguous(&grad_out);
+                let (grad_qv, grad_keys) = profile::time(Region::AttentionBackward, || {
+                    attention::folded_backward(
+                        qv.storage::<f32>(),
+                        keys.storage::<f32>(),
+                        probs.storage::<f32>(),
+                        grad_out.storage::<f32>(),
+                        d,
+                        scale as f32,
+                        attention::Engine::best(),
+                    )
+                });
+                let shapes = [vec![d.batch, d.seq, d.row()], vec![d.batch, d.seq, d.width]];
+                register_grads(ops.parents, |p| p.id, grads, [grad_qv, grad_keys].into_iter().zip(shapes));
+            }
+        }
+
+        record::<_, C, _>(FoldedAttention, [qv, keys], |[qv, keys], tracked| {
+            let (qv, keys) = (contiguous(&qv), contiguous(&keys));
+            let (out, probs) = folded_attention_forward(&qv, &keys, heads, scale, tracked);
+            (out, probs.map(|probs| (qv, keys, probs, heads, scale)))
+        })
+    }
+
+    fn packed_attention(qkv: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct PackedAttention;
+
+        impl Backward<Flex, 1> for PackedAttention {
+            /// The input, the probabilities, the head count and the scale.
+            type State = (FlexTensor, FlexTensor, usize, f64);
+
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let [parent] = ops.parents;
+                let grad_out = grads.consume::<Flex>(&ops.node);
+                let (qkv, probs, heads, scale) = ops.state;
+                if let Some(parent) = parent {
+                    let d = attn_dims(qkv.layout().shape(), heads);
+                    let grad_out = contiguous(&grad_out);
+                    let grad = profile::time(Region::AttentionBackward, || {
+                        attention::backward(
+                            qkv.storage::<f32>(),
+                            probs.storage::<f32>(),
+                            grad_out.storage::<f32>(),
+                            d,
+                            scale as f32,
+                            attention::Engine::best(),
+                        )
+                    });
+                    grads.register::<Flex>(parent.id, flex_tensor(grad, vec![d.batch, d.seq, d.row()]));
+                }
+            }
+        }
+
+        record::<_, C, _>(PackedAttention, [qkv], |[x], tracked| {
+            let x = if tracked { contiguous(&x) } else { x };
+            let (out, probs) = attention_forward(&x, heads, scale, tracked);
+            (out, probs.map(|probs| (x, probs, heads, scale)))
+        })
+    }
+
+    fn modulated_layer_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct ModulatedLayerNorm;
+
+        impl Backward<Flex, 5> for ModulatedLayerNorm {
+            /// The inputs and the per-token statistics of the forward pass.
+            type State = (NormInputs, FlexTensor);
+
+            fn backward(self, ops: Ops<Self::State, 5>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let grad_out = contiguous(&grads.consume::<Flex>(&ops.node));
+                let (inputs, stats) = ops.state;
+                let d = inputs.dims();
+                let g = profile::time(Region::NormBackward, || {
+                    norm::backward(inputs.x.storage(), grad_out.storage(), stats.storage(), inputs.params(), d)
+                });
+                let (bw, w) = (vec![d.batch, d.width], vec![d.width]);
+                let results = [
+                    (g.x, vec![d.batch, d.seq, d.width]),
+                    (g.weight, w.clone()),
+                    (g.bias, w),
+                    (g.shift, bw.clone()),
+                    (g.scale, bw),
+                ];
+                register_grads(ops.parents, |p| p.id, grads, results);
+            }
+        }
+
+        record::<_, C, _>(
+            ModulatedLayerNorm,
+            [x, weight, bias, shift, scale],
+            |[x, weight, bias, shift, scale], tracked| {
+                let inputs = NormInputs::new(&x, &weight, &bias, &shift, &scale, epsilon);
+                let (h, stats) = inputs.forward();
+                (h, tracked.then_some((inputs, stats)))
+            },
+        )
+    }
+
+    fn gated_residual(x: FloatTensor<Self>, gate: FloatTensor<Self>, y: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct GatedResidual;
+
+        impl Backward<Flex, 3> for GatedResidual {
+            /// The gate and the gated branch.
+            type State = (FlexTensor, FlexTensor);
+
+            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let grad_out = contiguous(&grads.consume::<Flex>(&ops.node));
+                let (gate, y) = ops.state;
+                let d = norm_dims(grad_out.layout().shape());
+                let [px, pgate, py] = ops.parents;
+                if pgate.is_some() || py.is_some() {
+                    let (dy, dgate) = profile::time(Region::ResidualBackward, || {
+                        residual::backward(grad_out.storage(), gate.storage(), y.storage(), d)
+                    });
+                    if let Some(p) = pgate {
+                        grads.register::<Flex>(p.id, flex_tensor(dgate, vec![d.batch, d.width]));
+                    }
+                    if let Some(p) = py {
+                        grads.register::<Flex>(p.id, flex_tensor(dy, vec![d.batch, d.seq, d.width]));
+                    }
+                }
+                if let Some(p) = px {
+                    grads.register::<Flex>(p.id, grad_out);
+                }
+            }
+        }
+
+        record::<_, C, _>(GatedResidual, [x, gate, y], |[x, gate, y], tracked| {
+            let out = residual_forward(&x, &gate, &y);
+            (out, tracked.then(|| (contiguous(&gate), contiguous(&y))))
+        })
+    }
+
+    fn fused_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        activation: Activation,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct FusedLinear;
+
+        impl Backward<Flex, 3> for FusedLinear {
+            /// The operands and what the activation's derivative reads (the output for ReLU,
+            /// the pre-activation for GELU).
+            type State = (LinearInputs, Option<FlexTensor>);
+
+            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let grad_out = grads.consume::<Flex>(&ops.node);
+                // A buffer of our own to turn dy into dz in place (no copy when unshared).
+                let mut dz = grad_out.to_contiguous();
+                drop(grad_out);
+                let (inputs, saved) = ops.state;
+                let saved = saved.as_ref().map(|t| t.storage::<f32>()).unwrap_or(&[]);
+                let d = inputs.dims;
+                let g = profile::time(Region::LinearBackward, || {
+                    linear::backward(
+                        inputs.x.storage(),
+                        inputs.weight.storage(),
+                        saved,
+                        dz.storage_mut(),
+                        d,
+                        inputs.activation,
+                    )
+                });
+                let in_shape = inputs.x.layout().shape().to_vec();
+                let results = [(g.x, in_shape), (g.weight, vec![d.input, d.output]), (g.bias, vec![d.output])];
+                register_grads(ops.parents, |p| p.id, grads, results);
+            }
+        }
+
+        record::<_, C, _>(FusedLinear, [x, weight, bias], |[x, weight, bias], tracked| {
+            let inputs = LinearInputs::new(&x, &weight, &bias, activation);
+            let (y, z) = inputs.forward(tracked);
+            let state = tracked.then(|| {
+                let saved = match activation {
+                    Activation::Identity => None,
+                    Activation::Relu => Some(y.clone()),
+                    Activation::GeluTanh => z,
+                };
+                (inputs, saved)
+            });
+            (y, state)
+        })
+    }
+}

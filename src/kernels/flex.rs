@@ -1,0 +1,220 @@
+//! The kernels on burn-flex's tensors: the glue between `FlexTensor`s and the slices the
+//! engines work on, and the forward-only [`DitKernels`] implementation for `Flex` (sampling).
+
+use burn::backend::Flex;
+use burn::backend::flex::{FlexTensor, Layout};
+use burn::backend::tensor::FloatTensor;
+use burn::prelude::*;
+use burn::tensor::{Bytes, DType};
+
+use super::attention::{self, AttnDims};
+use super::linear::{self, Activation, LinearDims};
+use super::norm::{self, NormDims, NormParams};
+use super::{DitKernels, Exchange, residual};
+use crate::profile::{self, Region};
+
+pub(super) fn norm_dims(shape: &[usize]) -> NormDims {
+    let [batch, seq, width] = <[usize; 3]>::try_from(shape).expect("expected [B, S, W]");
+    NormDims { batch, seq, width }
+}
+
+pub(super) fn attn_dims(shape: &[usize], heads: usize) -> AttnDims {
+    let [batch, seq, w3] = <[usize; 3]>::try_from(shape).expect("packed attention takes [B, S, 3·H·D]");
+    assert!(w3 % (3 * heads) == 0, "packed attention: width {w3} is not 3 × a multiple of {heads} heads");
+    AttnDims { batch, seq, heads, head_dim: w3 / 3 / heads }
+}
+
+/// The f32 elements of a CPU tensor in row-major order (copied only if it was strided).
+pub(super) fn contiguous(t: &FlexTensor) -> FlexTensor {
+    t.to_contiguous()
+}
+
+pub(super) fn flex_tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+    FlexTensor::new(Bytes::from_elems(data), Layout::contiguous(Shape::from(shape)), DType::F32)
+}
+
+pub(super) fn attention_forward(
+    qkv: &FlexTensor,
+    heads: usize,
+    scale: f64,
+    keep_probs: bool,
+) -> (FlexTensor, Option<FlexTensor>) {
+    let d = attn_dims(qkv.layout().shape(), heads);
+    let x = contiguous(qkv);
+    let (out, probs) = profile::time(Region::AttentionForward, || {
+        attention::forward(x.storage::<f32>(), d, scale as f32, keep_probs, attention::Engine::best())
+    });
+    let out = flex_tensor(out, vec![d.batch, d.seq, d.inner()]);
+    (out, probs.map(|p| flex_tensor(p, vec![d.batch, d.heads, d.seq, d.seq])))
+}
+
+pub(super) fn folded_dims(qv: &FlexTensor, keys: &FlexTensor, heads: usize) -> attention::FoldedDims {
+    let [batch, seq, width] = <[usize; 3]>::try_from(keys.layout().shape().as_ref()).expect("keys are [B, S, W]");
+    let d = attention::FoldedDims { batch, seq, heads, width };
+    assert_eq!(qv.layout().shape().as_ref(), [batch, seq, d.row()], "folded attention: qv must be [B, S, 2·H·W]");
+    d
+}
+
+/// Folded attention on contiguous inputs: the output and, when `keep_probs`, the probabilities.
+pub(super) fn folded_attention_forward(
+    qv: &FlexTensor,
+    keys: &FlexTensor,
+    heads: usize,
+    scale: f64,
+    keep_probs: bool,
+) -> (FlexTensor, Option<FlexTensor>) {
+    let d = folded_dims(qv, keys, heads);
+    let (out, probs) = profile::time(Region::AttentionForward, || {
+        attention::folded_forward(
+            qv.storage::<f32>(),
+            keys.storage::<f32>(),
+            d,
+            scale as f32,
+            keep_probs,
+            attention::Engine::best(),
+        )
+    });
+    let out = flex_tensor(out, vec![d.batch, d.seq, d.width]);
+    (out, probs.map(|p| flex_tensor(p, vec![d.batch, d.seq, d.heads * d.seq])))
+}
+
+/// The inputs of a modulated LayerNorm, contiguous.
+#[derive(Debug, Clone)]
+pub(super) struct NormInputs {
+    pub(super) x: FlexTensor,
+    pub(super) weight: FlexTensor,
+    pub(super) bias: FlexTensor,
+    pub(super) shift: FlexTensor,
+    pub(super) scale: FlexTensor,
+    pub(super) epsilon: f64,
+}
+
+impl NormInputs {
+    pub(super) fn new(
+        x: &FlexTensor,
+        weight: &FlexTensor,
+        bias: &FlexTensor,
+        shift: &FlexTensor,
+        scale: &FlexTensor,
+        epsilon: f64,
+    ) -> Self {
+        let [x, weight, bias, shift, scale] = [x, weight, bias, shift, scale].map(contiguous);
+        Self { x, weight, bias, shift, scale, epsilon }
+    }
+
+    pub(super) fn params(&self) -> NormParams<'_> {
+        NormParams {
+            weight: self.weight.storage(),
+            bias: self.bias.storage(),
+            shift: self.shift.storage(),
+            scale: self.scale.storage(),
+            epsilon: self.epsilon as f32,
+        }
+    }
+
+    pub(super) fn dims(&self) -> NormDims {
+        norm_dims(self.x.layout().shape())
+    }
+
+    /// The output and the per-token statistics.
+    pub(super) fn forward(&self) -> (FlexTensor, FlexTensor) {
+        let d = self.dims();
+        let (h, stats) = profile::time(Region::NormForward, || norm::forward(self.x.storage(), self.params(), d));
+        (flex_tensor(h, vec![d.batch, d.seq, d.width]), flex_tensor(stats, vec![d.batch, d.seq, 2]))
+    }
+}
+
+pub(super) fn residual_forward(x: &FlexTensor, gate: &FlexTensor, y: &FlexTensor) -> FlexTensor {
+    let (x, gate, y) = (contiguous(x), contiguous(gate), contiguous(y));
+    let d = norm_dims(x.layout().shape());
+    let out = profile::time(Region::ResidualForward, || residual::forward(x.storage(), gate.storage(), y.storage(), d));
+    flex_tensor(out, vec![d.batch, d.seq, d.width])
+}
+
+/// The operands of a fused Linear, contiguous, with the sizes.
+#[derive(Debug, Clone)]
+pub(super) struct LinearInputs {
+    pub(super) x: FlexTensor,
+    pub(super) weight: FlexTensor,
+    pub(super) bias: FlexTensor,
+    pub(super) activation: Activation,
+    pub(super) dims: LinearDims,
+    pub(super) out_shape: Vec<usize>,
+}
+
+impl LinearInputs {
+    pub(super) fn new(x: &FlexTensor, weight: &FlexTensor, bias: &FlexTensor, activation: Activation) -> Self {
+        let shape = x.layout().shape().to_vec();
+        let [input, output] =
+            <[usize; 2]>::try_from(weight.layout().shape().to_vec()).expect("linear weight is [in, out]");
+        assert_eq!(
+            shape.last(),
+            Some(&input),
+            "linear: input width {shape:?} does not match the weight [{input}, {output}]"
+        );
+        let rows = shape[..shape.len() - 1].iter().product();
+        let mut out_shape = shape;
+        *out_shape.last_mut().expect("rank ≥ 1") = output;
+        Self {
+            x: contiguous(x),
+            weight: contiguous(weight),
+            bias: contiguous(bias),
+            activation,
+            dims: LinearDims { rows, input, output },
+            out_shape,
+        }
+    }
+
+    /// The output and, when `keep` and the activation's backward needs it, the pre-activation.
+    pub(super) fn forward(&self, keep: bool) -> (FlexTensor, Option<FlexTensor>) {
+        let (y, z) = profile::time(Region::LinearForward, || {
+            linear::forward(
+                self.x.storage(),
+                self.weight.storage(),
+                self.bias.storage(),
+                self.dims,
+                self.activation,
+                keep,
+            )
+        });
+        (flex_tensor(y, self.out_shape.clone()), z.map(|z| flex_tensor(z, self.out_shape.clone())))
+    }
+}
+
+impl DitKernels for Flex {
+    fn packed_attention(qkv: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self> {
+        attention_forward(&qkv, heads, scale, false).0
+    }
+
+    fn folded_attention(qv: FloatTensor<Self>, keys: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self> {
+        folded_attention_forward(&contiguous(&qv), &contiguous(&keys), heads, scale, false).0
+    }
+
+    fn modulated_layer_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
+        NormInputs::new(&x, &weight, &bias, &shift, &scale, epsilon).forward().0
+    }
+
+    fn gated_residual(x: FloatTensor<Self>, gate: FloatTensor<Self>, y: FloatTensor<Self>) -> FloatTensor<Self> {
+        residual_forward(&x, &gate, &y)
+    }
+
+    fn fused_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        activation: Activation,
+    ) -> FloatTensor<Self> {
+        LinearInputs::new(&x, &weight, &bias, activation).forward(false).0
+    }
+
+    fn exchange(x: FloatTensor<Self>, plan: Exchange) -> FloatTensor<Self> {
+        plan.apply(&x)
+    }
+}

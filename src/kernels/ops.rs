@@ -1,0 +1,186 @@
+//! The kernels as `Tensor` functions: the fused kernel on the CPU backend in f32, the composed
+//! burn operations (each `*_composed`, also the kernels' test reference) everywhere else.
+
+use burn::backend::Dispatch;
+use burn::prelude::*;
+use burn::tensor::DType;
+use burn::tensor::activation::softmax;
+use burn::tensor::module::layer_norm;
+
+use super::{Activation, DitKernels, Exchange};
+
+/// True when `device` runs on the CPU backend these kernels are written for.
+pub(crate) fn on_flex(device: &Device) -> bool {
+    device.clone().inner() == Device::flex()
+}
+
+/// Whether the fused kernel takes `x`: an f32 tensor on the CPU backend.
+fn runs_fused<const D: usize>(x: &Tensor<D>) -> bool {
+    on_flex(&x.device()) && x.dtype() == DType::F32
+}
+
+/// Sequence parallelism's exchange on the CPU backend (the only one it supports).
+pub fn exchange(x: Tensor<3>, plan: Exchange) -> Tensor<3> {
+    assert!(runs_fused(&x), "sequence parallelism runs on the CPU backend, in f32");
+    Tensor::from_dispatch(<Dispatch as DitKernels>::exchange(x.into_dispatch(), plan))
+}
+
+/// Multi-head self-attention: `qkv` `[B, S, 3·H·D]` (queries, keys, values side by side, head
+/// `h` at columns `h·D..` of each) → `[B, S, H·D]`, with `softmax(scale · Q Kᵀ) V` per head.
+pub fn packed_attention(qkv: Tensor<3>, heads: usize, scale: f64) -> Tensor<3> {
+    if runs_fused(&qkv) {
+        Tensor::from_dispatch(<Dispatch as DitKernels>::packed_attention(qkv.into_dispatch(), heads, scale))
+    } else {
+        packed_attention_composed(qkv, heads, scale)
+    }
+}
+
+/// [`packed_attention`] from burn's own operations: the reference, and the path off the CPU.
+pub fn packed_attention_composed(qkv: Tensor<3>, heads: usize, scale: f64) -> Tensor<3> {
+    let [b, s, w3] = qkv.dims();
+    let hd = w3 / 3;
+    let mut parts = qkv.chunk(3, 2).into_iter();
+    let mut next_heads = || parts.next().expect("three chunks").reshape([b, s, heads, hd / heads]).swap_dims(1, 2); // [B,H,S,D]
+    let (q, k, v) = (next_heads(), next_heads(), next_heads());
+    let probs = softmax(q.matmul(k.swap_dims(2, 3)) * scale, 3); // [B,H,S,S]
+    probs.matmul(v).swap_dims(1, 2).reshape([b, s, hd])
+}
+
+/// Attention with the key, value and output projections folded into the weights (see
+/// `model::mnist_dits::folded`): `qv` `[B, S, 2·H·W]` (folded queries, then folded
+/// values, head `h` at `h·W..` of each), `keys` `[B, S, W]` → `Σₕ softmax(scale · Q'ₕ Kᵀ) V'ₕ`,
+/// `[B, S, W]`.
+pub fn folded_attention(qv: Tensor<3>, keys: Tensor<3>, heads: usize, scale: f64) -> Tensor<3> {
+    if runs_fused(&qv) {
+        Tensor::from_dispatch(<Dispatch as DitKernels>::folded_attention(
+            qv.into_dispatch(),
+            keys.into_dispatch(),
+            heads,
+            scale,
+        ))
+    } else {
+        folded_attention_composed(qv, keys, heads, scale)
+    }
+}
+
+/// [`folded_attention`] from burn's own operations.
+pub fn folded_attention_composed(qv: Tensor<3>, keys: Tensor<3>, heads: usize, scale: f64) -> Tensor<3> {
+    let [b, s, w] = keys.dims();
+    let mut parts = qv.chunk(2, 2).into_iter();
+    let mut next_heads = || parts.next().expect("two chunks").reshape([b, s, heads, w]).swap_dims(1, 2); // [B,H,S,W]
+    let (q, v) = (next_heads(), next_heads());
+    let k = keys.unsqueeze_dim::<4>(1).repeat_dim(1, heads); // [B,H,S,W]
+    let probs = softmax(q.matmul(k.swap_dims(2, 3)) * scale, 3); // [B,H,S,S]
+    probs.matmul(v).sum_dim(1).reshape([b, s, w])
+}
+
+/// adaLN: `LayerNorm(x; weight, bias, ε)·(1 + scale) + shift` for `x` `[B, S, W]`, with
+/// `weight`, `bias` `[W]` and the per-image `shift`, `scale` `[B, W]`.
+pub fn modulated_layer_norm(
+    x: Tensor<3>,
+    weight: Tensor<1>,
+    bias: Tensor<1>,
+    shift: Tensor<2>,
+    scale: Tensor<2>,
+    epsilon: f64,
+) -> Tensor<3> {
+    if runs_fused(&x) {
+        Tensor::from_dispatch(<Dispatch as DitKernels>::modulated_layer_norm(
+            x.into_dispatch(),
+            weight.into_dispatch(),
+            bias.into_dispatch(),
+            shift.into_dispatch(),
+            scale.into_dispatch(),
+            epsilon,
+        ))
+    } else {
+        modulated_layer_norm_composed(x, weight, bias, shift, scale, epsilon)
+    }
+}
+
+/// [`modulated_layer_norm`] from burn's own operations.
+pub fn modulated_layer_norm_composed(
+    x: Tensor<3>,
+    weight: Tensor<1>,
+    bias: Tensor<1>,
+    shift: Tensor<2>,
+    scale: Tensor<2>,
+    epsilon: f64,
+) -> Tensor<3> {
+    layer_norm(x, weight, Some(bias), epsilon) * (scale.unsqueeze_dim::<3>(1) + 1.0) + shift.unsqueeze_dim::<3>(1)
+}
+
+/// `x + gate·y` for `x`, `y` `[B, S, W]` and a per-image `gate` `[B, W]`.
+pub fn gated_residual(x: Tensor<3>, gate: Tensor<2>, y: Tensor<3>) -> Tensor<3> {
+    if runs_fused(&x) {
+        Tensor::from_dispatch(<Dispatch as DitKernels>::gated_residual(
+            x.into_dispatch(),
+            gate.into_dispatch(),
+            y.into_dispatch(),
+        ))
+    } else {
+        gated_residual_composed(x, gate, y)
+    }
+}
+
+/// [`gated_residual`] from burn's own operations.
+pub fn gated_residual_composed(x: Tensor<3>, gate: Tensor<2>, y: Tensor<3>) -> Tensor<3> {
+    x + gate.unsqueeze_dim::<3>(1) * y
+}
+
+/// `act(x·W + b)` for a burn `Linear` (its bias, or none), over the last axis of `x`.
+pub fn linear_act<const D: usize>(layer: &burn::nn::Linear, x: Tensor<D>, activation: Activation) -> Tensor<D> {
+    let weight = layer.weight.val();
+    let bias =
+        layer.bias.as_ref().map(|b| b.val()).unwrap_or_else(|| Tensor::zeros([weight.dims()[1]], &weight.device()));
+    fused_linear(x, weight, bias, activation)
+}
+
+/// Several Linear layers over the same input as one: their weights side by side, outputs
+/// concatenated on the last axis (one GEMM and one pass instead of one per layer).
+pub fn linear_cat<const D: usize>(layers: &[&burn::nn::Linear], x: Tensor<D>, activation: Activation) -> Tensor<D> {
+    let weight = Tensor::cat(layers.iter().map(|l| l.weight.val()).collect(), 1);
+    let device = weight.device();
+    let bias = Tensor::cat(
+        layers
+            .iter()
+            .map(|l| l.bias.as_ref().map(|b| b.val()).unwrap_or_else(|| Tensor::zeros([l.weight.dims()[1]], &device)))
+            .collect(),
+        0,
+    );
+    fused_linear(x, weight, bias, activation)
+}
+
+/// `act(x·W + b)`: `x` `[.., in]`, `weight` `[in, out]`, `bias` `[out]`.
+pub fn fused_linear<const D: usize>(
+    x: Tensor<D>,
+    weight: Tensor<2>,
+    bias: Tensor<1>,
+    activation: Activation,
+) -> Tensor<D> {
+    if runs_fused(&x) {
+        Tensor::from_dispatch(<Dispatch as DitKernels>::fused_linear(
+            x.into_dispatch(),
+            weight.into_dispatch(),
+            bias.into_dispatch(),
+            activation,
+        ))
+    } else {
+        fused_linear_composed(x, weight, bias, activation)
+    }
+}
+
+/// [`fused_linear`] from burn's own operations.
+pub fn fused_linear_composed<const D: usize>(
+    x: Tensor<D>,
+    weight: Tensor<2>,
+    bias: Tensor<1>,
+    activation: Activation,
+) -> Tensor<D> {
+    let z = burn::tensor::module::linear(x, weight, Some(bias));
+    match activation {
+        Activation::Identity => z,
+        Activation::Relu => burn::tensor::activation::relu(z),
+        Activation::GeluTanh => burn::tensor::activation::gelu_approximate(z),
+    }
+}

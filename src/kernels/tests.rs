@@ -1,0 +1,146 @@
+//! Every kernel against the composed burn operations it replaces: values and every input's
+//! gradient.
+
+use burn::prelude::*;
+use burn::tensor::Distribution;
+
+use super::Activation;
+use super::ops::*;
+
+/// Seeded random inputs: each draw seeds burn's generator under the process-wide lock
+/// (see [`crate::rng::with_device_seed`]), so the tests are reproducible and never shift
+/// the draws of a model initialisation running in a parallel test.
+struct Draws {
+    device: Device,
+    next_seed: std::cell::Cell<u64>,
+}
+
+impl Draws {
+    fn new(device: &Device, seed: u64) -> Self {
+        Self { device: device.clone(), next_seed: std::cell::Cell::new(seed << 32) }
+    }
+
+    fn normal(&self, shape: [usize; 3], mean: f64, std: f64) -> Tensor<3> {
+        let seed = self.next_seed.replace(self.next_seed.get() + 1);
+        crate::rng::with_device_seed(&self.device, seed, || {
+            Tensor::<3>::random(shape, Distribution::Normal(mean, std), &self.device)
+        })
+    }
+}
+
+fn max_rel_diff(a: Tensor<3>, b: Tensor<3>) -> f32 {
+    let scale = b.clone().abs().max().into_scalar::<f32>().max(1e-6);
+    (a - b).abs().max().into_scalar::<f32>() / scale
+}
+
+/// Values and gradients of the kernel equal the composed operations (1e-5 relative).
+fn check_attention(batch: usize, seq: usize, heads: usize, head_dim: usize) {
+    let draws = Draws::new(&Device::flex().autodiff(), (batch * 1000 + seq) as u64);
+    let x = draws.normal([batch, seq, 3 * heads * head_dim], 0.0, 1.0);
+    let upstream = draws.normal([batch, seq, heads * head_dim], 0.0, 1.0);
+    let scale = 1.0 / (head_dim as f64).sqrt();
+
+    let grad_of = |f: &dyn Fn(Tensor<3>) -> Tensor<3>| {
+        let x = x.clone().require_grad();
+        let y = f(x.clone());
+        let grads = (y.clone() * upstream.clone()).sum().backward();
+        (y.detach(), x.grad(&grads).expect("gradient"))
+    };
+    let (y_kernel, g_kernel) = grad_of(&|x| packed_attention(x, heads, scale));
+    let (y_ref, g_ref) = grad_of(&|x| packed_attention_composed(x, heads, scale));
+    let y_kernel = y_kernel.inner();
+    let (dy, dg) = (max_rel_diff(y_kernel.clone(), y_ref.inner()), max_rel_diff(g_kernel, g_ref));
+    assert!(dy < 1e-5, "forward differs by {dy}");
+    assert!(dg < 1e-5, "gradient differs by {dg}");
+
+    // The no-grad path (sampling) gives the same values.
+    let y_plain = packed_attention(x.clone().inner(), heads, scale);
+    assert!(max_rel_diff(y_plain, y_kernel) < 1e-6);
+}
+
+/// Values and every input's gradient of `kernel` equal those of `composed` (1e-5 relative).
+fn check_against_composed<const N: usize>(
+    inputs: [Tensor<3>; N],
+    kernel: impl Fn([Tensor<3>; N]) -> Tensor<3>,
+    composed: impl Fn([Tensor<3>; N]) -> Tensor<3>,
+) {
+    let dims = composed(inputs.clone()).dims();
+    let upstream = Draws::new(&inputs[0].device(), 99).normal(dims, 0.0, 1.0);
+    let run = |f: &dyn Fn([Tensor<3>; N]) -> Tensor<3>| {
+        let xs = inputs.clone().map(|x| x.require_grad());
+        let y = f(xs.clone());
+        let grads = (y.clone() * upstream.clone()).sum().backward();
+        (y.detach().inner(), xs.map(|x| x.grad(&grads).expect("gradient")))
+    };
+    let (y_k, g_k) = run(&kernel);
+    let (y_c, g_c) = run(&composed);
+    let dy = max_rel_diff(y_k, y_c);
+    assert!(dy < 1e-5, "forward differs by {dy}");
+    for (i, (a, b)) in g_k.into_iter().zip(g_c).enumerate() {
+        let d = max_rel_diff(a, b);
+        assert!(d < 1e-5, "gradient of input {i} differs by {d}");
+    }
+}
+
+/// `[B,1,W]`-shaped stand-ins for `[B,W]` and `[W]` inputs, so that all inputs share one type.
+fn as_2d(t: Tensor<3>) -> Tensor<2> {
+    t.squeeze_dim(1)
+}
+
+#[test]
+fn modulated_layer_norm_matches_composed() {
+    let device = Device::flex().autodiff();
+    assert!(on_flex(&device));
+    let (b, s, w) = (3, 49, 64);
+    let draws = Draws::new(&device, 1);
+    let r = |shape: [usize; 3], std: f64| draws.normal(shape, 0.5, std);
+    let inputs = [r([b, s, w], 2.0), r([1, 1, w], 1.0), r([1, 1, w], 1.0), r([b, 1, w], 1.0), r([b, 1, w], 1.0)];
+    let call = |f: fn(Tensor<3>, Tensor<1>, Tensor<1>, Tensor<2>, Tensor<2>, f64) -> Tensor<3>| {
+        move |[x, wt, bs, sh, sc]: [Tensor<3>; 5]| {
+            f(x, as_2d(wt).squeeze_dim(0), as_2d(bs).squeeze_dim(0), as_2d(sh), as_2d(sc), 1e-5)
+        }
+    };
+    check_against_composed(inputs, call(modulated_layer_norm), call(modulated_layer_norm_composed));
+}
+
+#[test]
+fn gated_residual_matches_composed() {
+    let draws = Draws::new(&Device::flex().autodiff(), 2);
+    let (b, s, w) = (3, 49, 64);
+    let r = |shape: [usize; 3]| draws.normal(shape, 0.0, 1.0);
+    let inputs = [r([b, s, w]), r([b, 1, w]), r([b, s, w])];
+    check_against_composed(
+        inputs,
+        |[x, g, y]| gated_residual(x, as_2d(g), y),
+        |[x, g, y]| gated_residual_composed(x, as_2d(g), y),
+    );
+}
+
+fn check_linear(rows: usize, input: usize, output: usize, activation: Activation) {
+    let draws = Draws::new(&Device::flex().autodiff(), 3 + rows as u64);
+    let r = |shape: [usize; 3]| draws.normal(shape, 0.0, 1.0);
+    // Rows not a multiple of the block size, spread over two leading axes.
+    let inputs = [r([2, rows, input]), r([1, input, output]), r([1, 1, output])];
+    let call = |f: fn(Tensor<3>, Tensor<2>, Tensor<1>, Activation) -> Tensor<3>| {
+        move |[x, w, b]: [Tensor<3>; 3]| f(x, w.squeeze_dim(0), as_2d(b).squeeze_dim(0), activation)
+    };
+    check_against_composed(inputs, call(fused_linear), call(fused_linear_composed));
+}
+
+#[test]
+fn fused_linear_matches_composed() {
+    for activation in [Activation::Identity, Activation::Relu, Activation::GeluTanh] {
+        check_linear(300, 64, 96, activation);
+        check_linear(5, 3, 7, activation);
+    }
+}
+
+#[test]
+fn attention_matches_composed_mnist_dits_shape() {
+    check_attention(3, 49, 4, 64);
+}
+
+#[test]
+fn attention_matches_composed_odd_shape() {
+    check_attention(2, 7, 3, 5);
+}

@@ -1,0 +1,265 @@
+//! A run's life: started or resumed (rank 0 resolves it, every rank receives it), the run
+//! directory locked, then steps until the end, a `--stop-after` step or a stop signal, with
+//! metrics, the loss plot and checkpoints along the way.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail, ensure};
+use burn::prelude::*;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use super::metrics::{self, MetricsRecord};
+use super::run_dir::lock_run_dir;
+use super::start::{self, Resolved, Start};
+use super::step::Trainer;
+use super::stop::{catch_stop_signals, stop_requested};
+use crate::data::{BatchLoader, ImageDataset, Position};
+use crate::distributed::data_parallel::DataParallel;
+
+/// Everything a rank needs to take part in a run.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub run_dir: PathBuf,
+    pub start: Start,
+    /// Stop at this step with a checkpoint, although the run (and so its learning-rate
+    /// schedule) keeps its length; `--resume` continues it.
+    pub stop_after: Option<u64>,
+    /// Checkpoints kept on disk.
+    pub keep: usize,
+    pub progress: bool,
+    pub device: Device,
+    /// The ranks of a multi-process run (one by default).
+    pub dp: DataParallel,
+    /// Check each step's loss and gradients for NaN/Inf and name the first parameter affected.
+    pub detect_anomaly: bool,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub final_loss: f64,
+    pub samples_per_s: f64,
+    pub elapsed_s: f64,
+    pub checkpoint: PathBuf,
+    /// This process's rank, and the number of ranks (1 without `--dist`).
+    pub rank: usize,
+    pub ranks: usize,
+    /// Stopped early by a signal (Ctrl-C), after a checkpoint.
+    pub interrupted: bool,
+}
+
+impl TrainSummary {
+    /// A finished run as it is, an interrupted one as [`Interrupted`] (rank 0 says how to go on).
+    pub fn finished(self) -> anyhow::Result<Self> {
+        if !self.interrupted {
+            return Ok(self);
+        }
+        if self.rank != 0 {
+            return Err(Interrupted(String::new()).into());
+        }
+        let run_dir = self.checkpoint.parent().and_then(|c| c.parent()).unwrap_or(&self.checkpoint);
+        Err(Interrupted(format!(
+            "interrupted at step {}: checkpoint {} written; `dits train --resume {}` continues the run",
+            self.steps,
+            self.checkpoint.display(),
+            run_dir.display()
+        ))
+        .into())
+    }
+}
+
+/// A run stopped by a signal after its checkpoint: not a failure, so the CLI reports it without
+/// `error:`, with exit status 130 (the shell's convention for Ctrl-C).
+#[derive(Debug)]
+pub struct Interrupted(pub String);
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// The training split and how many steps make an epoch.
+struct Epochs {
+    data: Arc<ImageDataset>,
+    per_epoch: u64,
+}
+
+/// `dits train` on one rank. With several ranks (`opts.dp`), every rank calls this: rank 0
+/// resolves the start and hands the trainer to the others, and alone writes checkpoints,
+/// metrics and progress.
+pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
+    let (run_dir, dp) = (&opts.run_dir, opts.dp.clone());
+    let resuming = matches!(opts.start, Start::Resume(_));
+    // Held until the run returns: one process at a time trains in a run directory. A resumed
+    // run is locked before rank 0 reads it; a new one once every check has passed.
+    let mut run_lock = None;
+    let mut lead_data = None;
+    let lead = dp.is_lead().then(|| {
+        if resuming && run_dir.is_dir() {
+            run_lock = Some(lock_run_dir(run_dir)?);
+        }
+        let Resolved { trainer, data } = start::resolve(&opts.start, run_dir, &opts.device)?;
+        lead_data = Some(data);
+        Ok(trainer)
+    });
+    let trainer = Trainer::broadcast_from_lead(lead, dp.comm.as_ref(), &opts.device)?;
+    // Checked on every rank from the state they all hold, so each reports the same error.
+    let (state, world) = (&trainer.state, dp.world());
+    ensure!(
+        state.train.batch >= world,
+        "the batch ({}) is smaller than the number of ranks ({world}): each rank needs at least one image",
+        state.train.batch
+    );
+    let total = state.train.total_steps;
+    ensure!(
+        state.step < total,
+        "the run is already at step {} of {total}: pass a larger --steps/--epochs to continue it",
+        state.step
+    );
+    let stop = opts.stop_after.map_or(total, |s| s.min(total));
+    ensure!(state.step < stop, "--stop-after {stop} is not past the run's current step {}", state.step);
+    let (data, per_epoch) = match lead_data {
+        Some(data) => data,
+        None => start::open_data(state)?,
+    };
+    let _run_lock = match (dp.is_lead(), run_lock) {
+        (false, _) => None,
+        (true, Some(held)) => Some(held),
+        (true, None) => {
+            std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+            Some(lock_run_dir(run_dir)?)
+        }
+    };
+    let mut trainer = trainer.with_data_parallel(dp);
+    trainer.detect_anomaly = opts.detect_anomaly;
+    train_loop(trainer, &opts, Epochs { data, per_epoch }, stop)
+}
+
+/// Steps from the trainer's step to `stop` (or a stop signal), logging and checkpointing.
+fn train_loop(mut trainer: Trainer, opts: &TrainOptions, epochs: Epochs, stop: u64) -> anyhow::Result<TrainSummary> {
+    let (run_dir, dp, lead) = (&opts.run_dir, &opts.dp, opts.dp.is_lead());
+    let Epochs { data, per_epoch } = epochs;
+    let (batch, total) = (trainer.state.train.batch, trainer.state.train.total_steps);
+    let start_step = trainer.state.step;
+    let position = Position { epoch: start_step / per_epoch, index: start_step % per_epoch };
+    let mut loader = BatchLoader::new(data, batch, trainer.state.train.seed, position);
+    let bar = progress_bar(opts.progress && lead, start_step, total);
+    let (log_every, ckpt_every) = (trainer.state.train.log_every, trainer.state.train.checkpoint_every);
+    let run_start = Instant::now();
+    let elapsed_before = trainer.state.elapsed_s;
+    let mut interval = (Instant::now(), 0f64, 0u64);
+    let mut last_loss = f64::NAN;
+    let mut last_ckpt = None;
+    if lead {
+        tracing::info!(
+            "training {} parameters from step {start_step} to {total} ({per_epoch} steps per epoch, batch {batch})",
+            trainer.table().total
+        );
+    }
+    if lead && dp.world() > 1 {
+        tracing::info!(
+            "{} ranks, {} rows of each batch on rank 0, optimizer state {:?}: {:.2} MiB on rank 0",
+            dp.world(),
+            dp.my_rows(batch).len(),
+            dp.zero,
+            trainer.optimizer_bytes() as f64 / (1 << 20) as f64
+        );
+    }
+    catch_stop_signals();
+    let mut interrupted = false;
+    while trainer.state.step < stop && !interrupted {
+        let b = loader.next_batch();
+        let out = trainer.step(&b);
+        if let Some(anomaly) = &out.anomaly {
+            bar.abandon();
+            bail!("anomaly at step {}: {anomaly}; training stopped, the last checkpoint is kept", trainer.state.step);
+        }
+        if !out.loss.is_finite() {
+            bar.abandon();
+            bail!(
+                "the loss became {} at step {}: training stopped, the last checkpoint is kept. \
+                 A learning rate too high for this batch size is the usual cause (try a lower --lr)",
+                out.loss,
+                trainer.state.step
+            );
+        }
+        let step = trainer.state.step;
+        interrupted = stop_requested(dp);
+        trainer.state.epoch = step / per_epoch;
+        trainer.state.batch_in_epoch = step % per_epoch;
+        interval.1 += out.loss as f64;
+        interval.2 += 1;
+        bar.set_position(step);
+        if step.is_multiple_of(log_every) || step == stop || interrupted {
+            let secs = interval.0.elapsed().as_secs_f64();
+            let rate = (interval.2 as usize * batch) as f64 / secs.max(1e-9);
+            last_loss = interval.1 / interval.2 as f64;
+            bar.set_message(format!("epoch {} | loss {last_loss:.4} | {rate:.0} samples/s", b.epoch));
+            if lead {
+                let elapsed_s = elapsed_before + run_start.elapsed().as_secs_f64();
+                let record =
+                    MetricsRecord { step, epoch: b.epoch, loss: last_loss, lr: out.lr, samples_per_s: rate, elapsed_s };
+                metrics::append(run_dir, &record)?;
+            }
+            interval = (Instant::now(), 0.0, 0);
+        }
+        if step.is_multiple_of(ckpt_every) || step == stop || interrupted {
+            trainer.state.elapsed_s = elapsed_before + run_start.elapsed().as_secs_f64();
+            let dir = trainer.save(run_dir, opts.keep)?;
+            if lead {
+                if let Err(e) = metrics::plot_loss(run_dir) {
+                    tracing::warn!("could not draw the loss plot: {e:#}");
+                }
+                bar.suspend(|| tracing::info!("step {step}: checkpoint {}", dir.display()));
+            }
+            last_ckpt = Some(dir);
+        }
+    }
+    if interrupted {
+        bar.abandon();
+    } else {
+        bar.finish();
+    }
+    let elapsed = run_start.elapsed().as_secs_f64();
+    if dp.world() > 1 {
+        let c = dp.comm.stats();
+        let steps = (trainer.state.step - start_step).max(1);
+        tracing::info!(
+            "rank {}: {:.1} s of {elapsed:.1} s in communication, {:.2} MB sent per step ({} calls)",
+            dp.rank(),
+            c.time.as_secs_f64(),
+            c.bytes as f64 / steps as f64 / 1e6,
+            c.calls
+        );
+    }
+    Ok(TrainSummary {
+        steps: trainer.state.step,
+        final_loss: last_loss,
+        samples_per_s: ((trainer.state.step - start_step) as usize * batch) as f64 / elapsed.max(1e-9),
+        elapsed_s: elapsed,
+        checkpoint: last_ckpt.expect("at least one step ran, and the last step always checkpoints"),
+        rank: dp.rank(),
+        ranks: dp.world(),
+        interrupted,
+    })
+}
+
+fn progress_bar(visible: bool, start: u64, total: u64) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(
+        Some(total),
+        if visible { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
+    );
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30.cyan/blue}] {pos}/{len} steps, ETA {eta} | {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_position(start);
+    bar
+}

@@ -1,0 +1,145 @@
+//! How a run starts, new or resumed, and the one place that turns that into a trainer: rank 0
+//! reads the run directory, checks what a resumed run may change, opens the data and fixes the
+//! run's length; the other ranks receive the result (see [`super::snapshot`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, ensure};
+use burn::prelude::*;
+
+use super::checkpoint;
+use super::config::{Length, TrainConfig};
+use super::metrics;
+use super::recipe::{ModelOverrides, RecipeFile, TrainOverrides};
+use super::run_dir::ensure_no_run;
+use super::state::RunState;
+use super::step::Trainer;
+use crate::data::{BatchLoader, ImageDataset, Split, default_data_dir, loader::batches_per_epoch};
+use crate::model::DitConfig;
+
+/// How a run starts.
+#[derive(Debug, Clone)]
+pub enum Start {
+    /// A new run of `model` on the data in `data_dir`.
+    New { data_dir: PathBuf, model: DitConfig, train: TrainConfig, length: Length },
+    /// The run in the run directory, continued from its latest checkpoint.
+    Resume(ResumeFlags),
+}
+
+/// The flags given with `--resume`: a resumed run keeps its data, model and recipe, and may
+/// change only its length and logging intervals, so every other flag must agree with the run.
+#[derive(Debug, Clone, Default)]
+pub struct ResumeFlags {
+    /// `--out`, which must name the run being resumed.
+    pub out: Option<PathBuf>,
+    pub data: Option<PathBuf>,
+    pub model: ModelOverrides,
+    pub train: TrainOverrides,
+}
+
+impl Start {
+    /// A new run from the recipe's three sources, each overriding the one before: the defaults,
+    /// the TOML file `config`, the flags.
+    pub fn new_run(
+        data: Option<PathBuf>,
+        config: Option<&Path>,
+        model: ModelOverrides,
+        train: TrainOverrides,
+    ) -> anyhow::Result<Self> {
+        let file = match config {
+            Some(path) => RecipeFile::read(path)?,
+            None => RecipeFile::default(),
+        };
+        let overrides = train.or(file.train);
+        let length = Length::from_flags(overrides.steps, overrides.epochs)?.unwrap_or(Length::DEFAULT);
+        let train = overrides.apply(TrainConfig::default())?;
+        let mut model = model.or(file.model).resolve()?;
+        model.null_class = train.label_dropout > 0.0;
+        Ok(Start::New { data_dir: data.unwrap_or_else(default_data_dir), model, train, length })
+    }
+}
+
+/// A run resolved on rank 0: its trainer, and its data with the steps in an epoch.
+pub(super) struct Resolved {
+    pub trainer: Trainer,
+    pub data: (Arc<ImageDataset>, u64),
+}
+
+/// Rank 0's side of a start: the trainer of `start` in `run_dir`, checked once.
+pub(super) fn resolve(start: &Start, run_dir: &Path, device: &Device) -> anyhow::Result<Resolved> {
+    match start {
+        Start::New { data_dir, model, train, length } => {
+            ensure_no_run(run_dir)?;
+            let mut trainer = Trainer::new(model.clone(), train.clone(), data_dir.display().to_string(), device)?;
+            let data = open_data(&trainer.state)?;
+            trainer.state.train.total_steps = length.steps(data.1);
+            Ok(Resolved { trainer, data })
+        }
+        Start::Resume(flags) => {
+            let dir = checkpoint::resolve(run_dir)?;
+            let ckpt = checkpoint::load(&dir)?;
+            let (train, length) = resumed_settings(&ckpt.state, run_dir, flags)?;
+            let mut trainer = Trainer::from_checkpoint(ckpt, &dir, device)?;
+            trainer.state.train = train;
+            let data = open_data(&trainer.state)?;
+            if let Some(length) = length {
+                trainer.state.train.total_steps = length.steps(data.1);
+            }
+            metrics::truncate_after(run_dir, trainer.state.step)?;
+            Ok(Resolved { trainer, data })
+        }
+    }
+}
+
+/// The recipe of a resumed run with the changes its flags may make (length, logging
+/// intervals), after checking that no other flag differs from the run.
+fn resumed_settings(
+    saved: &RunState,
+    run_dir: &Path,
+    flags: &ResumeFlags,
+) -> anyhow::Result<(TrainConfig, Option<Length>)> {
+    ensure!(flags.model.is_empty(), "a resumed run keeps its model: drop --model and the size flags");
+    if let Some(out) = &flags.out {
+        ensure!(out == run_dir, "--out {} differs from --resume {}", out.display(), run_dir.display());
+    }
+    if flags.data.as_ref().is_some_and(|d| d.display().to_string() != saved.data_dir) {
+        bail!("--data differs from the run being resumed ({}); a resumed run keeps its data", saved.data_dir);
+    }
+    let o = &flags.train;
+    let fixed = TrainOverrides { epochs: None, steps: None, checkpoint_every: None, log_every: None, ..o.clone() };
+    let mut train = fixed.apply(saved.train.clone())?;
+    if train != saved.train {
+        bail!(
+            "a resumed run keeps its settings (only --steps/--epochs, --checkpoint-every and --log-every may change): \
+             a flag differs from the run in {}",
+            run_dir.display()
+        );
+    }
+    train.checkpoint_every = o.checkpoint_every.unwrap_or(train.checkpoint_every);
+    train.log_every = o.log_every.unwrap_or(train.log_every);
+    train.validate()?;
+    Ok((train, Length::from_flags(o.steps, o.epochs)?))
+}
+
+/// The training split of a run's data, checked against its model and batch, with the number of
+/// steps in an epoch.
+pub(super) fn open_data(state: &RunState) -> anyhow::Result<(Arc<ImageDataset>, u64)> {
+    let (dir, cfg) = (Path::new(&state.data_dir), &state.model);
+    let ds = ImageDataset::load(dir, Split::Train, cfg.classes)?;
+    ensure!(
+        ds.height == cfg.image_size && ds.width == cfg.image_size && ds.channels == cfg.channels,
+        "{}: images are {}×{}×{}, the model expects {}×{}×{}",
+        dir.display(),
+        ds.channels,
+        ds.height,
+        ds.width,
+        cfg.channels,
+        cfg.image_size,
+        cfg.image_size
+    );
+    let batch = state.train.batch;
+    BatchLoader::check(ds.len(), batch)?;
+    let per_epoch = batches_per_epoch(ds.len(), batch);
+    Ok((Arc::new(ds), per_epoch))
+}

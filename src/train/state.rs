@@ -1,0 +1,62 @@
+//! What a run is at a step, besides its tensors: the state every checkpoint stores.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::config::TrainConfig;
+use super::params::ParamTable;
+use crate::model::DitConfig;
+
+/// The version of `state.json` this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// How every random number of the run is derived (see [`crate::rng`]); stored so a reader knows
+/// that (seed, step, epoch) is the complete generator state.
+pub const RNG_SCHEME: &str = "chacha8: stream(seed, purpose, index); data order index = epoch, \
+                              training noise index = step";
+
+/// A run at a step: its model and recipe, its counters, where its data is, and the layout of
+/// its flat parameter vectors. The trainer carries it live; a checkpoint stores it as
+/// `state.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunState {
+    pub format_version: u32,
+    pub model: DitConfig,
+    pub train: TrainConfig,
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// The epoch and batch the next step reads.
+    pub epoch: u64,
+    pub batch_in_epoch: u64,
+    pub rng_seed: u64,
+    pub rng_scheme: String,
+    /// Training wall-clock seconds so far (for throughput across resumes).
+    pub elapsed_s: f64,
+    pub data_dir: String,
+    /// Parameter layout of the flat optimizer vectors.
+    pub params: ParamTable,
+    /// SHA-256 of each file beside this one.
+    pub sha256: BTreeMap<String, String>,
+}
+
+impl RunState {
+    pub fn new(model: DitConfig, train: TrainConfig, params: ParamTable, data_dir: String) -> Self {
+        let rng_seed = train.seed;
+        Self {
+            format_version: FORMAT_VERSION,
+            model,
+            train,
+            step: 0,
+            epoch: 0,
+            batch_in_epoch: 0,
+            rng_seed,
+            rng_scheme: RNG_SCHEME.to_string(),
+            elapsed_s: 0.0,
+            data_dir,
+            params,
+            sha256: BTreeMap::new(),
+        }
+    }
+}

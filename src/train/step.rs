@@ -1,0 +1,327 @@
+//! One optimisation step, a pure function of (weights, optimizer state, batch, seed, step):
+//! noise the batch, predict, take the loss and its gradient over the micro-batches, and let the
+//! ranks' data-parallel step update the weights and their moving average.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::ensure;
+use burn::prelude::*;
+use rand::Rng;
+use rayon::prelude::*;
+
+use super::checkpoint::{self, Checkpoint};
+use super::config::{LossKind, TrainConfig};
+use super::params::ParamTable;
+use super::state::RunState;
+use crate::data::Batch;
+use crate::diffusion::schedule::NoiseSchedule;
+use crate::distributed::data_parallel::DataParallel;
+use crate::model::{DitConfig, DitNet, weights};
+use crate::optim::{AdamState, ema};
+use crate::profile::{self, Region};
+use crate::ranges::micro_batches;
+use crate::rng::{Purpose, derive_seed, standard_normal, stream};
+
+/// A model with its optimizer state and counters.
+pub struct Trainer {
+    pub(super) device: Device,
+    pub(super) model: DitNet,
+    pub(super) table: ParamTable,
+    /// The master copy of the weights; the model's tensors are rebuilt from it after each step.
+    pub(super) params: Vec<f32>,
+    /// Adam's moments for this rank's shard of `params` (all of them unless ZeRO-1).
+    pub(super) adam: AdamState,
+    /// Moving average of `params`.
+    pub(super) ema: Vec<f32>,
+    pub(super) schedule: NoiseSchedule,
+    pub state: RunState,
+    /// The ranks this trainer shares its steps with (one, by default).
+    pub(super) dp: DataParallel,
+    /// Check every step's loss and gradient for NaN/Inf (`--detect-anomaly`).
+    pub detect_anomaly: bool,
+}
+
+/// What one step computed.
+#[derive(Debug, Clone)]
+pub struct StepOutcome {
+    pub loss: f32,
+    pub lr: f64,
+    /// With `detect_anomaly`: what was first found not finite (the loss, or a parameter's
+    /// gradient on this rank), before the optimizer step used it.
+    pub anomaly: Option<String>,
+}
+
+impl Trainer {
+    /// A fresh model, initialised from the run's seed. `device` gets autodiff.
+    pub fn new(model_cfg: DitConfig, train: TrainConfig, data_dir: String, device: &Device) -> anyhow::Result<Self> {
+        model_cfg.validate()?;
+        train.validate()?;
+        ensure!(
+            train.label_dropout == 0.0 || model_cfg.null_class,
+            "label dropout needs a model with a null label (null_class = true)"
+        );
+        let device = device.clone().autodiff();
+        let model = DitNet::new(&model_cfg, &device, derive_seed(train.seed, Purpose::Init, 0));
+        let table = ParamTable::of(&model);
+        let params = table.read_values(&model);
+        let adam = AdamState::new(table.total);
+        let ema = params.clone();
+        let state = RunState::new(model_cfg, train, table.clone(), data_dir);
+        Ok(Self::assemble(device, model, table, params, adam, ema, state))
+    }
+
+    /// A trainer of one rank, without anomaly checks, from its parts.
+    pub(super) fn assemble(
+        device: Device,
+        model: DitNet,
+        table: ParamTable,
+        params: Vec<f32>,
+        adam: AdamState,
+        ema: Vec<f32>,
+        state: RunState,
+    ) -> Self {
+        let schedule = NoiseSchedule::new(state.train.schedule, state.train.timesteps);
+        Self {
+            device,
+            model,
+            table,
+            params,
+            adam,
+            ema,
+            schedule,
+            state,
+            dp: DataParallel::default(),
+            detect_anomaly: false,
+        }
+    }
+
+    /// Continue from a loaded checkpoint.
+    pub fn from_checkpoint(ckpt: Checkpoint, origin: &Path, device: &Device) -> anyhow::Result<Self> {
+        let device = device.clone().autodiff();
+        let mut model = DitNet::new(&ckpt.state.model, &device, 0);
+        weights::load_safetensors_bytes(&mut model, ckpt.model_bytes, &origin.join(checkpoint::MODEL_FILE))?;
+        let table = ParamTable::of(&model);
+        ensure!(
+            table == ckpt.state.params,
+            "{}: the parameter layout recorded in the checkpoint does not match its model config",
+            origin.display()
+        );
+        let params = table.read_values(&model);
+        let mut ema_model = DitNet::new(&ckpt.state.model, &device.clone().inner(), 0);
+        weights::load_safetensors_bytes(&mut ema_model, ckpt.ema_bytes, &origin.join(checkpoint::EMA_FILE))?;
+        let ema = table.read_values(&ema_model);
+        Ok(Self::assemble(device, model, table, params, ckpt.adam, ema, ckpt.state))
+    }
+
+    /// Share the steps with the ranks of `dp`: from now on this rank computes the gradient of
+    /// its rows of each batch and keeps the optimizer state of its shard. All ranks must hold
+    /// the same weights and state when this is called (see [`Trainer::broadcast_from_lead`]).
+    pub fn with_data_parallel(mut self, dp: DataParallel) -> Self {
+        self.adam = dp.shard_of(&self.adam);
+        self.dp = dp;
+        self
+    }
+
+    pub fn model(&self) -> &DitNet {
+        &self.model
+    }
+
+    pub fn params(&self) -> &[f32] {
+        &self.params
+    }
+
+    pub fn ema(&self) -> &[f32] {
+        &self.ema
+    }
+
+    pub fn table(&self) -> &ParamTable {
+        &self.table
+    }
+
+    /// One optimizer step on `batch`; the timesteps and noise come from the stream of this
+    /// step, so the step is a pure function of (weights, optimizer state, batch, seed, step).
+    pub fn step(&mut self, batch: &Batch) -> StepOutcome {
+        let b = batch.labels.len();
+        let mut rng = stream(self.state.train.seed, Purpose::TrainNoise, self.state.step);
+        let sampling = self.state.train.timestep_sampling;
+        let t: Vec<usize> = (0..b).map(|_| sampling.draw(self.schedule.timesteps(), &mut rng)).collect();
+        let eps = standard_normal(&mut rng, batch.images.len());
+        let labels = match self.state.model.null_label() {
+            Some(null) => drop_labels(&batch.labels, self.state.train.label_dropout, null as u8, &mut rng),
+            None => batch.labels.clone(),
+        };
+        self.step_on(&batch.images, &labels, &t, eps)
+    }
+
+    /// One optimizer step with given levels `t` and noise `eps` (one row per image) of the
+    /// whole (global) batch; with several ranks, this rank computes its rows only.
+    pub fn step_on(&mut self, x0: &[f32], labels: &[u8], t: &[usize], eps: Vec<f32>) -> StepOutcome {
+        let step = self.state.step;
+        let batch = labels.len();
+        let rows = self.dp.my_rows(batch);
+        let row = x0.len() / batch.max(1);
+        let (x0, eps) = (&x0[rows.start * row..rows.end * row], &eps[rows.start * row..rows.end * row]);
+        let (t, labels) = (&t[rows.clone()], &labels[rows.clone()]);
+        let (xt, target) = profile::time(Region::Noising, || {
+            let mut xt = vec![0f32; x0.len()];
+            self.schedule.add_noise(x0, t, eps, &mut xt);
+            let mut target = vec![0f32; x0.len()];
+            self.schedule.target(x0, eps, &mut target);
+            (xt, target)
+        });
+        let (loss, g) = self.gradient(&xt, &target, t, labels);
+        let anomaly = if self.detect_anomaly { self.first_non_finite(loss, &g) } else { None };
+
+        let train = &self.state.train;
+        let lr = train.lr_at(step);
+        let loss = profile::time(Region::Optimizer, || {
+            let loss = self.dp.step(g, loss, rows.len(), batch, &mut self.adam, &train.adam, lr, &mut self.params);
+            ema::update(&mut self.ema, &self.params, ema::decay_at(train.ema_decay, step));
+            loss
+        });
+        // Cloning a module clones tensor handles, not data.
+        self.model = profile::time(Region::WriteBack, || self.table.write_values(self.model.clone(), &self.params));
+
+        self.state.step += 1;
+        StepOutcome { loss, lr, anomaly }
+    }
+
+    /// The loss if it is not finite, else the first parameter whose gradient has a NaN or an
+    /// infinity, by name.
+    fn first_non_finite(&self, loss: f32, grad: &[f32]) -> Option<String> {
+        if !loss.is_finite() {
+            return Some(format!("the loss is {loss}"));
+        }
+        let i = grad.iter().position(|g| !g.is_finite())?;
+        let slot = self.table.slots.iter().find(|s| s.range().contains(&i))?;
+        let bad = grad[slot.range()].iter().filter(|g| !g.is_finite()).count();
+        Some(format!(
+            "the gradient of {} ({bad} of its {} values) is {} (first non-finite gradient in parameter order)",
+            slot.name,
+            slot.len(),
+            grad[i]
+        ))
+    }
+
+    /// The batch's loss and flat gradient: the size-weighted mean over the run's micro-batches,
+    /// each on its own copy of the model (its own autodiff graph), in parallel.
+    fn gradient(&self, xt: &[f32], target: &[f32], t: &[usize], labels: &[u8]) -> (f32, Vec<f32>) {
+        let b = labels.len();
+        let row = xt.len() / b;
+        let parts = micro_batches(b, self.state.train.micro_batches);
+        let results: Vec<(f32, Vec<f32>)> = parts
+            .par_iter()
+            .map(|r| {
+                let model = if r.start == 0 {
+                    self.model.clone()
+                } else {
+                    self.table.write_values(self.model.clone(), &self.params)
+                };
+                let rows = r.start * row..r.end * row;
+                self.micro_gradient(&model, &xt[rows.clone()], &target[rows], &t[r.clone()], &labels[r.clone()])
+            })
+            .collect();
+        let mut results = results;
+        if results.len() == 1 {
+            return results.pop().expect("one part");
+        }
+        // A fixed order of summation: the step does not depend on which thread finished first.
+        profile::time(Region::Gradients, || {
+            let mut loss = 0f32;
+            let mut g = vec![0f32; self.table.total];
+            for (r, (part_loss, part_g)) in parts.iter().zip(&results) {
+                let w = r.len() as f32 / b as f32;
+                loss += w * part_loss;
+                g.iter_mut().zip(part_g).for_each(|(a, &v)| *a += w * v);
+            }
+            (loss, g)
+        })
+    }
+
+    fn micro_gradient(
+        &self,
+        model: &DitNet,
+        xt: &[f32],
+        target: &[f32],
+        t: &[usize],
+        labels: &[u8],
+    ) -> (f32, Vec<f32>) {
+        let cfg = &self.state.model;
+        let b = labels.len();
+        let dims = [b, cfg.channels, cfg.image_size, cfg.image_size];
+        let d = &self.device;
+        let xt = Tensor::<4>::from_data(TensorData::new(xt.to_vec(), dims), d);
+        let target = Tensor::<4>::from_data(TensorData::new(target.to_vec(), dims), d);
+        let tt = Tensor::<1, Int>::from_data(TensorData::new(t.iter().map(|&v| v as i64).collect::<Vec<_>>(), [b]), d);
+        let y =
+            Tensor::<1, Int>::from_data(TensorData::new(labels.iter().map(|&v| v as i64).collect::<Vec<_>>(), [b]), d);
+        let (loss, loss_value) = profile::time(Region::Forward, || {
+            let loss = noise_loss(model, xt, tt, y, target, self.state.train.loss);
+            let value = loss.to_data().iter::<f32>().next().unwrap_or(f32::NAN);
+            (loss, value)
+        });
+        let grads = profile::time(Region::Backward, || loss.backward());
+        (loss_value, profile::time(Region::Gradients, || self.table.read_grads(model, &grads)))
+    }
+
+    /// Save a checkpoint of the current state under `run_dir`. With several ranks every rank
+    /// must call this (ZeRO-1 gathers the optimizer state) and rank 0 alone writes; all return
+    /// the checkpoint's directory.
+    pub fn save(&self, run_dir: &Path, keep: usize) -> anyhow::Result<PathBuf> {
+        let Some(adam) = self.dp.gather_optimizer(&self.adam, self.table.total) else {
+            return Ok(checkpoint::checkpoint_dir(run_dir, self.state.step));
+        };
+        let model_bytes = weights::to_safetensors_bytes(&self.model)?;
+        let ema_bytes = weights::to_safetensors_bytes(&self.table.write_values(self.model.clone(), &self.ema))?;
+        checkpoint::save(run_dir, self.state.clone(), &model_bytes, &ema_bytes, &adam, keep)
+    }
+
+    /// Bytes of optimizer state this rank keeps.
+    pub fn optimizer_bytes(&self) -> usize {
+        self.dp.optimizer_bytes(self.table.total)
+    }
+}
+
+/// Replace each label by `null` with probability `p` (label dropout for classifier-free
+/// guidance). Draws nothing when `p` is 0, so runs without dropout keep their noise streams.
+pub fn drop_labels(labels: &[u8], p: f64, null: u8, rng: &mut impl Rng) -> Vec<u8> {
+    if p == 0.0 {
+        return labels.to_vec();
+    }
+    labels.iter().map(|&l| if rng.random_bool(p) { null } else { l }).collect()
+}
+
+/// The training objective: the loss between the network's prediction and its target (the
+/// noise ε, or the flow velocity ε − x_0; see [`NoiseSchedule::target`]).
+pub fn noise_loss(
+    model: &DitNet,
+    xt: Tensor<4>,
+    t: Tensor<1, Int>,
+    y: Tensor<1, Int>,
+    target: Tensor<4>,
+    kind: LossKind,
+) -> Tensor<1> {
+    let diff = model.forward(xt, t, y) - target;
+    match kind {
+        LossKind::L1 => diff.abs().mean(),
+        LossKind::Mse => diff.square().mean(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_dropout_replaces_about_p_of_the_labels_reproducibly() {
+        let labels: Vec<u8> = (0..10_000).map(|i| (i % 10) as u8).collect();
+        let run = |seed| drop_labels(&labels, 0.1, 10, &mut stream(seed, Purpose::TrainNoise, 0));
+        let dropped = run(1);
+        let nulls = dropped.iter().filter(|&&l| l == 10).count();
+        assert!((900..1100).contains(&nulls), "{nulls} of 10000 dropped at p = 0.1");
+        assert!(dropped.iter().zip(&labels).all(|(&d, &l)| d == l || d == 10));
+        assert_eq!(run(1), dropped);
+        assert_ne!(run(2), dropped);
+        assert_eq!(drop_labels(&labels, 0.0, 10, &mut stream(1, Purpose::TrainNoise, 0)), labels);
+    }
+}
