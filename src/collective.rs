@@ -5,7 +5,7 @@
 //! The engines live in the distributed layer; the trait sits on this lower floor because the
 //! differentiable collectives of the kernel extension (Ulysses' exchange) call it too.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The collective operations of data-parallel training, on `f32` buffers and bytes. Every rank
@@ -34,6 +34,12 @@ pub trait Collective: Send + Sync {
     fn abort(&self, code: i32) -> !;
     /// What has been communicated so far.
     fn stats(&self) -> CommStats;
+    /// A sub-group: every rank calls this, and the ranks that pass the same `colour` form a new
+    /// world, ranked by `key` (MPI's `MPI_Comm_split`).
+    fn split(&self, colour: usize, key: usize) -> anyhow::Result<Arc<dyn Collective>> {
+        let _ = (colour, key);
+        anyhow::bail!("this engine cannot form sub-groups of its ranks (tensor parallelism needs --dist mpi)")
+    }
 }
 
 /// Calls, bytes sent by this rank and wall time spent inside collective operations.
@@ -96,5 +102,8 @@ impl Collective for Local {
     }
     fn stats(&self) -> CommStats {
         CommStats::default()
+    }
+    fn split(&self, _: usize, _: usize) -> anyhow::Result<Arc<dyn Collective>> {
+        Ok(Arc::new(Local))
     }
 }

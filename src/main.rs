@@ -118,6 +118,10 @@ struct DistArgs {
     /// Ranks of `--dist devices`.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
     ranks: Option<u64>,
+    /// Tensor parallelism (Megatron-LM): split every block's heads and MLP columns over groups of
+    /// T consecutive ranks (with --dist mpi); the other factor of the world is data-parallel.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    tp: u64,
     /// ZeRO stage: 0 (every rank keeps the whole optimizer state) or 1 (each keeps its shard).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
     zero: u8,
@@ -273,6 +277,7 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
         dist: a.dist.dist,
         ranks: a.dist.ranks,
         zero: a.dist.zero,
+        tp: a.dist.tp as usize,
         bucket_mib: a.dist.bucket_mb,
         device: a.common.device,
     };
@@ -283,14 +288,14 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
         None => Start::new_run(a.data, a.config.as_deref(), a.model, a.train)?,
     };
     let progress = !a.no_progress && std::io::stderr().is_terminal();
-    let s = train::launch(world, |dp, device| TrainOptions {
+    let s = train::launch(world, |grid, device| TrainOptions {
         run_dir: run_dir.clone(),
         start: start.clone(),
         stop_after: a.stop_after,
         keep: a.keep,
         progress,
         device,
-        dp,
+        grid,
         detect_anomaly: a.detect_anomaly,
     })?;
     if s.rank == 0 {

@@ -156,6 +156,87 @@ fn a_batch_smaller_than_the_world_is_an_error_on_every_rank() {
     assert!(!dir.join("tiny/checkpoints").exists());
 }
 
+/// `mpirun` that must fail within a minute (no rank may hang); returns stderr.
+fn mpirun_fails(dir: &Path, ranks: usize, args: &[String]) -> String {
+    let mut cmd = Command::new("timeout");
+    cmd.args(["60", "mpirun", "--allow-run-as-root", "--oversubscribe", "-np", &ranks.to_string()]);
+    cmd.arg(env!("CARGO_BIN_EXE_dits")).args(args).args(["--dist", "mpi"]).current_dir(dir);
+    cmd.env("OMPI_MCA_btl", "self,vader").env("OMPI_MCA_btl_vader_single_copy_mechanism", "none");
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "expected a failure:\n{err}");
+    assert_ne!(out.status.code(), Some(124), "a rank hung:\n{err}");
+    err
+}
+
+/// Megatron tensor parallelism, for both families (mnist-dits' folded attention split by heads,
+/// and the DiT paper's packed qkv): TP=2, DP=2 × TP=2 and ZeRO-1 over DP with TP=2 give the
+/// one-process weights, moving average and Adam state within 1e-5, and write the same files.
+#[test]
+fn tensor_parallel_grids_equal_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    toy_data(dir);
+    for (family, model) in
+        [("mnist-dits", &["--model", "mnist-dits"][..]), ("dit-s4", &["--model", "dit-s4", "--depth", "2"])]
+    {
+        let args = |name: &str, parts: &str| with(with(train_args(name, 4), model), &["--micro-batches", parts]);
+        let (one, halves) = (format!("{family}-one"), format!("{family}-one-halves"));
+        dits(dir, &args(&one, "1"));
+        dits(dir, &args(&halves, "2"));
+        let tp2 = format!("{family}-tp2");
+        let text = mpirun(dir, 2, &with(args(&tp2, "1"), &["--tp", "2"]));
+        assert!(text.contains("1 data-parallel × 2 tensor-parallel"), "{text}");
+        let grid = format!("{family}-dp2-tp2");
+        mpirun(dir, 4, &with(args(&grid, "1"), &["--tp", "2"]));
+        let zero = format!("{family}-dp2-tp2-zero1");
+        mpirun(dir, 4, &with(args(&zero, "1"), &["--tp", "2", "--zero", "1"]));
+        for step in [2, 4] {
+            let d = assert_same_checkpoint(dir, &one, &tp2, step);
+            eprintln!("{family}, TP=2, step {step}: max |Δ| = {d}");
+            // DP=2 splits the batch 4 + 3, as two micro-batches of one process do.
+            let d = assert_same_checkpoint(dir, &halves, &grid, step);
+            eprintln!("{family}, DP=2 × TP=2, step {step}: max |Δ| = {d}");
+            let d = assert_same_checkpoint(dir, &halves, &zero, step);
+            eprintln!("{family}, DP=2 × TP=2, ZeRO-1, step {step}: max |Δ| = {d}");
+        }
+    }
+}
+
+/// Checkpoints are always in the one-process layout: a TP=2 run continues on one process, and
+/// a one-process run continues on DP=2 × TP=2.
+#[test]
+fn tensor_parallel_runs_resume_on_another_grid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    toy_data(dir);
+    let args = |name: &str, parts: &str| with(train_args(name, 4), &["--micro-batches", parts]);
+    dits(dir, &args("reference", "2"));
+    let resume = |name: &str| vec!["train".into(), "--resume".into(), name.into(), "--threads".into(), "1".into()];
+    mpirun(dir, 2, &with(args("tp2-then-one", "2"), &["--tp", "2", "--stop-after", "2"]));
+    dits(dir, &resume("tp2-then-one"));
+    let d = assert_same_checkpoint(dir, "reference", "tp2-then-one", 4);
+    eprintln!("TP=2 → one process: max |Δ| = {d}");
+    dits(dir, &with(args("one-then-grid", "1"), &["--stop-after", "2"]));
+    mpirun(dir, 4, &with(resume("one-then-grid"), &["--tp", "2"]));
+    let d = assert_same_checkpoint(dir, "reference", "one-then-grid", 4);
+    eprintln!("one process → DP=2 × TP=2: max |Δ| = {d}");
+}
+
+/// A tensor-parallel group that does not divide the world, or the model's heads, is one error
+/// line on every rank, and no rank hangs.
+#[test]
+fn a_wrong_tensor_parallel_size_is_an_error_on_every_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    toy_data(dir);
+    let err = mpirun_fails(dir, 3, &with(train_args("bad-world", 2), &["--tp", "2"]));
+    assert_eq!(err.matches("--tp 2 must divide the number of ranks (3)").count(), 3, "{err}");
+    let err = mpirun_fails(dir, 3, &with(train_args("bad-heads", 2), &["--tp", "3"]));
+    assert!(err.contains("--tp 3 must divide the head count") && err.contains("4 heads"), "{err}");
+    assert!(!dir.join("bad-world").exists() && !dir.join("bad-heads/checkpoints").exists());
+}
+
 /// DeepSpeed-Ulysses: a DiT block of the DiT-paper family (6 heads of 64, 196 tokens) split over
 /// two ranks gives the single-rank block's output, input gradient and parameter gradients.
 #[test]
@@ -204,7 +285,7 @@ fn ulysses_rank() {
 
     // The whole sequence on this rank alone.
     let x_full = x.clone().require_grad();
-    let y_full = block.forward(x_full.clone(), c.clone());
+    let y_full = block.forward(x_full.clone(), c.clone(), &dits::kernels::TensorParallel::single());
     let grads = (y_full.clone() * upstream.clone()).sum().backward();
     let (dx_full, dparams_full) = (x_full.grad(&grads).unwrap(), table.read_grads(&block, &grads));
 

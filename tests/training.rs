@@ -36,7 +36,7 @@ fn options_stopping(data: &Path, run: &Path, steps: u64, stop_after: Option<u64>
         keep: 2,
         progress: false,
         device: Device::flex(),
-        dp: Default::default(),
+        grid: Default::default(),
         detect_anomaly: false,
     }
 }

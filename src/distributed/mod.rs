@@ -1,13 +1,15 @@
 //! Training on several ranks: the engines that run the [`Collective`] operations (MPI
 //! processes, or threads of one process with a device each), the world a run's ranks form,
-//! and the schemes built on them: data parallelism with ZeRO-1 ([`data_parallel`]) and Ulysses
-//! sequence parallelism ([`ulysses`]).
+//! and the schemes built on them: the process grid ([`grid`]), data parallelism with ZeRO-1
+//! ([`data_parallel`]), Megatron tensor parallelism (the model's shards, the kernels' `f`/`g`
+//! operators) and Ulysses sequence parallelism ([`ulysses`]).
 //!
 //! [`Local`] is the world of one process (every operation is the identity); with the `mpi`
 //! feature, [`mpi::MpiWorld`] runs them on MPI (`mpirun -np N dits train --dist mpi`).
 
 pub mod data_parallel;
 pub mod devices;
+pub mod grid;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 pub mod ulysses;

@@ -3,31 +3,43 @@
 //! Launched by `mpirun`, each process calls [`MpiWorld::init`] once; MPI is finalised when the
 //! world is dropped.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use mpi::Threading;
 use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
 use mpi::environment::Universe;
-use mpi::topology::{Communicator, SimpleCommunicator};
+use mpi::topology::{Color, Communicator, SimpleCommunicator};
 
 use super::{Collective, CommStats, StatsRecorder};
 
-/// MPI's world communicator.
+/// MPI's world communicator, or a sub-group of it ([`Collective::split`]).
 pub struct MpiWorld {
-    comm: Mutex<Comm>,
+    comm: Comm,
     rank: usize,
     size: usize,
     stats: StatsRecorder,
-    // Dropped last: finalises MPI.
-    _universe: Universe,
+    // Dropped after `comm`: the last communicator to go finalises MPI.
+    universe: Arc<Finalizer>,
 }
 
-/// The communicator handle, movable between threads.
+/// MPI's universe, finalised when dropped.
+struct Finalizer(#[allow(dead_code)] Universe);
+
+// SAFETY: as for `Comm`: the universe is only dropped, once, by the last communicator.
+unsafe impl Send for Finalizer {}
+unsafe impl Sync for Finalizer {}
+
+/// A communicator handle, movable between threads.
 struct Comm(SimpleCommunicator);
 
 // SAFETY: MPI is initialised with `Threading::Serialized` (checked in `init`): any thread may
-// call MPI as long as no two calls overlap, which the `Mutex` around every use guarantees.
+// call MPI as long as no two calls overlap, on any communicator, which the one process-wide
+// lock around every use guarantees.
 unsafe impl Send for Comm {}
+unsafe impl Sync for Comm {}
+
+/// Held around every MPI call of this process.
+static MPI_CALL: Mutex<()> = Mutex::new(());
 
 impl MpiWorld {
     /// Initialises MPI, or says why it cannot.
@@ -40,12 +52,13 @@ impl MpiWorld {
         );
         let world = universe.world();
         let (rank, size) = (world.rank() as usize, world.size() as usize);
-        Ok(Self { comm: Mutex::new(Comm(world)), rank, size, stats: StatsRecorder::default(), _universe: universe })
+        let universe = Arc::new(Finalizer(universe));
+        Ok(Self { comm: Comm(world), rank, size, stats: StatsRecorder::default(), universe })
     }
 
     fn with<T>(&self, bytes: usize, op: impl FnOnce(&SimpleCommunicator) -> T) -> T {
-        let comm = self.comm.lock().unwrap_or_else(|p| p.into_inner());
-        self.stats.record(bytes, || op(&comm.0))
+        let _lock = MPI_CALL.lock().unwrap_or_else(|p| p.into_inner());
+        self.stats.record(bytes, || op(&self.comm.0))
     }
 }
 
@@ -133,5 +146,14 @@ impl Collective for MpiWorld {
 
     fn stats(&self) -> CommStats {
         self.stats.get()
+    }
+
+    fn split(&self, colour: usize, key: usize) -> anyhow::Result<Arc<dyn Collective>> {
+        let group = self
+            .with(0, |c| c.split_by_color_with_key(Color::with_value(colour as i32), key as i32))
+            .ok_or_else(|| anyhow::anyhow!("MPI could not form the sub-group of colour {colour}"))?;
+        let (rank, size) = (group.rank() as usize, group.size() as usize);
+        let universe = self.universe.clone();
+        Ok(Arc::new(MpiWorld { comm: Comm(group), rank, size, stats: StatsRecorder::default(), universe }))
     }
 }

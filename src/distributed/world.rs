@@ -1,5 +1,6 @@
-//! The ranks of a run, from the `--dist`, `--ranks`, `--zero` and `--bucket-mb` settings: one
-//! process, one MPI process per rank, or one thread per device in this process.
+//! The ranks of a run, from the `--dist`, `--ranks`, `--tp`, `--zero` and `--bucket-mb`
+//! settings: one process, one MPI process per rank (in a grid), or one thread per device in
+//! this process.
 
 use std::sync::Arc;
 
@@ -9,8 +10,10 @@ use burn::prelude::*;
 use super::Collective;
 use super::data_parallel::{DEFAULT_BUCKET_MIB, DataParallel, ZeroStage, bucket_elements};
 use super::devices::DeviceWorld;
+use super::grid::Grid;
 use crate::collective::Local;
 use crate::device::{DeviceKind, device, devices};
+use crate::kernels::TensorParallel;
 
 /// How the ranks of a run are laid out.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -32,22 +35,31 @@ pub struct WorldSpec {
     pub ranks: Option<u64>,
     /// ZeRO stage: 0 or 1.
     pub zero: u8,
+    /// Ranks of each tensor-parallel group (`--tp`).
+    pub tp: usize,
     pub bucket_mib: u64,
     pub device: DeviceKind,
 }
 
 impl Default for WorldSpec {
     fn default() -> Self {
-        Self { dist: DistKind::None, ranks: None, zero: 0, bucket_mib: DEFAULT_BUCKET_MIB, device: DeviceKind::Cpu }
+        Self {
+            dist: DistKind::None,
+            ranks: None,
+            zero: 0,
+            tp: 1,
+            bucket_mib: DEFAULT_BUCKET_MIB,
+            device: DeviceKind::Cpu,
+        }
     }
 }
 
 /// The ranks this process runs, each with its device.
 pub enum World {
     /// One rank in this thread: a single process, or this process's rank of an MPI world.
-    Process(DataParallel, Device),
+    Process(Grid, Device),
     /// One thread per rank (`--dist devices`).
-    Threads(Vec<(DataParallel, Device)>),
+    Threads(Vec<(Grid, Device)>),
 }
 
 impl WorldSpec {
@@ -60,6 +72,11 @@ impl WorldSpec {
         let zero = if self.zero == 1 { ZeroStage::One } else { ZeroStage::Off };
         let bucket = bucket_elements(self.bucket_mib);
         let ranked = |comm: Arc<dyn Collective>| DataParallel { comm, zero, bucket };
+        ensure!(
+            self.tp == 1 || self.dist == DistKind::Mpi,
+            "--tp {} splits the model over MPI ranks: it needs --dist mpi (under mpirun)",
+            self.tp
+        );
         let comm: Arc<dyn Collective> = match self.dist {
             DistKind::None => {
                 ensure!(
@@ -78,7 +95,9 @@ impl WorldSpec {
                         .into_iter()
                         .map(|w| {
                             let device = w.device().clone();
-                            (ranked(Arc::new(w)), device)
+                            let comm: Arc<dyn Collective> = Arc::new(w);
+                            let grid = Grid { world: comm.clone(), dp: ranked(comm), tp: TensorParallel::single() };
+                            (grid, device)
                         })
                         .collect(),
                 ));
@@ -91,6 +110,7 @@ impl WorldSpec {
                  (apt-get install openmpi-bin libopenmpi-dev libclang-dev), then `cargo build --release --features mpi`"
             ),
         };
-        Ok(World::Process(ranked(comm), device(self.device)?))
+        let grid = Grid::new(comm.clone(), self.tp, ranked(comm))?;
+        Ok(World::Process(grid, device(self.device)?))
     }
 }

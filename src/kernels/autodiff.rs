@@ -12,7 +12,7 @@ use burn::backend::{Autodiff, Flex};
 
 use super::flex::*;
 use super::linear::{self, Activation};
-use super::{DitKernels, Exchange, attention, norm, residual};
+use super::{DitKernels, Exchange, GroupSum, ReduceIn, attention, norm, residual};
 use crate::profile::{self, Region};
 
 /// Registers each computed gradient (values and shape) with its parent, for the parents that
@@ -76,6 +76,37 @@ impl<C: CheckpointStrategy> DitKernels for Autodiff<Flex, C> {
         }
 
         record::<_, C, _>(ExchangeOp, [x], |[x], tracked| (plan.apply(&x), tracked.then_some(plan)))
+    }
+
+    fn group_sum(x: FloatTensor<Self>, op: GroupSum) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct GroupSumOp;
+
+        impl Backward<Flex, 1> for GroupSumOp {
+            type State = GroupSum;
+
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let [parent] = ops.parents;
+                let grad_out = grads.consume::<Flex>(&ops.node);
+                // Every rank of the group runs the backward of every sum in the same order
+                // (their graphs are the same), so the all-reduces pair up.
+                let grad = match ops.state.pass {
+                    ReduceIn::Forward => grad_out,
+                    ReduceIn::Backward => ops.state.sum(&grad_out),
+                };
+                if let Some(parent) = parent {
+                    grads.register::<Flex>(parent.id, grad);
+                }
+            }
+        }
+
+        record::<_, C, _>(GroupSumOp, [x], |[x], tracked| {
+            let out = match op.pass {
+                ReduceIn::Forward => op.sum(&x),
+                ReduceIn::Backward => x,
+            };
+            (out, tracked.then_some(op))
+        })
     }
 
     fn folded_attention(qv: FloatTensor<Self>, keys: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self> {

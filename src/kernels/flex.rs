@@ -10,7 +10,7 @@ use burn::tensor::{Bytes, DType};
 use super::attention::{self, AttnDims};
 use super::linear::{self, Activation, LinearDims};
 use super::norm::{self, NormDims, NormParams};
-use super::{DitKernels, Exchange, residual};
+use super::{DitKernels, Exchange, GroupSum, ReduceIn, residual};
 use crate::profile::{self, Region};
 
 pub(super) fn norm_dims(shape: &[usize]) -> NormDims {
@@ -216,5 +216,12 @@ impl DitKernels for Flex {
 
     fn exchange(x: FloatTensor<Self>, plan: Exchange) -> FloatTensor<Self> {
         plan.apply(&x)
+    }
+
+    fn group_sum(x: FloatTensor<Self>, op: GroupSum) -> FloatTensor<Self> {
+        match op.pass {
+            ReduceIn::Forward => op.sum(&x),
+            ReduceIn::Backward => x,
+        }
     }
 }

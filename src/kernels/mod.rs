@@ -41,6 +41,7 @@ mod autodiff;
 mod exchange;
 mod flex;
 mod ops;
+mod parallel;
 #[cfg(test)]
 mod tests;
 
@@ -60,6 +61,7 @@ use burn::backend::{Backend, backend_extension};
 pub use exchange::{Exchange, ExchangeDirection};
 pub use linear::Activation;
 pub use ops::*;
+pub use parallel::{GroupSum, ReduceIn, TensorParallel};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait DitKernels: Backend {
@@ -95,4 +97,8 @@ pub trait DitKernels: Backend {
     /// Ulysses' all-to-all between token shards and head groups, see
     /// [`Exchange`]; the backward pass is the opposite exchange.
     fn exchange(x: FloatTensor<Self>, plan: Exchange) -> FloatTensor<Self>;
+
+    /// Megatron's `f` or `g`: a sum over a tensor-parallel group in one pass, the identity in
+    /// the other, see [`TensorParallel`].
+    fn group_sum(x: FloatTensor<Self>, op: GroupSum) -> FloatTensor<Self>;
 }

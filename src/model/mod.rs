@@ -6,6 +6,7 @@ pub mod dit;
 pub mod flops;
 pub mod mnist_dits;
 pub mod net;
+pub mod tensor_parallel;
 pub mod weights;
 
 pub use config::{AttnScale, DitConfig, Family};

@@ -9,6 +9,7 @@ use super::config::{DitConfig, Family};
 use super::dit::Dit;
 use super::mnist_dits::MnistDits;
 use super::mnist_dits::folded::FoldedAttention;
+use crate::kernels::TensorParallel;
 
 /// burn derives `Module` for the enum: parameters are visited through the active variant.
 /// Checkpoint keys skip the variant name (see [`super::weights`]), so files keep the PyTorch
@@ -39,6 +40,21 @@ impl DitNet {
         match self {
             DitNet::MnistDits(m) => m.forward(x, t, y),
             DitNet::Dit(m) => m.forward(x, t, y),
+        }
+    }
+
+    /// [`Self::forward`] of a tensor-parallel shard: every block's heads and MLP columns split
+    /// over the ranks of `tp` (see [`super::tensor_parallel`]), everything else whole.
+    pub fn forward_parallel(
+        &self,
+        x: Tensor<4>,
+        t: Tensor<1, Int>,
+        y: Tensor<1, Int>,
+        tp: &TensorParallel,
+    ) -> Tensor<4> {
+        match self {
+            DitNet::MnistDits(m) => m.forward_parallel(x, t, y, tp),
+            DitNet::Dit(m) => m.forward_parallel(x, t, y, tp),
         }
     }
 

@@ -4,22 +4,19 @@
 use burn::prelude::*;
 
 use super::run::{Interrupted, TrainOptions, TrainSummary, run};
-use crate::distributed::data_parallel::DataParallel;
+use crate::distributed::grid::Grid;
 use crate::distributed::world::World;
 
 /// Runs `dits train` on the ranks of `world`, each with the options `options` gives it; returns
 /// rank 0's summary (this process's rank's, under MPI). A run stopped by a signal is an
 /// [`Interrupted`] error.
-pub fn launch(
-    world: World,
-    options: impl Fn(DataParallel, Device) -> TrainOptions + Sync,
-) -> anyhow::Result<TrainSummary> {
+pub fn launch(world: World, options: impl Fn(Grid, Device) -> TrainOptions + Sync) -> anyhow::Result<TrainSummary> {
     match world {
-        World::Process(dp, device) => run_rank(options(dp, device)),
+        World::Process(grid, device) => run_rank(options(grid, device)),
         World::Threads(ranks) => std::thread::scope(|s| {
             let options = &options;
             let handles: Vec<_> =
-                ranks.into_iter().map(|(dp, device)| s.spawn(move || run_rank(options(dp, device)))).collect();
+                ranks.into_iter().map(|(grid, device)| s.spawn(move || run_rank(options(grid, device)))).collect();
             let results: Vec<_> =
                 handles.into_iter().map(|h| h.join().map_err(|_| anyhow::anyhow!("a rank panicked"))).collect();
             // Every rank stopped at the same step; rank 0 reports it.
@@ -30,7 +27,7 @@ pub fn launch(
 
 /// One rank's run; on an error other than an interruption, the whole world is stopped.
 fn run_rank(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
-    let comm = opts.dp.comm.clone();
+    let comm = opts.grid.world.clone();
     let result = run(opts).and_then(TrainSummary::finished);
     if let Err(e) = &result
         && comm.size() > 1

@@ -19,6 +19,8 @@ pub mod start;
 pub mod state;
 pub mod step;
 pub mod stop;
+pub mod tensor_parallel;
+pub mod tp_layout;
 
 pub use config::{Length, LossKind, LrDecay, TimestepSampling, TrainConfig};
 pub use launch::launch;

@@ -15,8 +15,9 @@ use super::run_dir::lock_run_dir;
 use super::start::{self, Resolved, Start};
 use super::step::Trainer;
 use super::stop::{catch_stop_signals, stop_requested};
+use crate::collective::CommStats;
 use crate::data::{BatchLoader, ImageDataset, Position};
-use crate::distributed::data_parallel::DataParallel;
+use crate::distributed::grid::Grid;
 
 /// Everything a rank needs to take part in a run.
 #[derive(Debug, Clone)]
@@ -30,8 +31,8 @@ pub struct TrainOptions {
     pub keep: usize,
     pub progress: bool,
     pub device: Device,
-    /// The ranks of a multi-process run (one by default).
-    pub dp: DataParallel,
+    /// The ranks of a multi-process run and their groups (one rank by default).
+    pub grid: Grid,
     /// Check each step's loss and gradients for NaN/Inf and name the first parameter affected.
     pub detect_anomaly: bool,
 }
@@ -94,13 +95,13 @@ struct Epochs {
 /// resolves the start and hands the trainer to the others, and alone writes checkpoints,
 /// metrics and progress.
 pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
-    let (run_dir, dp) = (&opts.run_dir, opts.dp.clone());
+    let (run_dir, grid) = (&opts.run_dir, &opts.grid);
     let resuming = matches!(opts.start, Start::Resume(_));
     // Held until the run returns: one process at a time trains in a run directory. A resumed
     // run is locked before rank 0 reads it; a new one once every check has passed.
     let mut run_lock = None;
     let mut lead_data = None;
-    let lead = dp.is_lead().then(|| {
+    let lead = grid.is_lead().then(|| {
         if resuming && run_dir.is_dir() {
             run_lock = Some(lock_run_dir(run_dir)?);
         }
@@ -108,12 +109,13 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
         lead_data = Some(data);
         Ok(trainer)
     });
-    let trainer = Trainer::broadcast_from_lead(lead, dp.comm.as_ref(), &opts.device)?;
+    let trainer = Trainer::broadcast_from_lead(lead, grid.world.as_ref(), &opts.device)?;
     // Checked on every rank from the state they all hold, so each reports the same error.
-    let (state, world) = (&trainer.state, dp.world());
+    let (state, dp_ranks) = (&trainer.state, grid.dp.world());
     ensure!(
-        state.train.batch >= world,
-        "the batch ({}) is smaller than the number of ranks ({world}): each rank needs at least one image",
+        state.train.batch >= dp_ranks,
+        "the batch ({}) is smaller than the number of ranks it is split over ({dp_ranks} data-parallel ranks): \
+         each needs at least one image",
         state.train.batch
     );
     let total = state.train.total_steps;
@@ -124,11 +126,12 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
     );
     let stop = opts.stop_after.map_or(total, |s| s.min(total));
     ensure!(state.step < stop, "--stop-after {stop} is not past the run's current step {}", state.step);
+    crate::model::tensor_parallel::check(&state.model, grid.tp.size())?;
     let (data, per_epoch) = match lead_data {
         Some(data) => data,
         None => start::open_data(state)?,
     };
-    let _run_lock = match (dp.is_lead(), run_lock) {
+    let _run_lock = match (grid.is_lead(), run_lock) {
         (false, _) => None,
         (true, Some(held)) => Some(held),
         (true, None) => {
@@ -136,14 +139,15 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
             Some(lock_run_dir(run_dir)?)
         }
     };
-    let mut trainer = trainer.with_data_parallel(dp);
+    let mut trainer = trainer.with_tensor_parallel(grid.tp.clone())?.with_data_parallel(grid.dp.clone());
     trainer.detect_anomaly = opts.detect_anomaly;
     train_loop(trainer, &opts, Epochs { data, per_epoch }, stop)
 }
 
 /// Steps from the trainer's step to `stop` (or a stop signal), logging and checkpointing.
 fn train_loop(mut trainer: Trainer, opts: &TrainOptions, epochs: Epochs, stop: u64) -> anyhow::Result<TrainSummary> {
-    let (run_dir, dp, lead) = (&opts.run_dir, &opts.dp, opts.dp.is_lead());
+    let (run_dir, grid, lead) = (&opts.run_dir, &opts.grid, opts.grid.is_lead());
+    let dp = &grid.dp;
     let Epochs { data, per_epoch } = epochs;
     let (batch, total) = (trainer.state.train.batch, trainer.state.train.total_steps);
     let start_step = trainer.state.step;
@@ -162,10 +166,12 @@ fn train_loop(mut trainer: Trainer, opts: &TrainOptions, epochs: Epochs, stop: u
             trainer.table().total
         );
     }
-    if lead && dp.world() > 1 {
+    if lead && grid.world.size() > 1 {
         tracing::info!(
-            "{} ranks, {} rows of each batch on rank 0, optimizer state {:?}: {:.2} MiB on rank 0",
+            "{} ranks ({} data-parallel × {} tensor-parallel), {} rows of each batch on rank 0, optimizer state {:?}: {:.2} MiB on rank 0",
+            grid.world.size(),
             dp.world(),
+            grid.tp.size(),
             dp.my_rows(batch).len(),
             dp.zero,
             trainer.optimizer_bytes() as f64 / (1 << 20) as f64
@@ -190,7 +196,7 @@ fn train_loop(mut trainer: Trainer, opts: &TrainOptions, epochs: Epochs, stop: u
             );
         }
         let step = trainer.state.step;
-        interrupted = stop_requested(dp);
+        interrupted = stop_requested(grid.world.as_ref());
         trainer.state.epoch = step / per_epoch;
         trainer.state.batch_in_epoch = step % per_epoch;
         interval.1 += out.loss as f64;
@@ -227,12 +233,14 @@ fn train_loop(mut trainer: Trainer, opts: &TrainOptions, epochs: Epochs, stop: u
         bar.finish();
     }
     let elapsed = run_start.elapsed().as_secs_f64();
-    if dp.world() > 1 {
-        let c = dp.comm.stats();
+    if grid.world.size() > 1 {
+        let c = [dp.comm.stats(), grid.tp.comm().map(|c| c.stats()).unwrap_or_default()];
+        let c =
+            CommStats { calls: c[0].calls + c[1].calls, bytes: c[0].bytes + c[1].bytes, time: c[0].time + c[1].time };
         let steps = (trainer.state.step - start_step).max(1);
         tracing::info!(
             "rank {}: {:.1} s of {elapsed:.1} s in communication, {:.2} MB sent per step ({} calls)",
-            dp.rank(),
+            grid.world.rank(),
             c.time.as_secs_f64(),
             c.bytes as f64 / steps as f64 / 1e6,
             c.calls
@@ -244,8 +252,8 @@ fn train_loop(mut trainer: Trainer, opts: &TrainOptions, epochs: Epochs, stop: u
         samples_per_s: ((trainer.state.step - start_step) as usize * batch) as f64 / elapsed.max(1e-9),
         elapsed_s: elapsed,
         checkpoint: last_ckpt.expect("at least one step ran, and the last step always checkpoints"),
-        rank: dp.rank(),
-        ranks: dp.world(),
+        rank: grid.world.rank(),
+        ranks: grid.world.size(),
         interrupted,
     })
 }

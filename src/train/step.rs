@@ -13,9 +13,11 @@ use super::checkpoint::{self, Checkpoint};
 use super::config::{LossKind, TrainConfig};
 use super::params::ParamTable;
 use super::state::RunState;
+use super::tp_layout::TpLayout;
 use crate::data::Batch;
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::distributed::data_parallel::DataParallel;
+use crate::kernels::TensorParallel;
 use crate::model::{DitConfig, DitNet, weights};
 use crate::optim::{AdamState, ema};
 use crate::profile::{self, Region};
@@ -37,6 +39,10 @@ pub struct Trainer {
     pub state: RunState,
     /// The ranks this trainer shares its steps with (one, by default).
     pub(super) dp: DataParallel,
+    /// The ranks the blocks are split over, and this rank's share of the parameters (`None`:
+    /// all of them); see [`super::tensor_parallel`].
+    pub(super) tp: TensorParallel,
+    pub(super) layout: Option<TpLayout>,
     /// Check every step's loss and gradient for NaN/Inf (`--detect-anomaly`).
     pub detect_anomaly: bool,
 }
@@ -91,6 +97,8 @@ impl Trainer {
             schedule,
             state,
             dp: DataParallel::default(),
+            tp: TensorParallel::single(),
+            layout: None,
             detect_anomaly: false,
         }
     }
@@ -209,18 +217,19 @@ impl Trainer {
         let b = labels.len();
         let row = xt.len() / b;
         let parts = micro_batches(b, self.state.train.micro_batches);
-        let results: Vec<(f32, Vec<f32>)> = parts
-            .par_iter()
-            .map(|r| {
-                let model = if r.start == 0 {
-                    self.model.clone()
-                } else {
-                    self.table.write_values(self.model.clone(), &self.params)
-                };
-                let rows = r.start * row..r.end * row;
-                self.micro_gradient(&model, &xt[rows.clone()], &target[rows], &t[r.clone()], &labels[r.clone()])
-            })
-            .collect();
+        let part = |r: &std::ops::Range<usize>| {
+            let model = if r.start == 0 {
+                self.model.clone()
+            } else {
+                self.table.write_values(self.model.clone(), &self.params)
+            };
+            let rows = r.start * row..r.end * row;
+            self.micro_gradient(&model, &xt[rows.clone()], &target[rows], &t[r.clone()], &labels[r.clone()])
+        };
+        // The tensor-parallel collectives of the micro-batches must pair up across the ranks:
+        // one micro-batch at a time then.
+        let results: Vec<(f32, Vec<f32>)> =
+            if self.tp.size() > 1 { parts.iter().map(part).collect() } else { parts.par_iter().map(part).collect() };
         let mut results = results;
         if results.len() == 1 {
             return results.pop().expect("one part");
@@ -256,7 +265,7 @@ impl Trainer {
         let y =
             Tensor::<1, Int>::from_data(TensorData::new(labels.iter().map(|&v| v as i64).collect::<Vec<_>>(), [b]), d);
         let (loss, loss_value) = profile::time(Region::Forward, || {
-            let loss = noise_loss(model, xt, tt, y, target, self.state.train.loss);
+            let loss = noise_loss_parallel(model, xt, tt, y, target, self.state.train.loss, &self.tp);
             let value = loss.to_data().iter::<f32>().next().unwrap_or(f32::NAN);
             (loss, value)
         });
@@ -264,15 +273,19 @@ impl Trainer {
         (loss_value, profile::time(Region::Gradients, || self.table.read_grads(model, &grads)))
     }
 
-    /// Save a checkpoint of the current state under `run_dir`. With several ranks every rank
-    /// must call this (ZeRO-1 gathers the optimizer state) and rank 0 alone writes; all return
-    /// the checkpoint's directory.
+    /// Save a checkpoint of the current state under `run_dir`, in the one-process layout. With
+    /// several ranks every rank must call this (ZeRO-1 and tensor parallelism gather their
+    /// shards) and rank 0 alone writes; all return the checkpoint's directory.
     pub fn save(&self, run_dir: &Path, keep: usize) -> anyhow::Result<PathBuf> {
         let Some(adam) = self.dp.gather_optimizer(&self.adam, self.table.total) else {
             return Ok(checkpoint::checkpoint_dir(run_dir, self.state.step));
         };
-        let model_bytes = weights::to_safetensors_bytes(&self.model)?;
-        let ema_bytes = weights::to_safetensors_bytes(&self.table.write_values(self.model.clone(), &self.ema))?;
+        let Some((model, ema, adam)) = self.gather_shards(adam) else {
+            return Ok(checkpoint::checkpoint_dir(run_dir, self.state.step));
+        };
+        let table = ParamTable::of(&model);
+        let model_bytes = weights::to_safetensors_bytes(&model)?;
+        let ema_bytes = weights::to_safetensors_bytes(&table.write_values(model, &ema))?;
         checkpoint::save(run_dir, self.state.clone(), &model_bytes, &ema_bytes, &adam, keep)
     }
 
@@ -301,7 +314,20 @@ pub fn noise_loss(
     target: Tensor<4>,
     kind: LossKind,
 ) -> Tensor<1> {
-    let diff = model.forward(xt, t, y) - target;
+    noise_loss_parallel(model, xt, t, y, target, kind, &TensorParallel::single())
+}
+
+/// [`noise_loss`] of a tensor-parallel shard `model` (the same value on every rank of `tp`).
+pub fn noise_loss_parallel(
+    model: &DitNet,
+    xt: Tensor<4>,
+    t: Tensor<1, Int>,
+    y: Tensor<1, Int>,
+    target: Tensor<4>,
+    kind: LossKind,
+    tp: &TensorParallel,
+) -> Tensor<1> {
+    let diff = model.forward_parallel(xt, t, y, tp) - target;
     match kind {
         LossKind::L1 => diff.abs().mean(),
         LossKind::Mse => diff.square().mean(),

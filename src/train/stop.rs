@@ -4,7 +4,7 @@
 use std::sync::Once;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::distributed::data_parallel::DataParallel;
+use crate::collective::Collective;
 
 /// Set when the process is asked to stop (Ctrl-C, SIGTERM, SIGHUP): the loop finishes its
 /// step, writes a checkpoint and returns. A second request exits at once (the last checkpoint
@@ -31,12 +31,12 @@ pub(super) fn catch_stop_signals() {
 }
 
 /// Whether any rank was asked to stop (all ranks then stop at the same step).
-pub(super) fn stop_requested(dp: &DataParallel) -> bool {
+pub(super) fn stop_requested(world: &dyn Collective) -> bool {
     let mine = STOP_REQUESTED.load(Ordering::SeqCst);
-    if dp.world() == 1 {
+    if world.size() == 1 {
         return mine;
     }
     let mut flag = [f32::from(u8::from(mine))];
-    dp.comm.all_reduce_sum(&mut flag);
+    world.all_reduce_sum(&mut flag);
     flag[0] > 0.0
 }

@@ -10,7 +10,7 @@ use burn::prelude::*;
 use burn::tensor::activation::silu;
 
 use super::embed::{xavier_linear, zero_linear};
-use crate::kernels::{Activation, gated_residual, linear_act, modulated_layer_norm, packed_attention};
+use crate::kernels::{Activation, TensorParallel, gated_residual, linear_act, modulated_layer_norm, packed_attention};
 use crate::model::config::DitConfig;
 
 /// DiT's LayerNorm epsilon.
@@ -34,8 +34,11 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.forward_with(x, &|qkv| packed_attention(qkv, self.heads, self.scale))
+    /// Over the heads of this rank of `tp` (Megatron: `qkv` column-parallel, `proj`
+    /// row-parallel); all heads on one rank.
+    pub fn forward(&self, x: Tensor<3>, tp: &TensorParallel) -> Tensor<3> {
+        let qkv = linear_act(&self.qkv, tp.enter(x), Activation::Identity); // [B, S, 3·(H/T)·D]
+        tp.row_linear(&self.proj, packed_attention(qkv, self.heads / tp.size(), self.scale))
     }
 
     /// With `attend` mapping the packed `qkv` to the heads' output (the sequence-parallel
@@ -56,8 +59,9 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        linear_act(&self.fc2, linear_act(&self.fc1, x, Activation::GeluTanh), Activation::Identity)
+    /// Over this rank's hidden columns of `tp` (`fc1` column-parallel, `fc2` row-parallel).
+    pub fn forward(&self, x: Tensor<3>, tp: &TensorParallel) -> Tensor<3> {
+        tp.row_linear(&self.fc2, linear_act(&self.fc1, tp.enter(x), Activation::GeluTanh))
     }
 }
 
@@ -87,21 +91,33 @@ impl DitBlock {
         }
     }
 
-    /// `x`: `[B, S, W]`, `c`: `[B, W]` → `[B, S, W]`.
-    pub fn forward(&self, x: Tensor<3>, c: Tensor<2>) -> Tensor<3> {
-        self.forward_with(x, c, &|qkv| packed_attention(qkv, self.attn.heads, self.attn.scale))
+    /// `x`: `[B, S, W]`, `c`: `[B, W]` → `[B, S, W]`, its heads and MLP columns split over the
+    /// ranks of `tp`.
+    pub fn forward(&self, x: Tensor<3>, c: Tensor<2>, tp: &TensorParallel) -> Tensor<3> {
+        self.around(x, c, |h| self.attn.forward(h, tp), tp)
     }
 
-    /// [`Self::forward`] with the attention of the packed `qkv` computed by `attend` (the parallel
-    /// schemes attend across ranks); everything else in the block is token-wise.
+    /// [`Self::forward`] with the attention of the packed `qkv` computed by `attend` (sequence
+    /// parallelism attends across ranks); everything else in the block is token-wise.
     pub fn forward_with(&self, x: Tensor<3>, c: Tensor<2>, attend: &dyn Fn(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
+        self.around(x, c, |h| self.attn.forward_with(h, attend), &TensorParallel::single())
+    }
+
+    /// The block around `attention`, which maps the modulated tokens to the attention's output.
+    fn around(
+        &self,
+        x: Tensor<3>,
+        c: Tensor<2>,
+        attention: impl FnOnce(Tensor<3>) -> Tensor<3>,
+        tp: &TensorParallel,
+    ) -> Tensor<3> {
         let m = self.ada_ln.forward(silu(c)).chunk(6, 1); // 6 × [B, W]
         let [shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp] =
             <[Tensor<2>; 6]>::try_from(m).expect("six chunks");
         let h = modulated_norm(x.clone(), shift_msa, scale_msa);
-        let x = gated_residual(x, gate_msa, self.attn.forward_with(h, attend));
+        let x = gated_residual(x, gate_msa, attention(h));
         let h = modulated_norm(x.clone(), shift_mlp, scale_mlp);
-        gated_residual(x, gate_mlp, self.mlp.forward(h))
+        gated_residual(x, gate_mlp, self.mlp.forward(h, tp))
     }
 }
 

@@ -8,6 +8,7 @@ pub mod embed;
 use burn::prelude::*;
 
 use super::config::DitConfig;
+use crate::kernels::TensorParallel;
 use block::{DitBlock, FinalLayer};
 use embed::{LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d};
 
@@ -42,13 +43,25 @@ impl Dit {
 
     /// `x` `[B, C, H, W]`, `t` `[B]` level indices, `y` `[B]` labels → `[B, C, H, W]`.
     pub fn forward(&self, x: Tensor<4>, t: Tensor<1, Int>, y: Tensor<1, Int>) -> Tensor<4> {
+        self.forward_parallel(x, t, y, &TensorParallel::single())
+    }
+
+    /// [`Self::forward`] with every block split over the ranks of `tp` (this model holds this
+    /// rank's shard of the blocks' weights).
+    pub fn forward_parallel(
+        &self,
+        x: Tensor<4>,
+        t: Tensor<1, Int>,
+        y: Tensor<1, Int>,
+        tp: &TensorParallel,
+    ) -> Tensor<4> {
         let [b, c, height, width] = x.dims();
         let p = self.patch;
         let (gh, gw) = (height / p, width / p);
         let mut x = self.x_embedder.forward(x) + self.pos_embed.clone(); // [B, S, W]
         let cond = self.t_embedder.forward(t) + self.y_embedder.forward(y); // [B, W]
         for block in &self.blocks {
-            x = block.forward(x, cond.clone());
+            x = block.forward(x, cond.clone(), tp);
         }
         let x = self.final_layer.forward(x, cond); // [B, S, p·p·C]
         // Unpatchify: token (i, j) holds rows i·p.., columns j·p.., values ordered (p, q, C).

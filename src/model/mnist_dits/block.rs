@@ -7,7 +7,9 @@ use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 
 use super::folded::FoldedAttention;
-use crate::kernels::{Activation, gated_residual, linear_act, linear_cat, modulated_layer_norm, packed_attention};
+use crate::kernels::{
+    Activation, TensorParallel, gated_residual, linear_act, linear_cat, modulated_layer_norm, packed_attention,
+};
 use crate::model::config::DitConfig;
 
 /// `Linear(width → ratio·width) → ReLU → Linear(ratio·width → width)`; PyTorch keys `ff.0`
@@ -19,8 +21,10 @@ pub struct FeedForward {
 }
 
 impl FeedForward {
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        linear_act(&self.contract, linear_act(&self.expand, x, Activation::Relu), Activation::Identity)
+    /// Over this rank's hidden columns of `tp` (`expand` column-parallel, `contract`
+    /// row-parallel).
+    pub fn forward(&self, x: Tensor<3>, tp: &TensorParallel) -> Tensor<3> {
+        tp.row_linear(&self.contract, linear_act(&self.expand, tp.enter(x), Activation::Relu))
     }
 }
 
@@ -80,30 +84,55 @@ impl MnistDitsBlock {
         }
     }
 
-    /// `x`: `[batch, tokens, width]`, `cond`: `[batch, width]` → `[batch, tokens, width]`.
+    /// `x`: `[batch, tokens, width]`, `cond`: `[batch, width]` → `[batch, tokens, width]`, the
+    /// heads and FFN columns split over the ranks of `tp` (this block holds this rank's shard).
     ///
     /// Runs the attention folded (see [`super::folded`]) where that saves work, as it does for
     /// the mnist-dits shapes: the same function as [`Self::forward_unfolded`] up to rounding.
-    pub fn forward(&self, x: Tensor<3>, cond: Tensor<2>) -> Tensor<3> {
-        match FoldedAttention::new(self, x.dims()[1]) {
-            Some(folded) => self.forward_folded(x, cond, &folded),
-            None => self.forward_unfolded(x, cond),
+    /// Split over ranks, each folds its own heads and the head sum is the group's all-reduce.
+    pub fn forward(&self, x: Tensor<3>, cond: Tensor<2>, tp: &TensorParallel) -> Tensor<3> {
+        let tokens = x.dims()[1];
+        if tp.size() == 1 {
+            return match FoldedAttention::new(self, tokens) {
+                Some(folded) => self.forward_folded(x, cond, &folded),
+                None => self.forward_unfolded(x, cond, tp),
+            };
+        }
+        match FoldedAttention::without_output_bias(self, tokens) {
+            Some(folded) => {
+                self.forward_with(x, cond, tp, |h| self.output_bias(tp.reduce(folded.forward(tp.enter(h)))))
+            }
+            None => self.forward_unfolded(x, cond, tp),
         }
     }
 
     /// The block as written in mnist-dits: separate query, key, value and output projections.
-    pub fn forward_unfolded(&self, x: Tensor<3>, cond: Tensor<2>) -> Tensor<3> {
-        self.forward_with(x, cond, |h| linear_act(&self.lv, self.attention(h), Activation::Identity))
+    pub fn forward_unfolded(&self, x: Tensor<3>, cond: Tensor<2>, tp: &TensorParallel) -> Tensor<3> {
+        self.forward_with(x, cond, tp, |h| tp.row_linear(&self.lv, self.attention(tp.enter(h), tp.size())))
     }
 
     /// [`Self::forward`] with the folded weights given (computed once for many calls).
     pub fn forward_folded(&self, x: Tensor<3>, cond: Tensor<2>, folded: &FoldedAttention) -> Tensor<3> {
-        self.forward_with(x, cond, |h| folded.forward(h))
+        self.forward_with(x, cond, &TensorParallel::single(), |h| folded.forward(h))
+    }
+
+    /// `x` plus the output projection's bias.
+    fn output_bias(&self, x: Tensor<3>) -> Tensor<3> {
+        match &self.lv.bias {
+            Some(b) => x + b.val().unsqueeze(),
+            None => x,
+        }
     }
 
     /// The block around `attention`, which maps the normalised tokens to the attention's
     /// output after its projection.
-    fn forward_with(&self, x: Tensor<3>, cond: Tensor<2>, attention: impl FnOnce(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
+    fn forward_with(
+        &self,
+        x: Tensor<3>,
+        cond: Tensor<2>,
+        tp: &TensorParallel,
+        attention: impl FnOnce(Tensor<3>) -> Tensor<3>,
+    ) -> Tensor<3> {
         // The six modulation Linears as one product, then split: γ₁ β₁ α₁ γ₂ β₂ α₂, each [B,W].
         let layers = [&self.gamma1, &self.beta1, &self.alpha1, &self.gamma2, &self.beta2, &self.alpha2];
         let [g1, b1, a1, g2, b2, a2] =
@@ -113,15 +142,16 @@ impl MnistDitsBlock {
         let h = adaln(&self.ln1, x.clone(), b1, g1); // LN(x)·(1+γ₁) + β₁
         let x = gated_residual(x, a1, attention(h)); // x + α₁·Attn(h)
         let h = adaln(&self.ln2, x.clone(), b2, g2);
-        gated_residual(x, a2, self.ff.forward(h))
+        gated_residual(x, a2, self.ff.forward(h, tp))
     }
 
     /// Multi-head self-attention without the output projection: `[B,S,W] → [B,S,H·D]`.
     ///
     /// `wq`, `wk`, `wv` run as one projection (their weights side by side), which is the
     /// packed layout the attention kernel reads.
-    fn attention(&self, h: Tensor<3>) -> Tensor<3> {
+    /// With the heads split over `ranks`, this block's share of them.
+    fn attention(&self, h: Tensor<3>, ranks: usize) -> Tensor<3> {
         let qkv = linear_cat(&[&self.wq, &self.wk, &self.wv], h, Activation::Identity);
-        packed_attention(qkv, self.heads, self.attn_scale)
+        packed_attention(qkv, self.heads / ranks, self.attn_scale)
     }
 }

@@ -48,8 +48,19 @@ impl FoldedAttention {
     /// The folded form of `block`'s attention over `tokens` tokens, or `None` when folding
     /// would cost more multiply-adds than it saves.
     pub fn new(block: &MnistDitsBlock, tokens: usize) -> Option<Self> {
-        let (h, d) = (block.heads, block.head_dim);
-        let w = block.wq.weight.dims()[0];
+        Self::fold(block, tokens, true)
+    }
+
+    /// [`Self::new`] for the heads a block holds, without the output projection's bias: for a
+    /// tensor-parallel shard, whose partial outputs are summed over the ranks before the bias.
+    pub fn without_output_bias(block: &MnistDitsBlock, tokens: usize) -> Option<Self> {
+        Self::fold(block, tokens, false)
+    }
+
+    fn fold(block: &MnistDitsBlock, tokens: usize, output_bias: bool) -> Option<Self> {
+        let d = block.head_dim;
+        let [w, inner] = block.wq.weight.dims();
+        let h = inner / d; // the heads this block holds
         if !folding_pays(tokens, w, d) {
             return None;
         }
@@ -71,7 +82,7 @@ impl FoldedAttention {
             let lv_h = lv.clone().narrow(0, head * d, d); // [D, W]
             weights.push(wv.clone().narrow(1, head * d, d).matmul(lv_h.clone())); // WvₕLvₕ
             let c = bv.clone().narrow(1, head * d, d).matmul(lv_h); // bvₕLvₕ
-            biases.push(if head == 0 { c + b_out.clone().unsqueeze::<2>() } else { c });
+            biases.push(if head == 0 && output_bias { c + b_out.clone().unsqueeze::<2>() } else { c });
         }
         let (weight, bias) = (Tensor::cat(weights, 1), Tensor::cat(biases, 1).reshape([2 * h * w]));
         Some(Self { weight, bias, heads: h, scale: block.attn_scale })
@@ -88,7 +99,7 @@ impl FoldedAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::folded_attention_composed;
+    use crate::kernels::{TensorParallel, folded_attention_composed};
     use crate::model::config::DitConfig;
     use burn::tensor::Distribution;
 
@@ -112,10 +123,10 @@ mod tests {
         let folded = FoldedAttention::new(&block, cfg.tokens()).expect("mnist-dits folds");
         let x = normal([3, cfg.tokens(), cfg.width], 6, &device);
         let cond = normal([3, cfg.width], 7, &device);
-        let want = block.forward_unfolded(x.clone(), cond.clone());
+        let want = block.forward_unfolded(x.clone(), cond.clone(), &TensorParallel::single());
         let diff = max_rel_diff(block.forward_folded(x.clone(), cond.clone(), &folded), want.clone());
         assert!(diff < 1e-5, "folded block differs by {diff}");
-        let diff = max_rel_diff(block.forward(x.clone(), cond.clone()), want);
+        let diff = max_rel_diff(block.forward(x.clone(), cond.clone(), &TensorParallel::single()), want);
         assert!(diff < 1e-5, "the block's own forward differs from the unfolded block by {diff}");
         let qv = fused_linear(x.clone(), folded.weight.clone(), folded.bias.clone(), Activation::Identity);
         let kernel = folded_attention(qv.clone(), x.clone(), folded.heads, folded.scale);
@@ -159,8 +170,11 @@ mod tests {
         let cond = normal([2, cfg.width], 23, &device);
         let upstream = normal([2, cfg.tokens(), cfg.width], 24, &device);
         let grads_of = |out: Tensor<3>| (out * upstream.clone()).sum().backward();
-        let (folded, unfolded) =
-            (grads_of(block.forward(x.clone(), cond.clone())), grads_of(block.forward_unfolded(x, cond)));
+        let single = TensorParallel::single();
+        let (folded, unfolded) = (
+            grads_of(block.forward(x.clone(), cond.clone(), &single)),
+            grads_of(block.forward_unfolded(x, cond, &single)),
+        );
         for (name, layer) in [("wq", &block.wq), ("wk", &block.wk), ("wv", &block.wv), ("lv", &block.lv)] {
             let (a, b) = (layer.weight.grad(&folded).unwrap(), layer.weight.grad(&unfolded).unwrap());
             let d = max_rel_diff(a, b);

@@ -12,7 +12,7 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 
 use super::config::DitConfig;
-use crate::kernels::{Activation, linear_act};
+use crate::kernels::{Activation, TensorParallel, linear_act};
 use block::MnistDitsBlock;
 use embed::{TimeEmbedding, embed_labels, label_embedding};
 use folded::FoldedAttention;
@@ -63,7 +63,19 @@ impl MnistDits {
     /// Predict the noise: `x` `[B, C, H, W]`, `t` `[B]` timesteps, `y` `[B]` labels →
     /// `[B, C, H, W]`.
     pub fn forward(&self, x: Tensor<4>, t: Tensor<1, Int>, y: Tensor<1, Int>) -> Tensor<4> {
-        self.forward_blocks(x, t, y, None)
+        self.forward_blocks(x, t, y, None, &TensorParallel::single())
+    }
+
+    /// [`Self::forward`] with every block split over the ranks of `tp` (this model holds this
+    /// rank's shard of the blocks' weights).
+    pub fn forward_parallel(
+        &self,
+        x: Tensor<4>,
+        t: Tensor<1, Int>,
+        y: Tensor<1, Int>,
+        tp: &TensorParallel,
+    ) -> Tensor<4> {
+        self.forward_blocks(x, t, y, None, tp)
     }
 
     /// The blocks' attention folded for inference, or `None` where folding would not pay.
@@ -80,7 +92,7 @@ impl MnistDits {
         y: Tensor<1, Int>,
         folded: &[FoldedAttention],
     ) -> Tensor<4> {
-        self.forward_blocks(x, t, y, Some(folded))
+        self.forward_blocks(x, t, y, Some(folded), &TensorParallel::single())
     }
 
     fn forward_blocks(
@@ -89,6 +101,7 @@ impl MnistDits {
         t: Tensor<1, Int>,
         y: Tensor<1, Int>,
         folded: Option<&[FoldedAttention]>,
+        tp: &TensorParallel,
     ) -> Tensor<4> {
         let [b, c, height, width] = x.dims();
         let p = self.patch;
@@ -101,7 +114,7 @@ impl MnistDits {
         for (i, block) in self.dits.iter().enumerate() {
             x = match folded {
                 Some(folded) => block.forward_folded(x, cond.clone(), &folded[i]),
-                None => block.forward(x, cond.clone()),
+                None => block.forward(x, cond.clone(), tp),
             };
         }
         // The final LayerNorm through the fused kernel too (no modulation: shift = scale = 0).
