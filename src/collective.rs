@@ -107,3 +107,36 @@ impl Collective for Local {
         Ok(Arc::new(Local))
     }
 }
+
+/// An error that every rank of a world found alike and has already printed: the CLI exits
+/// without printing it again.
+#[derive(Debug)]
+pub struct Reported;
+
+impl std::fmt::Display for Reported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the error was reported on every rank")
+    }
+}
+
+impl std::error::Error for Reported {}
+
+/// `result`, computed alike on every rank of `world`: an error is printed by each rank (one
+/// `error:` line) and returned as [`Reported`] once every rank has printed its line, so that
+/// no rank's exit stops another before its line is out (`mpirun` stops the rest of a job when
+/// one rank fails). A world of one leaves the error to the caller.
+pub fn on_every_rank<T>(world: &dyn Collective, result: anyhow::Result<T>) -> anyhow::Result<T> {
+    if world.size() == 1 {
+        return result;
+    }
+    let mut failed = [f32::from(u8::from(result.is_err()))];
+    if let Err(e) = &result {
+        eprintln!("error: {e:#}");
+    }
+    world.all_reduce_sum(&mut failed);
+    match result {
+        Err(_) => Err(Reported.into()),
+        Ok(_) if failed[0] > 0.0 => anyhow::bail!("another rank could not start the run (its error says why)"),
+        ok => ok,
+    }
+}

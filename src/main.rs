@@ -122,6 +122,10 @@ struct DistArgs {
     /// T consecutive ranks (with --dist mpi); the other factor of the world is data-parallel.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
     tp: u64,
+    /// Sequence parallelism (DeepSpeed-Ulysses, DiT family): split every image's tokens over
+    /// groups of S ranks (with --dist mpi); S must divide the token and head counts.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    sp: u64,
     /// ZeRO stage: 0 (every rank keeps the whole optimizer state) or 1 (each keeps its shard).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
     zero: u8,
@@ -235,6 +239,7 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<dits::collective::Reported>().is_some() => ExitCode::FAILURE,
         Err(e) if e.downcast_ref::<Interrupted>().is_some() => {
             if !e.to_string().is_empty() {
                 eprintln!("{e}");
@@ -278,6 +283,7 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
         ranks: a.dist.ranks,
         zero: a.dist.zero,
         tp: a.dist.tp as usize,
+        sp: a.dist.sp as usize,
         bucket_mib: a.dist.bucket_mb,
         device: a.common.device,
     };

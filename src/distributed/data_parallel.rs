@@ -37,6 +37,9 @@ pub struct DataParallel {
     pub zero: ZeroStage,
     /// Elements per all-reduce call.
     pub bucket: usize,
+    /// Which part of every batch this rank computes, `(part, parts)`, when that is not its place
+    /// in `comm`: the ranks of a sequence-parallel group share their rows (`None`: rank and size).
+    pub batch_part: Option<(usize, usize)>,
 }
 
 /// PyTorch DDP's default gradient bucket, in MiB.
@@ -49,7 +52,12 @@ pub fn bucket_elements(mib: u64) -> usize {
 
 impl Default for DataParallel {
     fn default() -> Self {
-        Self { comm: Arc::new(Local), zero: ZeroStage::Off, bucket: bucket_elements(DEFAULT_BUCKET_MIB) }
+        Self {
+            comm: Arc::new(Local),
+            zero: ZeroStage::Off,
+            bucket: bucket_elements(DEFAULT_BUCKET_MIB),
+            batch_part: None,
+        }
     }
 }
 
@@ -73,9 +81,15 @@ impl DataParallel {
         self.rank() == 0
     }
 
+    /// How many parts every batch is split into (the data-parallel ranks).
+    pub fn batch_parts(&self) -> usize {
+        self.batch_part.map_or(self.world(), |(_, parts)| parts)
+    }
+
     /// This rank's rows of a global batch of `batch`.
     pub fn my_rows(&self, batch: usize) -> Range<usize> {
-        crate::ranges::even_ranges(batch, self.world())[self.rank()].clone()
+        let (part, parts) = self.batch_part.unwrap_or((self.rank(), self.world()));
+        crate::ranges::even_ranges(batch, parts)[part].clone()
     }
 
     /// Length of each rank's block of the parameters under ZeRO-1 (the last ones padded).

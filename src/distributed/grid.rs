@@ -1,7 +1,10 @@
-//! The process grid: world = DP × TP ranks, laid out with the tensor-parallel group innermost
-//! (world rank = dp · TP + tp), so that a TP group is consecutive ranks, which `mpirun` places
-//! on one machine: tensor parallelism talks every layer, data parallelism once a step.
-//! Each group is a sub-communicator of the world (MPI's split by colour).
+//! The process grid: world = DP × SP × TP ranks, laid out with the tensor-parallel group
+//! innermost (world rank = (dp · SP + sp) · TP + tp), so that a TP group is consecutive ranks,
+//! which `mpirun` places on one machine: tensor parallelism talks in every layer, sequence
+//! parallelism twice per block, data parallelism once a step. Each group is a
+//! sub-communicator of the world (MPI's split by colour). The ranks holding the same shard of
+//! the model (same TP rank: DP × SP of them) sum their gradients: the SP ranks of a DP rank
+//! share its rows of the batch, each with its tokens.
 
 use std::sync::Arc;
 
@@ -17,15 +20,18 @@ use crate::kernels::TensorParallel;
 pub struct Grid {
     /// Every rank: rank 0 leads (files, progress), stop requests and a run's start go to all.
     pub world: Arc<dyn Collective>,
-    /// The ranks holding the same shard of the model, each with its rows of the batch.
+    /// The ranks holding the same shard of the model, each with its rows (and tokens) of the
+    /// batch.
     pub dp: DataParallel,
     /// The ranks splitting each block's heads and MLP columns.
     pub tp: TensorParallel,
+    /// The ranks splitting each image's tokens (`None`: one rank holds them all).
+    pub sp: Option<Arc<dyn Collective>>,
 }
 
 impl Default for Grid {
     fn default() -> Self {
-        Self { world: Arc::new(Local), dp: DataParallel::default(), tp: TensorParallel::single() }
+        Self { world: Arc::new(Local), dp: DataParallel::default(), tp: TensorParallel::single(), sp: None }
     }
 }
 
@@ -36,21 +42,34 @@ impl std::fmt::Debug for Grid {
 }
 
 impl Grid {
-    /// The grid of `world` with tensor-parallel groups of `tp` ranks; `dp` (its `comm` unset)
-    /// says how the data-parallel groups synchronise.
-    pub fn new(world: Arc<dyn Collective>, tp: usize, dp: DataParallel) -> anyhow::Result<Self> {
+    /// The grid of `world` with tensor-parallel groups of `tp` ranks and sequence-parallel
+    /// groups of `sp`; `dp` (its `comm` unset) says how the gradients are summed.
+    pub fn new(world: Arc<dyn Collective>, tp: usize, sp: usize, dp: DataParallel) -> anyhow::Result<Self> {
         let (rank, size) = (world.rank(), world.size());
+        let flags = match (tp, sp) {
+            (_, 1) => format!("--tp {tp}"),
+            (1, _) => format!("--sp {sp}"),
+            _ => format!("--tp {tp} × --sp {sp}"),
+        };
         ensure!(
-            tp >= 1 && size.is_multiple_of(tp),
-            "--tp {tp} must divide the number of ranks ({size}): the world is data-parallel × tensor-parallel"
+            tp >= 1 && sp >= 1 && size.is_multiple_of(tp * sp),
+            "{flags} must divide the number of ranks ({size}): the world is data-parallel × sequence-parallel × tensor-parallel"
         );
-        if tp == 1 {
-            return Ok(Self { dp: DataParallel { comm: world.clone(), ..dp }, world, tp: TensorParallel::single() });
+        if tp * sp == 1 {
+            let dp = DataParallel { comm: world.clone(), ..dp };
+            return Ok(Self { dp, world, tp: TensorParallel::single(), sp: None });
         }
-        let (dp_rank, tp_rank) = (rank / tp, rank % tp);
-        let tp_group = world.split(dp_rank, tp_rank)?;
-        let dp_group = world.split(tp_rank, dp_rank)?;
-        Ok(Self { world, dp: DataParallel { comm: dp_group, ..dp }, tp: TensorParallel::over(tp_group) })
+        let (tp_rank, sp_rank, dp_rank) = (rank % tp, rank / tp % sp, rank / (tp * sp));
+        let tp_group = world.split(rank / tp, tp_rank)?;
+        let sp_group = world.split(dp_rank * tp + tp_rank, sp_rank)?;
+        let shard_group = world.split(tp_rank, rank / tp)?;
+        let batch_part = Some((dp_rank, size / (tp * sp)));
+        Ok(Self {
+            world,
+            dp: DataParallel { comm: shard_group, batch_part, ..dp },
+            tp: TensorParallel::over(tp_group),
+            sp: (sp > 1).then_some(sp_group),
+        })
     }
 
     /// Whether this rank writes files and shows progress (world rank 0).

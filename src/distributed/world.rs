@@ -11,7 +11,7 @@ use super::Collective;
 use super::data_parallel::{DEFAULT_BUCKET_MIB, DataParallel, ZeroStage, bucket_elements};
 use super::devices::DeviceWorld;
 use super::grid::Grid;
-use crate::collective::Local;
+use crate::collective::{Local, on_every_rank};
 use crate::device::{DeviceKind, device, devices};
 use crate::kernels::TensorParallel;
 
@@ -37,6 +37,8 @@ pub struct WorldSpec {
     pub zero: u8,
     /// Ranks of each tensor-parallel group (`--tp`).
     pub tp: usize,
+    /// Ranks of each sequence-parallel group (`--sp`).
+    pub sp: usize,
     pub bucket_mib: u64,
     pub device: DeviceKind,
 }
@@ -48,6 +50,7 @@ impl Default for WorldSpec {
             ranks: None,
             zero: 0,
             tp: 1,
+            sp: 1,
             bucket_mib: DEFAULT_BUCKET_MIB,
             device: DeviceKind::Cpu,
         }
@@ -71,11 +74,10 @@ impl WorldSpec {
         );
         let zero = if self.zero == 1 { ZeroStage::One } else { ZeroStage::Off };
         let bucket = bucket_elements(self.bucket_mib);
-        let ranked = |comm: Arc<dyn Collective>| DataParallel { comm, zero, bucket };
+        let ranked = |comm: Arc<dyn Collective>| DataParallel { comm, zero, bucket, batch_part: None };
         ensure!(
-            self.tp == 1 || self.dist == DistKind::Mpi,
-            "--tp {} splits the model over MPI ranks: it needs --dist mpi (under mpirun)",
-            self.tp
+            (self.tp == 1 && self.sp == 1) || self.dist == DistKind::Mpi,
+            "--tp and --sp split the model over MPI ranks: they need --dist mpi (under mpirun)"
         );
         let comm: Arc<dyn Collective> = match self.dist {
             DistKind::None => {
@@ -96,7 +98,8 @@ impl WorldSpec {
                         .map(|w| {
                             let device = w.device().clone();
                             let comm: Arc<dyn Collective> = Arc::new(w);
-                            let grid = Grid { world: comm.clone(), dp: ranked(comm), tp: TensorParallel::single() };
+                            let grid =
+                                Grid { world: comm.clone(), dp: ranked(comm), tp: TensorParallel::single(), sp: None };
                             (grid, device)
                         })
                         .collect(),
@@ -110,7 +113,8 @@ impl WorldSpec {
                  (apt-get install openmpi-bin libopenmpi-dev libclang-dev), then `cargo build --release --features mpi`"
             ),
         };
-        let grid = Grid::new(comm.clone(), self.tp, ranked(comm))?;
+        // Every rank finds a grid that does not fit alike, and says so.
+        let grid = on_every_rank(comm.as_ref(), Grid::new(comm.clone(), self.tp, self.sp, ranked(comm.clone())))?;
         Ok(World::Process(grid, device(self.device)?))
     }
 }

@@ -42,6 +42,7 @@ mod exchange;
 mod flex;
 mod ops;
 mod parallel;
+mod sequence;
 #[cfg(test)]
 mod tests;
 
@@ -62,6 +63,7 @@ pub use exchange::{Exchange, ExchangeDirection};
 pub use linear::Activation;
 pub use ops::*;
 pub use parallel::{GroupSum, ReduceIn, TensorParallel};
+pub use sequence::SequenceParallel;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait DitKernels: Backend {

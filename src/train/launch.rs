@@ -4,6 +4,7 @@
 use burn::prelude::*;
 
 use super::run::{Interrupted, TrainOptions, TrainSummary, run};
+use crate::collective::Reported;
 use crate::distributed::grid::Grid;
 use crate::distributed::world::World;
 
@@ -32,6 +33,7 @@ fn run_rank(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
     if let Err(e) = &result
         && comm.size() > 1
         && e.downcast_ref::<Interrupted>().is_none()
+        && e.downcast_ref::<Reported>().is_none()
     {
         eprintln!("error (rank {}): {e:#}", comm.rank());
         comm.abort(1);

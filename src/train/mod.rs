@@ -2,7 +2,8 @@
 //!
 //! - [`config`] and [`recipe`]: the recipe, its defaults, and how a TOML file and flags change it.
 //! - [`state`], [`params`], [`checkpoint`], [`metrics`]: what a run is at a step and what it writes.
-//! - [`step`]: one optimisation step ([`Trainer`]); [`snapshot`]: rank 0's trainer sent to the others.
+//! - [`step`]: one optimisation step ([`Trainer`]); [`snapshot`]: rank 0's trainer sent to the others;
+//!   [`tensor_parallel`], [`tp_layout`], [`sequence_parallel`]: a trainer's share on a grid.
 //! - [`start`]: how a run starts (new or resumed), resolved once; [`run`]: the loop, with
 //!   [`run_dir`] (the lock) and [`stop`] (signals); [`launch`]: every rank of a world.
 
@@ -14,6 +15,7 @@ pub mod params;
 pub mod recipe;
 pub mod run;
 pub mod run_dir;
+pub mod sequence_parallel;
 pub mod snapshot;
 pub mod start;
 pub mod state;

@@ -15,7 +15,7 @@ use super::run_dir::lock_run_dir;
 use super::start::{self, Resolved, Start};
 use super::step::Trainer;
 use super::stop::{catch_stop_signals, stop_requested};
-use crate::collective::CommStats;
+use crate::collective::{CommStats, on_every_rank};
 use crate::data::{BatchLoader, ImageDataset, Position};
 use crate::distributed::grid::Grid;
 
@@ -110,23 +110,11 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
         Ok(trainer)
     });
     let trainer = Trainer::broadcast_from_lead(lead, grid.world.as_ref(), &opts.device)?;
-    // Checked on every rank from the state they all hold, so each reports the same error.
-    let (state, dp_ranks) = (&trainer.state, grid.dp.world());
-    ensure!(
-        state.train.batch >= dp_ranks,
-        "the batch ({}) is smaller than the number of ranks it is split over ({dp_ranks} data-parallel ranks): \
-         each needs at least one image",
-        state.train.batch
-    );
-    let total = state.train.total_steps;
-    ensure!(
-        state.step < total,
-        "the run is already at step {} of {total}: pass a larger --steps/--epochs to continue it",
-        state.step
-    );
-    let stop = opts.stop_after.map_or(total, |s| s.min(total));
-    ensure!(state.step < stop, "--stop-after {stop} is not past the run's current step {}", state.step);
-    crate::model::tensor_parallel::check(&state.model, grid.tp.size())?;
+    // Checked on every rank from the state they all hold: all of them fail or none does, and
+    // they agree on it, so that each reports the error itself.
+    let checked = check_start(&trainer.state, grid, opts.stop_after);
+    let stop = on_every_rank(grid.world.as_ref(), checked)?;
+    let state = &trainer.state;
     let (data, per_epoch) = match lead_data {
         Some(data) => data,
         None => start::open_data(state)?,
@@ -139,9 +127,35 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
             Some(lock_run_dir(run_dir)?)
         }
     };
-    let mut trainer = trainer.with_tensor_parallel(grid.tp.clone())?.with_data_parallel(grid.dp.clone());
+    let trainer = trainer.with_tensor_parallel(grid.tp.clone())?.with_sequence_parallel(grid.sp.clone())?;
+    let mut trainer = trainer.with_data_parallel(grid.dp.clone());
     trainer.detect_anomaly = opts.detect_anomaly;
     train_loop(trainer, &opts, Epochs { data, per_epoch }, stop)
+}
+
+/// The step this rank's part of the run stops at, after the checks of a start every rank can
+/// make alone.
+fn check_start(state: &super::RunState, grid: &Grid, stop_after: Option<u64>) -> anyhow::Result<u64> {
+    let dp_ranks = grid.dp.batch_parts();
+    ensure!(
+        state.train.batch >= dp_ranks,
+        "the batch ({}) is smaller than the number of ranks it is split over ({dp_ranks} data-parallel ranks): \
+         each needs at least one image",
+        state.train.batch
+    );
+    let total = state.train.total_steps;
+    ensure!(
+        state.step < total,
+        "the run is already at step {} of {total}: pass a larger --steps/--epochs to continue it",
+        state.step
+    );
+    let stop = stop_after.map_or(total, |s| s.min(total));
+    ensure!(state.step < stop, "--stop-after {stop} is not past the run's current step {}", state.step);
+    crate::model::tensor_parallel::check(&state.model, grid.tp.size())?;
+    if let Some(comm) = &grid.sp {
+        super::sequence_parallel::split_of(&state.model, comm.clone(), &grid.tp)?;
+    }
+    Ok(stop)
 }
 
 /// Steps from the trainer's step to `stop` (or a stop signal), logging and checkpointing.
@@ -168,9 +182,11 @@ fn train_loop(mut trainer: Trainer, opts: &TrainOptions, epochs: Epochs, stop: u
     }
     if lead && grid.world.size() > 1 {
         tracing::info!(
-            "{} ranks ({} data-parallel × {} tensor-parallel), {} rows of each batch on rank 0, optimizer state {:?}: {:.2} MiB on rank 0",
+            "{} ranks ({} data-parallel × {} sequence-parallel × {} tensor-parallel), {} rows of each batch on rank 0, \
+             optimizer state {:?}: {:.2} MiB on rank 0",
             grid.world.size(),
-            dp.world(),
+            dp.batch_parts(),
+            grid.sp.as_ref().map_or(1, |c| c.size()),
             grid.tp.size(),
             dp.my_rows(batch).len(),
             dp.zero,

@@ -12,12 +12,13 @@ use rayon::prelude::*;
 use super::checkpoint::{self, Checkpoint};
 use super::config::{LossKind, TrainConfig};
 use super::params::ParamTable;
+use super::sequence_parallel::shard_loss;
 use super::state::RunState;
 use super::tp_layout::TpLayout;
 use crate::data::Batch;
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::distributed::data_parallel::DataParallel;
-use crate::kernels::TensorParallel;
+use crate::kernels::{SequenceParallel, TensorParallel};
 use crate::model::{DitConfig, DitNet, weights};
 use crate::optim::{AdamState, ema};
 use crate::profile::{self, Region};
@@ -43,6 +44,8 @@ pub struct Trainer {
     /// all of them); see [`super::tensor_parallel`].
     pub(super) tp: TensorParallel,
     pub(super) layout: Option<TpLayout>,
+    /// The ranks each image's tokens are split over (see [`super::sequence_parallel`]).
+    pub(super) sp: Option<SequenceParallel>,
     /// Check every step's loss and gradient for NaN/Inf (`--detect-anomaly`).
     pub detect_anomaly: bool,
 }
@@ -99,6 +102,7 @@ impl Trainer {
             dp: DataParallel::default(),
             tp: TensorParallel::single(),
             layout: None,
+            sp: None,
             detect_anomaly: false,
         }
     }
@@ -226,10 +230,13 @@ impl Trainer {
             let rows = r.start * row..r.end * row;
             self.micro_gradient(&model, &xt[rows.clone()], &target[rows], &t[r.clone()], &labels[r.clone()])
         };
-        // The tensor-parallel collectives of the micro-batches must pair up across the ranks:
-        // one micro-batch at a time then.
-        let results: Vec<(f32, Vec<f32>)> =
-            if self.tp.size() > 1 { parts.iter().map(part).collect() } else { parts.par_iter().map(part).collect() };
+        // The tensor- and sequence-parallel collectives of the micro-batches must pair up across
+        // the ranks: one micro-batch at a time then.
+        let results: Vec<(f32, Vec<f32>)> = if self.tp.size() > 1 || self.sp.is_some() {
+            parts.iter().map(part).collect()
+        } else {
+            parts.par_iter().map(part).collect()
+        };
         let mut results = results;
         if results.len() == 1 {
             return results.pop().expect("one part");
@@ -265,7 +272,11 @@ impl Trainer {
         let y =
             Tensor::<1, Int>::from_data(TensorData::new(labels.iter().map(|&v| v as i64).collect::<Vec<_>>(), [b]), d);
         let (loss, loss_value) = profile::time(Region::Forward, || {
-            let loss = noise_loss_parallel(model, xt, tt, y, target, self.state.train.loss, &self.tp);
+            let kind = self.state.train.loss;
+            let loss = match &self.sp {
+                Some(sp) => shard_loss(model, (xt, tt, y, target), kind, &self.tp, sp),
+                None => noise_loss_parallel(model, xt, tt, y, target, kind, &self.tp),
+            };
             let value = loss.to_data().iter::<f32>().next().unwrap_or(f32::NAN);
             (loss, value)
         });

@@ -10,7 +10,9 @@ use burn::prelude::*;
 use burn::tensor::activation::silu;
 
 use super::embed::{xavier_linear, zero_linear};
-use crate::kernels::{Activation, TensorParallel, gated_residual, linear_act, modulated_layer_norm, packed_attention};
+use crate::kernels::{
+    Activation, SequenceParallel, TensorParallel, gated_residual, linear_act, modulated_layer_norm, packed_attention,
+};
 use crate::model::config::DitConfig;
 
 /// DiT's LayerNorm epsilon.
@@ -35,17 +37,15 @@ pub struct Attention {
 
 impl Attention {
     /// Over the heads of this rank of `tp` (Megatron: `qkv` column-parallel, `proj`
-    /// row-parallel); all heads on one rank.
-    pub fn forward(&self, x: Tensor<3>, tp: &TensorParallel) -> Tensor<3> {
-        let qkv = linear_act(&self.qkv, tp.enter(x), Activation::Identity); // [B, S, 3·(H/T)·D]
-        tp.row_linear(&self.proj, packed_attention(qkv, self.heads / tp.size(), self.scale))
-    }
-
-    /// With `attend` mapping the packed `qkv` to the heads' output (the sequence-parallel
-    /// attention, or the plain one).
-    pub fn forward_with(&self, x: Tensor<3>, attend: &dyn Fn(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
-        let qkv = linear_act(&self.qkv, x, Activation::Identity);
-        linear_act(&self.proj, attend(qkv), Activation::Identity)
+    /// row-parallel), and with `sp` over this rank's tokens of the sequence (Ulysses: the heads
+    /// exchanged for the tokens around attention); all heads and tokens on one rank.
+    pub fn forward(&self, x: Tensor<3>, tp: &TensorParallel, sp: Option<&SequenceParallel>) -> Tensor<3> {
+        let qkv = linear_act(&self.qkv, tp.enter(x), Activation::Identity); // [B, S/P, 3·(H/T)·D]
+        let out = match sp {
+            Some(sp) => sp.attention(qkv, self.scale),
+            None => packed_attention(qkv, self.heads / tp.size(), self.scale),
+        };
+        tp.row_linear(&self.proj, out)
     }
 }
 
@@ -92,15 +92,15 @@ impl DitBlock {
     }
 
     /// `x`: `[B, S, W]`, `c`: `[B, W]` → `[B, S, W]`, its heads and MLP columns split over the
-    /// ranks of `tp`.
-    pub fn forward(&self, x: Tensor<3>, c: Tensor<2>, tp: &TensorParallel) -> Tensor<3> {
-        self.around(x, c, |h| self.attn.forward(h, tp), tp)
+    /// ranks of `tp`; with `sp`, `x` is this rank's tokens `[B, S/P, W]` of sequences split over
+    /// the ranks of `sp` (DeepSpeed-Ulysses): everything but attention is token-wise.
+    pub fn forward(&self, x: Tensor<3>, c: Tensor<2>, tp: &TensorParallel, sp: Option<&SequenceParallel>) -> Tensor<3> {
+        self.around(x, c, |h| self.attn.forward(h, tp, sp), tp)
     }
 
-    /// [`Self::forward`] with the attention of the packed `qkv` computed by `attend` (sequence
-    /// parallelism attends across ranks); everything else in the block is token-wise.
-    pub fn forward_with(&self, x: Tensor<3>, c: Tensor<2>, attend: &dyn Fn(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
-        self.around(x, c, |h| self.attn.forward_with(h, attend), &TensorParallel::single())
+    /// [`Self::forward`] on this rank's tokens of sequences split over `sp`, the block whole.
+    pub fn forward_sequence_parallel(&self, x: Tensor<3>, c: Tensor<2>, sp: &SequenceParallel) -> Tensor<3> {
+        self.forward(x, c, &TensorParallel::single(), Some(sp))
     }
 
     /// The block around `attention`, which maps the modulated tokens to the attention's output.

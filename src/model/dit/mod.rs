@@ -8,7 +8,7 @@ pub mod embed;
 use burn::prelude::*;
 
 use super::config::DitConfig;
-use crate::kernels::TensorParallel;
+use crate::kernels::{SequenceParallel, TensorParallel};
 use block::{DitBlock, FinalLayer};
 use embed::{LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d};
 
@@ -58,15 +58,44 @@ impl Dit {
         let [b, c, height, width] = x.dims();
         let p = self.patch;
         let (gh, gw) = (height / p, width / p);
-        let mut x = self.x_embedder.forward(x) + self.pos_embed.clone(); // [B, S, W]
-        let cond = self.t_embedder.forward(t) + self.y_embedder.forward(y); // [B, W]
-        for block in &self.blocks {
-            x = block.forward(x, cond.clone(), tp);
-        }
-        let x = self.final_layer.forward(x, cond); // [B, S, p·p·C]
+        let x = self.forward_tokens(x, t, y, tp, None); // [B, S, p·p·C]
         // Unpatchify: token (i, j) holds rows i·p.., columns j·p.., values ordered (p, q, C).
         x.reshape([b, gh, gw, p, p, c]) // [B, gh, gw, p, p, C]
             .permute([0, 5, 1, 3, 2, 4]) // [B, C, gh, p, gw, p]
             .reshape([b, c, height, width])
+    }
+
+    /// The prediction for this rank's tokens of `sp` (all tokens without it), `[B, S/P, p·p·C]`:
+    /// patch embedding, positions, every block and the final layer on the token shard.
+    pub fn forward_tokens(
+        &self,
+        x: Tensor<4>,
+        t: Tensor<1, Int>,
+        y: Tensor<1, Int>,
+        tp: &TensorParallel,
+        sp: Option<&SequenceParallel>,
+    ) -> Tensor<3> {
+        let mut x = self.x_embedder.forward(x) + self.pos_embed.clone(); // [B, S, W]
+        if let Some(sp) = sp {
+            let mine = sp.my_tokens();
+            x = x.narrow(1, mine.start, mine.len()); // [B, S/P, W]
+        }
+        let cond = self.t_embedder.forward(t) + self.y_embedder.forward(y); // [B, W]
+        for block in &self.blocks {
+            x = block.forward(x, cond.clone(), tp, sp);
+        }
+        self.final_layer.forward(x, cond)
+    }
+
+    /// An image `[B, C, H, W]` in the token layout of [`Self::forward_tokens`]'s output,
+    /// `[B, S, p·p·C]` (the inverse of the unpatchify in [`Self::forward_parallel`]).
+    pub fn patchify(&self, image: Tensor<4>) -> Tensor<3> {
+        let [b, c, height, width] = image.dims();
+        let p = self.patch;
+        let (gh, gw) = (height / p, width / p);
+        image
+            .reshape([b, c, gh, p, gw, p]) // [B, C, gh, p, gw, p]
+            .permute([0, 2, 4, 3, 5, 1]) // [B, gh, gw, p, p, C]
+            .reshape([b, gh * gw, p * p * c])
     }
 }

@@ -1,4 +1,5 @@
-//! DeepSpeed-Ulysses sequence parallelism for a DiT block's attention.
+//! DeepSpeed-Ulysses sequence parallelism for a DiT block's attention, built on the
+//! differentiable all-to-all ([`super::Exchange`]).
 //!
 //! Each of P ranks holds S/P tokens of every image. Everything in a DiT block but attention
 //! works token by token, so it runs on the local tokens unchanged; attention needs all tokens.
@@ -15,9 +16,8 @@ use std::sync::Arc;
 use anyhow::ensure;
 use burn::prelude::*;
 
-use super::Collective;
-use crate::kernels::{Exchange, ExchangeDirection, exchange, packed_attention};
-use crate::model::dit::block::DitBlock;
+use super::{Exchange, ExchangeDirection, exchange, packed_attention};
+use crate::collective::Collective;
 
 /// The ranks a sequence is split over.
 #[derive(Clone)]
@@ -38,12 +38,9 @@ impl SequenceParallel {
     pub fn new(comm: Arc<dyn Collective>, seq: usize, heads: usize) -> anyhow::Result<Self> {
         let p = comm.size();
         ensure!(
-            heads.is_multiple_of(p),
-            "sequence parallelism over {p} ranks needs a head count divisible by {p}: the model has {heads} heads"
-        );
-        ensure!(
-            seq.is_multiple_of(p),
-            "sequence parallelism over {p} ranks needs a token count divisible by {p}: the model has {seq} tokens"
+            heads.is_multiple_of(p) && seq.is_multiple_of(p),
+            "sequence parallelism over {p} ranks needs token and head counts divisible by {p}: \
+             the model has {seq} tokens and {heads} heads (per tensor-parallel rank)"
         );
         Ok(Self { comm, seq, heads })
     }
@@ -54,10 +51,9 @@ impl SequenceParallel {
         self.comm.rank() * n..(self.comm.rank() + 1) * n
     }
 
-    /// `block` on this rank's tokens `x` `[B, S/P, W]`: everything but attention is token-wise
-    /// and runs locally.
-    pub fn block(&self, block: &DitBlock, x: Tensor<3>, c: Tensor<2>) -> Tensor<3> {
-        block.forward_with(x, c, &|qkv| self.attention(qkv, block.attn.scale))
+    /// The ranks of the group.
+    pub fn size(&self) -> usize {
+        self.comm.size()
     }
 
     /// Multi-head attention of the whole sequence from this rank's packed `qkv` `[B, S/P,
