@@ -32,14 +32,20 @@ fn dits(dir: &Path, args: &[String]) -> String {
     run(Command::new(env!("CARGO_BIN_EXE_dits")).args(args).current_dir(dir))
 }
 
-/// `mpirun -np N dits ARGS --dist mpi`, every rank on this machine.
+/// `mpirun -np N dits ARGS --dist mpi`, every rank on this machine, over shared memory.
 fn mpirun(dir: &Path, ranks: usize, args: &[String]) -> String {
+    mpirun_over(dir, ranks, args, "self,vader")
+}
+
+/// [`mpirun`] with the byte transport `btl`: `self,vader` (shared memory, no network probing)
+/// or `tcp,self` (what runs between machines; here over the loopback interface).
+fn mpirun_over(dir: &Path, ranks: usize, args: &[String], btl: &str) -> String {
     let mut cmd = Command::new("mpirun");
     // Root in CI containers; oversubscription: more ranks than the two cores.
     cmd.args(["--allow-run-as-root", "--oversubscribe", "-np", &ranks.to_string()]);
     cmd.arg(env!("CARGO_BIN_EXE_dits")).args(args).args(["--dist", "mpi"]).current_dir(dir);
-    // Shared-memory transport between ranks, no network probing.
-    cmd.env("OMPI_MCA_btl", "self,vader").env("OMPI_MCA_btl_vader_single_copy_mechanism", "none");
+    cmd.env("OMPI_MCA_btl", btl).env("OMPI_MCA_btl_vader_single_copy_mechanism", "none");
+    cmd.env("OMPI_MCA_btl_tcp_if_include", "lo").env("OMPI_MCA_oob_tcp_if_include", "lo");
     run(&mut cmd)
 }
 
@@ -201,6 +207,19 @@ fn tensor_parallel_grids_equal_one_rank() {
             eprintln!("{family}, DP=2 × TP=2, ZeRO-1, step {step}: max |Δ| = {d}");
         }
     }
+}
+
+/// The same grid over TCP (the transport between machines): DP=2 × TP=2 equals one process.
+#[test]
+fn a_grid_over_tcp_equals_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    toy_data(dir);
+    dits(dir, &with(train_args("halves", 4), &["--micro-batches", "2"]));
+    let tcp = with(train_args("tcp", 4), &["--micro-batches", "1", "--tp", "2"]);
+    mpirun_over(dir, 4, &tcp, "tcp,self");
+    let d = assert_same_checkpoint(dir, "halves", "tcp", 4);
+    eprintln!("DP=2 × TP=2 over TCP: max |Δ| = {d}");
 }
 
 /// Checkpoints are always in the one-process layout: a TP=2 run continues on one process, and

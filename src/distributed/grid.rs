@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use anyhow::ensure;
 
-use super::Collective;
 use super::data_parallel::DataParallel;
+use super::{Collective, CommStats};
 use crate::collective::Local;
 use crate::kernels::TensorParallel;
 
@@ -69,6 +69,24 @@ impl Grid {
             dp: DataParallel { comm: shard_group, batch_part, ..dp },
             tp: TensorParallel::over(tp_group),
             sp: (sp > 1).then_some(sp_group),
+        })
+    }
+
+    /// What this rank has communicated so far, over all its groups.
+    pub fn comm_stats(&self) -> CommStats {
+        let mut groups: Vec<&Arc<dyn Collective>> = vec![&self.world, &self.dp.comm];
+        groups.extend(self.tp.comm());
+        groups.extend(self.sp.as_ref());
+        let mut unique: Vec<&Arc<dyn Collective>> = Vec::new();
+        for g in groups {
+            if !unique.iter().any(|u| Arc::ptr_eq(u, g)) {
+                unique.push(g);
+            }
+        }
+        unique.iter().map(|g| g.stats()).fold(CommStats::default(), |a, b| CommStats {
+            calls: a.calls + b.calls,
+            bytes: a.bytes + b.bytes,
+            time: a.time + b.time,
         })
     }
 

@@ -15,7 +15,7 @@ use super::run_dir::lock_run_dir;
 use super::start::{self, Resolved, Start};
 use super::step::Trainer;
 use super::stop::{catch_stop_signals, stop_requested};
-use crate::collective::{CommStats, on_every_rank};
+use crate::collective::on_every_rank;
 use crate::data::{BatchLoader, ImageDataset, Position};
 use crate::distributed::grid::Grid;
 
@@ -249,19 +249,26 @@ fn train_loop(mut trainer: Trainer, opts: &TrainOptions, epochs: Epochs, stop: u
         bar.finish();
     }
     let elapsed = run_start.elapsed().as_secs_f64();
+    let rank = grid.world.rank();
     if grid.world.size() > 1 {
-        let c = [dp.comm.stats(), grid.tp.comm().map(|c| c.stats()).unwrap_or_default()];
-        let c =
-            CommStats { calls: c[0].calls + c[1].calls, bytes: c[0].bytes + c[1].bytes, time: c[0].time + c[1].time };
+        let c = grid.comm_stats();
         let steps = (trainer.state.step - start_step).max(1);
         tracing::info!(
-            "rank {}: {:.1} s of {elapsed:.1} s in communication, {:.2} MB sent per step ({} calls)",
-            grid.world.rank(),
+            "rank {rank}: {:.1} s of {elapsed:.1} s in communication, {:.2} MB sent per step ({} calls)",
             c.time.as_secs_f64(),
             c.bytes as f64 / steps as f64 / 1e6,
             c.calls
         );
     }
+    let mib = |bytes: usize| bytes as f64 / (1 << 20) as f64;
+    let (params, optimizer) = (4 * trainer.table().total, trainer.optimizer_bytes());
+    tracing::info!(
+        "rank {rank}: parameters {:.2} MiB, gradients {:.2} MiB, optimizer state {:.2} MiB, peak RSS {}",
+        mib(params),
+        mib(params),
+        mib(optimizer),
+        crate::memory::peak_rss_bytes().map_or("unknown".into(), |b| format!("{} MiB", b >> 20))
+    );
     Ok(TrainSummary {
         steps: trainer.state.step,
         final_loss: last_loss,
