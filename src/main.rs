@@ -122,8 +122,8 @@ struct DistArgs {
     /// T consecutive ranks (with --dist mpi); the other factor of the world is data-parallel.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
     tp: u64,
-    /// Sequence parallelism (DeepSpeed-Ulysses, DiT family): split every image's tokens over
-    /// groups of S ranks (with --dist mpi); S must divide the token and head counts.
+    /// Sequence parallelism (DeepSpeed-Ulysses): split every image's tokens over groups of S
+    /// ranks (with --dist mpi); S must divide the token and head counts.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
     sp: u64,
     /// ZeRO stage: 0 (every rank keeps the whole optimizer state) or 1 (each keeps its shard).

@@ -259,7 +259,7 @@ fn a_wrong_tensor_parallel_size_is_an_error_on_every_rank() {
 
 /// DeepSpeed-Ulysses in training (dit-s2: 196 tokens and 6 heads, over 2 ranks): SP=2,
 /// DP=2 × SP=2 and TP=2 × SP=2 give the one-process weights, moving average and Adam state
-/// within 1e-5; an SP=2 run resumes on one process; a group that does not divide the tokens
+/// within 1e-5, and so does mnist-dits with 196 tokens; an SP=2 run resumes on one process; a group that does not divide the tokens
 /// and heads is an error on every rank that names them.
 #[test]
 fn sequence_parallel_grids_equal_one_rank() {
@@ -296,6 +296,15 @@ fn sequence_parallel_grids_equal_one_rank() {
     assert!(text.contains("1 data-parallel × 2 sequence-parallel × 2 tensor-parallel"), "{text}");
     let d = assert_same_checkpoint(dir, "one-4-heads", "tp2-sp2", 4);
     eprintln!("TP=2 × SP=2: max |Δ| = {d}");
+    // mnist-dits with patches of 2 (196 tokens, 4 heads): its blocks run unfolded on the shard.
+    let mnist = |name: &str| with(train_args(name, 4), &["--patch", "2", "--micro-batches", "1"]);
+    dits(dir, &mnist("mnist-one"));
+    mpirun(dir, 2, &with(mnist("mnist-sp2"), &["--sp", "2"]));
+    let d = assert_same_checkpoint(dir, "mnist-one", "mnist-sp2", 4);
+    eprintln!("mnist-dits, patch 2, SP=2: max |Δ| = {d}");
+    mpirun(dir, 4, &with(mnist("mnist-tp2-sp2"), &["--tp", "2", "--sp", "2"]));
+    let d = assert_same_checkpoint(dir, "mnist-one", "mnist-tp2-sp2", 4);
+    eprintln!("mnist-dits, patch 2, TP=2 × SP=2: max |Δ| = {d}");
     let bad = with(train_args("bad-tokens", 2), &["--model", "dit-s4", "--depth", "1", "--sp", "2"]);
     let err = mpirun_fails(dir, 2, &bad);
     assert_eq!(err.matches("49 tokens and 6 heads").count(), 2, "{err}");

@@ -12,7 +12,7 @@ use burn::backend::{Autodiff, Flex};
 
 use super::flex::*;
 use super::linear::{self, Activation};
-use super::{DitKernels, Exchange, GroupSum, ReduceIn, attention, norm, residual};
+use super::{DitKernels, Exchange, GroupSum, ReduceIn, TokenShards, attention, norm, residual};
 use crate::profile::{self, Region};
 
 /// Registers each computed gradient (values and shape) with its parent, for the parents that
@@ -76,6 +76,27 @@ impl<C: CheckpointStrategy> DitKernels for Autodiff<Flex, C> {
         }
 
         record::<_, C, _>(ExchangeOp, [x], |[x], tracked| (plan.apply(&x), tracked.then_some(plan)))
+    }
+
+    fn token_shards(x: FloatTensor<Self>, op: TokenShards) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct TokenShardsOp;
+
+        impl Backward<Flex, 1> for TokenShardsOp {
+            type State = TokenShards;
+
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let [parent] = ops.parents;
+                let grad_out = grads.consume::<Flex>(&ops.node);
+                // Every rank runs every backward in the same order, so the collectives pair up.
+                let grad = ops.state.reversed().apply(&grad_out);
+                if let Some(parent) = parent {
+                    grads.register::<Flex>(parent.id, grad);
+                }
+            }
+        }
+
+        record::<_, C, _>(TokenShardsOp, [x], |[x], tracked| (op.apply(&x), tracked.then_some(op)))
     }
 
     fn group_sum(x: FloatTensor<Self>, op: GroupSum) -> FloatTensor<Self> {

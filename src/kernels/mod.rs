@@ -45,6 +45,7 @@ mod parallel;
 mod sequence;
 #[cfg(test)]
 mod tests;
+mod tokens;
 
 pub mod attention;
 pub mod buffer;
@@ -64,6 +65,7 @@ pub use linear::Activation;
 pub use ops::*;
 pub use parallel::{GroupSum, ReduceIn, TensorParallel};
 pub use sequence::SequenceParallel;
+pub use tokens::{TokenDirection, TokenShards};
 
 #[backend_extension(Flex, Autodiff)]
 pub trait DitKernels: Backend {
@@ -103,4 +105,8 @@ pub trait DitKernels: Backend {
     /// Megatron's `f` or `g`: a sum over a tensor-parallel group in one pass, the identity in
     /// the other, see [`TensorParallel`].
     fn group_sum(x: FloatTensor<Self>, op: GroupSum) -> FloatTensor<Self>;
+
+    /// Gather or reduce-scatter a sequence-parallel group's token shards, see [`TokenShards`];
+    /// the backward pass is the other one.
+    fn token_shards(x: FloatTensor<Self>, op: TokenShards) -> FloatTensor<Self>;
 }

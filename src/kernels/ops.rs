@@ -7,7 +7,7 @@ use burn::tensor::DType;
 use burn::tensor::activation::softmax;
 use burn::tensor::module::layer_norm;
 
-use super::{Activation, DitKernels, Exchange};
+use super::{Activation, DitKernels, Exchange, TokenShards};
 
 /// True when `device` runs on the CPU backend these kernels are written for.
 pub(crate) fn on_flex(device: &Device) -> bool {
@@ -23,6 +23,12 @@ fn runs_fused<const D: usize>(x: &Tensor<D>) -> bool {
 pub fn exchange(x: Tensor<3>, plan: Exchange) -> Tensor<3> {
     assert!(runs_fused(&x), "sequence parallelism runs on the CPU backend, in f32");
     Tensor::from_dispatch(<Dispatch as DitKernels>::exchange(x.into_dispatch(), plan))
+}
+
+/// A sequence-parallel group's token gather or reduce-scatter on the CPU backend.
+pub fn token_shards(x: Tensor<3>, op: TokenShards) -> Tensor<3> {
+    assert!(runs_fused(&x), "sequence parallelism runs on the CPU backend, in f32");
+    Tensor::from_dispatch(<Dispatch as DitKernels>::token_shards(x.into_dispatch(), op))
 }
 
 /// Multi-head self-attention: `qkv` `[B, S, 3·H·D]` (queries, keys, values side by side, head

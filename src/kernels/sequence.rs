@@ -16,7 +16,7 @@ use std::sync::Arc;
 use anyhow::ensure;
 use burn::prelude::*;
 
-use super::{Exchange, ExchangeDirection, exchange, packed_attention};
+use super::{Exchange, ExchangeDirection, TokenDirection, TokenShards, exchange, packed_attention, token_shards};
 use crate::collective::Collective;
 
 /// The ranks a sequence is split over.
@@ -54,6 +54,29 @@ impl SequenceParallel {
     /// The ranks of the group.
     pub fn size(&self) -> usize {
         self.comm.size()
+    }
+
+    /// Folded attention (see [`super::folded_attention`]) of the whole sequence from this
+    /// rank's folded queries and values `qv` `[B, S/P, 2·H·W]` and tokens `keys` `[B, S/P, W]`;
+    /// returns this rank's rows of the output summed over all heads, `[B, S/P, W]`.
+    /// Differentiable. The heads are exchanged for the tokens, every rank's tokens are gathered
+    /// as the keys, and the per-head-group partial outputs are summed over the ranks.
+    pub fn folded_attention(&self, qv: Tensor<3>, keys: Tensor<3>, scale: f64) -> Tensor<3> {
+        let [_, tokens, row] = qv.dims();
+        assert_eq!(tokens, self.seq / self.comm.size(), "qv holds {tokens} tokens, not this rank's share");
+        let width = row / (2 * self.heads);
+        let plan = Exchange {
+            comm: self.comm.clone(),
+            chunks: 2,
+            heads: self.heads,
+            head_dim: width,
+            direction: ExchangeDirection::SeqToHeads,
+        };
+        let group = exchange(qv, plan); // [B, S, 2·(H/P)·W]
+        let shards = |direction| TokenShards { comm: self.comm.clone(), direction };
+        let keys = token_shards(keys, shards(TokenDirection::Gather)); // [B, S, W]
+        let partial = super::folded_attention(group, keys, self.heads / self.comm.size(), scale);
+        token_shards(partial, shards(TokenDirection::ReduceScatter))
     }
 
     /// Multi-head attention of the whole sequence from this rank's packed `qkv` `[B, S/P,

@@ -9,7 +9,7 @@ use super::config::{DitConfig, Family};
 use super::dit::Dit;
 use super::mnist_dits::MnistDits;
 use super::mnist_dits::folded::FoldedAttention;
-use crate::kernels::TensorParallel;
+use crate::kernels::{SequenceParallel, TensorParallel};
 
 /// burn derives `Module` for the enum: parameters are visited through the active variant.
 /// Checkpoint keys skip the variant name (see [`super::weights`]), so files keep the PyTorch
@@ -55,6 +55,30 @@ impl DitNet {
         match self {
             DitNet::MnistDits(m) => m.forward_parallel(x, t, y, tp),
             DitNet::Dit(m) => m.forward_parallel(x, t, y, tp),
+        }
+    }
+
+    /// The prediction for this rank's tokens of `sp` (with the blocks also split over `tp`),
+    /// `[B, S/P, C·p²]`, in the layout of [`Self::patchify`].
+    pub fn forward_tokens(
+        &self,
+        x: Tensor<4>,
+        t: Tensor<1, Int>,
+        y: Tensor<1, Int>,
+        tp: &TensorParallel,
+        sp: &SequenceParallel,
+    ) -> Tensor<3> {
+        match self {
+            DitNet::MnistDits(m) => m.forward_tokens(x, t, y, tp, sp),
+            DitNet::Dit(m) => m.forward_tokens(x, t, y, tp, Some(sp)),
+        }
+    }
+
+    /// An image `[B, C, H, W]` as the network's output tokens `[B, S, C·p²]`.
+    pub fn patchify(&self, image: Tensor<4>) -> Tensor<3> {
+        match self {
+            DitNet::MnistDits(m) => m.patchify(image),
+            DitNet::Dit(m) => m.patchify(image),
         }
     }
 

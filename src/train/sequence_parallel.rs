@@ -5,25 +5,17 @@
 
 use std::sync::Arc;
 
-use anyhow::ensure;
 use burn::prelude::*;
 
 use super::config::LossKind;
 use super::step::Trainer;
 use crate::collective::Collective;
 use crate::kernels::{SequenceParallel, TensorParallel};
-use crate::model::{DitConfig, DitNet, Family};
+use crate::model::{DitConfig, DitNet};
 
 /// The sequence-parallel split of `cfg` over the ranks of `comm`, on top of `tp`: tokens and
 /// (per tensor-parallel rank) heads must divide.
 pub fn split_of(cfg: &DitConfig, comm: Arc<dyn Collective>, tp: &TensorParallel) -> anyhow::Result<SequenceParallel> {
-    ensure!(
-        cfg.family == Family::Dit,
-        "sequence parallelism (--sp) splits the DiT family's blocks (--model dit-s2, dit-s4); \
-         mnist-dits has {} tokens and {} heads",
-        cfg.tokens(),
-        cfg.heads
-    );
     SequenceParallel::new(comm, cfg.tokens(), cfg.heads / tp.size())
 }
 
@@ -47,11 +39,10 @@ pub(super) fn shard_loss(
     tp: &TensorParallel,
     sp: &SequenceParallel,
 ) -> Tensor<1> {
-    let DitNet::Dit(m) = model else { unreachable!("sequence parallelism is checked to run the DiT family") };
     let elements = target.dims().iter().product::<usize>() as f64;
     let mine = sp.my_tokens();
-    let target = m.patchify(target).narrow(1, mine.start, mine.len()); // [B, S/P, p·p·C]
-    let diff = m.forward_tokens(xt, t, y, tp, Some(sp)) - target;
+    let target = model.patchify(target).narrow(1, mine.start, mine.len()); // [B, S/P, C·p²]
+    let diff = model.forward_tokens(xt, t, y, tp, sp) - target;
     let sum = match kind {
         LossKind::L1 => diff.abs().sum(),
         LossKind::Mse => diff.square().sum(),

@@ -8,7 +8,8 @@ use burn::prelude::*;
 
 use super::folded::FoldedAttention;
 use crate::kernels::{
-    Activation, TensorParallel, gated_residual, linear_act, linear_cat, modulated_layer_norm, packed_attention,
+    Activation, SequenceParallel, TensorParallel, gated_residual, linear_act, linear_cat, modulated_layer_norm,
+    packed_attention,
 };
 use crate::model::config::DitConfig;
 
@@ -109,6 +110,33 @@ impl MnistDitsBlock {
     /// The block as written in mnist-dits: separate query, key, value and output projections.
     pub fn forward_unfolded(&self, x: Tensor<3>, cond: Tensor<2>, tp: &TensorParallel) -> Tensor<3> {
         self.forward_with(x, cond, tp, |h| tp.row_linear(&self.lv, self.attention(tp.enter(h), tp.size())))
+    }
+
+    /// [`Self::forward`] on this rank's tokens `x` `[B, S/P, W]` of sequences split over the
+    /// ranks of `sp` (DeepSpeed-Ulysses): folded where that pays, as [`Self::forward`] (the
+    /// keys, the tokens themselves, gathered from every rank; the heads' partial sums summed).
+    pub fn forward_sequence_shard(
+        &self,
+        x: Tensor<3>,
+        cond: Tensor<2>,
+        tp: &TensorParallel,
+        sp: &SequenceParallel,
+    ) -> Tensor<3> {
+        let tokens = x.dims()[1] * sp.size();
+        let folded = match tp.size() {
+            1 => FoldedAttention::new(self, tokens),
+            _ => FoldedAttention::without_output_bias(self, tokens),
+        };
+        match folded {
+            Some(folded) => self.forward_with(x, cond, tp, |h| {
+                let out = folded.forward_sequence_shard(tp.enter(h), sp);
+                if tp.size() == 1 { out } else { self.output_bias(tp.reduce(out)) }
+            }),
+            None => self.forward_with(x, cond, tp, |h| {
+                let qkv = linear_cat(&[&self.wq, &self.wk, &self.wv], tp.enter(h), Activation::Identity);
+                tp.row_linear(&self.lv, sp.attention(qkv, self.attn_scale))
+            }),
+        }
     }
 
     /// [`Self::forward`] with the folded weights given (computed once for many calls).

@@ -25,7 +25,7 @@ use burn::nn::Linear;
 use burn::prelude::*;
 
 use super::block::MnistDitsBlock;
-use crate::kernels::{Activation, folded_attention, fused_linear};
+use crate::kernels::{Activation, SequenceParallel, folded_attention, fused_linear};
 
 /// Whether folding saves work for `tokens` tokens of width `width` and heads of `head_dim`.
 /// Multiply-adds per token and head: unfolded 3WD (q, k, v) + DW (output) + 2SD (scores,
@@ -86,6 +86,13 @@ impl FoldedAttention {
         }
         let (weight, bias) = (Tensor::cat(weights, 1), Tensor::cat(biases, 1).reshape([2 * h * w]));
         Some(Self { weight, bias, heads: h, scale: block.attn_scale })
+    }
+
+    /// [`Self::forward`] on this rank's tokens `h` `[B, S/P, W]` of sequences split over the
+    /// ranks of `sp` (the folded weights are those of every token: fold with the whole count).
+    pub fn forward_sequence_shard(&self, h: Tensor<3>, sp: &SequenceParallel) -> Tensor<3> {
+        let qv = fused_linear(h.clone(), self.weight.clone(), self.bias.clone(), Activation::Identity);
+        sp.folded_attention(qv, h, self.scale)
     }
 
     /// `h` `[B, S, W]` (the modulated LayerNorm's output) → the attention's contribution after

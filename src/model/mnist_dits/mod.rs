@@ -12,7 +12,7 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 
 use super::config::DitConfig;
-use crate::kernels::{Activation, TensorParallel, linear_act};
+use crate::kernels::{Activation, SequenceParallel, TensorParallel, linear_act};
 use block::MnistDitsBlock;
 use embed::{TimeEmbedding, embed_labels, label_embedding};
 use folded::FoldedAttention;
@@ -106,23 +106,66 @@ impl MnistDits {
         let [b, c, height, width] = x.dims();
         let p = self.patch;
         let (gh, gw) = (height / p, width / p);
-        let cond = self.time_emb.forward(t) + embed_labels(&self.label_emb, y); // [B,W]
-
-        let x = self.conv.forward(x); // [B, C·p², gh, gw]
-        let x = x.permute([0, 2, 3, 1]).reshape([b, gh * gw, c * p * p]); // [B, S, C·p²]
-        let mut x = linear_act(&self.patch_emb, x, Activation::Identity) + self.patch_pos_emb.val(); // [B, S, W]
+        let (mut x, cond) = self.embed(x, t, y);
         for (i, block) in self.dits.iter().enumerate() {
             x = match folded {
                 Some(folded) => block.forward_folded(x, cond.clone(), &folded[i]),
                 None => block.forward(x, cond.clone(), tp),
             };
         }
-        // The final LayerNorm through the fused kernel too (no modulation: shift = scale = 0).
-        let none = Tensor::<2>::zeros([b, self.ln.gamma.dims()[0]], &x.device());
-        let x = linear_act(&self.linear, block::adaln(&self.ln, x, none.clone(), none), Activation::Identity); // [B, S, C·p²]
+        let x = self.head(x); // [B, S, C·p²]
         // Unpatchify: token (i, j) holds patch rows i·p.., columns j·p.., channel-major.
         x.reshape([b, gh, gw, c, p, p]) // [B, gh, gw, C, p, p]
             .permute([0, 3, 1, 4, 2, 5]) // [B, C, gh, p, gw, p]
             .reshape([b, c, height, width])
+    }
+
+    /// The prediction for this rank's tokens of `sp`, `[B, S/P, C·p²]`: every block on the
+    /// token shard (their attention exchanged over the group), then the final layer.
+    pub fn forward_tokens(
+        &self,
+        x: Tensor<4>,
+        t: Tensor<1, Int>,
+        y: Tensor<1, Int>,
+        tp: &TensorParallel,
+        sp: &SequenceParallel,
+    ) -> Tensor<3> {
+        let (x, cond) = self.embed(x, t, y);
+        let mine = sp.my_tokens();
+        let mut x = x.narrow(1, mine.start, mine.len()); // [B, S/P, W]
+        for block in &self.dits {
+            x = block.forward_sequence_shard(x, cond.clone(), tp, sp);
+        }
+        self.head(x)
+    }
+
+    /// An image `[B, C, H, W]` in the token layout of [`Self::forward_tokens`]'s output,
+    /// `[B, S, C·p²]` (the inverse of the unpatchify in [`Self::forward`]).
+    pub fn patchify(&self, image: Tensor<4>) -> Tensor<3> {
+        let [b, c, height, width] = image.dims();
+        let p = self.patch;
+        let (gh, gw) = (height / p, width / p);
+        image
+            .reshape([b, c, gh, p, gw, p]) // [B, C, gh, p, gw, p]
+            .permute([0, 2, 4, 1, 3, 5]) // [B, gh, gw, C, p, p]
+            .reshape([b, gh * gw, c * p * p])
+    }
+
+    /// Patch tokens with their positions `[B, S, W]`, and the condition `[B, W]`.
+    fn embed(&self, x: Tensor<4>, t: Tensor<1, Int>, y: Tensor<1, Int>) -> (Tensor<3>, Tensor<2>) {
+        let [b, c, height, width] = x.dims();
+        let p = self.patch;
+        let (gh, gw) = (height / p, width / p);
+        let cond = self.time_emb.forward(t) + embed_labels(&self.label_emb, y); // [B,W]
+        let x = self.conv.forward(x); // [B, C·p², gh, gw]
+        let x = x.permute([0, 2, 3, 1]).reshape([b, gh * gw, c * p * p]); // [B, S, C·p²]
+        (linear_act(&self.patch_emb, x, Activation::Identity) + self.patch_pos_emb.val(), cond) // [B, S, W]
+    }
+
+    /// The final LayerNorm and Linear: tokens `[B, S, W]` → patch values `[B, S, C·p²]`.
+    fn head(&self, x: Tensor<3>) -> Tensor<3> {
+        // The final LayerNorm through the fused kernel too (no modulation: shift = scale = 0).
+        let none = Tensor::<2>::zeros([x.dims()[0], self.ln.gamma.dims()[0]], &x.device());
+        linear_act(&self.linear, block::adaln(&self.ln, x, none.clone(), none), Activation::Identity)
     }
 }
