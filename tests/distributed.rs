@@ -302,6 +302,10 @@ fn sequence_parallel_grids_equal_one_rank() {
     mpirun(dir, 2, &with(mnist("mnist-sp2"), &["--sp", "2"]));
     let d = assert_same_checkpoint(dir, "mnist-one", "mnist-sp2", 4);
     eprintln!("mnist-dits, patch 2, SP=2: max |Δ| = {d}");
+    // SP=4: 49 tokens a rank, shards that start and end inside a row of 14 patches.
+    mpirun(dir, 4, &with(mnist("mnist-sp4"), &["--sp", "4"]));
+    let d = assert_same_checkpoint(dir, "mnist-one", "mnist-sp4", 4);
+    eprintln!("mnist-dits, patch 2, SP=4: max |Δ| = {d}");
     mpirun(dir, 4, &with(mnist("mnist-tp2-sp2"), &["--tp", "2", "--sp", "2"]));
     let d = assert_same_checkpoint(dir, "mnist-one", "mnist-tp2-sp2", 4);
     eprintln!("mnist-dits, patch 2, TP=2 × SP=2: max |Δ| = {d}");

@@ -51,6 +51,16 @@ impl SequenceParallel {
         self.comm.rank() * n..(self.comm.rank() + 1) * n
     }
 
+    /// The rows of a `side`-wide patch grid that hold this rank's tokens (tokens are numbered
+    /// row by row), and where its tokens start among those rows' tokens: the band of the image
+    /// that patch embedding needs on this rank.
+    pub fn my_grid_rows(&self, side: usize) -> (Range<usize>, usize) {
+        let mine = self.my_tokens();
+        let rows = mine.start / side..mine.end.div_ceil(side);
+        let skip = mine.start - rows.start * side;
+        (rows, skip)
+    }
+
     /// The ranks of the group.
     pub fn size(&self) -> usize {
         self.comm.size()

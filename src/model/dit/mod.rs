@@ -75,11 +75,17 @@ impl Dit {
         tp: &TensorParallel,
         sp: Option<&SequenceParallel>,
     ) -> Tensor<3> {
-        let mut x = self.x_embedder.forward(x) + self.pos_embed.clone(); // [B, S, W]
-        if let Some(sp) = sp {
-            let mine = sp.my_tokens();
-            x = x.narrow(1, mine.start, mine.len()); // [B, S/P, W]
-        }
+        let mut x = match sp {
+            None => self.x_embedder.forward(x) + self.pos_embed.clone(), // [B, S, W]
+            Some(sp) => {
+                // Only the band of patch rows that holds this rank's tokens is embedded.
+                let (mine, p) = (sp.my_tokens(), self.patch);
+                let (rows, skip) = sp.my_grid_rows(x.dims()[3] / p);
+                let band = x.narrow(2, rows.start * p, rows.len() * p); // [B, C, rows·p, W·p]
+                let tokens = self.x_embedder.forward(band).narrow(1, skip, mine.len()); // [B, S/P, W]
+                tokens + self.pos_embed.clone().narrow(1, mine.start, mine.len())
+            }
+        };
         let cond = self.t_embedder.forward(t) + self.y_embedder.forward(y); // [B, W]
         for block in &self.blocks {
             x = block.forward(x, cond.clone(), tp, sp);

@@ -130,9 +130,13 @@ impl MnistDits {
         tp: &TensorParallel,
         sp: &SequenceParallel,
     ) -> Tensor<3> {
-        let (x, cond) = self.embed(x, t, y);
-        let mine = sp.my_tokens();
-        let mut x = x.narrow(1, mine.start, mine.len()); // [B, S/P, W]
+        // Only the band of patch rows that holds this rank's tokens is embedded.
+        let (mine, p) = (sp.my_tokens(), self.patch);
+        let (rows, skip) = sp.my_grid_rows(x.dims()[3] / p);
+        let band = x.narrow(2, rows.start * p, rows.len() * p); // [B, C, rows·p, W·p]
+        let cond = self.condition(t, y);
+        let tokens = self.patch_tokens(band).narrow(1, skip, mine.len()); // [B, S/P, W]
+        let mut x = tokens + self.patch_pos_emb.val().narrow(1, mine.start, mine.len());
         for block in &self.dits {
             x = block.forward_sequence_shard(x, cond.clone(), tp, sp);
         }
@@ -153,13 +157,24 @@ impl MnistDits {
 
     /// Patch tokens with their positions `[B, S, W]`, and the condition `[B, W]`.
     fn embed(&self, x: Tensor<4>, t: Tensor<1, Int>, y: Tensor<1, Int>) -> (Tensor<3>, Tensor<2>) {
+        let cond = self.condition(t, y);
+        (self.patch_tokens(x) + self.patch_pos_emb.val(), cond) // [B, S, W]
+    }
+
+    /// The condition of each image: time and label embeddings, `[B, W]`.
+    fn condition(&self, t: Tensor<1, Int>, y: Tensor<1, Int>) -> Tensor<2> {
+        self.time_emb.forward(t) + embed_labels(&self.label_emb, y)
+    }
+
+    /// The patches of `x` (any band of whole patch rows) as tokens `[B, rows·gw, W]`, without
+    /// positions.
+    fn patch_tokens(&self, x: Tensor<4>) -> Tensor<3> {
         let [b, c, height, width] = x.dims();
         let p = self.patch;
         let (gh, gw) = (height / p, width / p);
-        let cond = self.time_emb.forward(t) + embed_labels(&self.label_emb, y); // [B,W]
         let x = self.conv.forward(x); // [B, C·p², gh, gw]
         let x = x.permute([0, 2, 3, 1]).reshape([b, gh * gw, c * p * p]); // [B, S, C·p²]
-        (linear_act(&self.patch_emb, x, Activation::Identity) + self.patch_pos_emb.val(), cond) // [B, S, W]
+        linear_act(&self.patch_emb, x, Activation::Identity)
     }
 
     /// The final LayerNorm and Linear: tokens `[B, S, W]` → patch values `[B, S, C·p²]`.
