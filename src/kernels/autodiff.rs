@@ -12,7 +12,7 @@ use burn::backend::{Autodiff, Flex};
 
 use super::flex::*;
 use super::linear::{self, Activation};
-use super::{DitKernels, Exchange, GroupSum, ReduceIn, TokenShards, attention, norm, residual};
+use super::{Adjoint, DitKernels, Exchange, GroupSum, TokenShards, attention, norm, residual};
 use crate::profile::{self, Region};
 
 /// Registers each computed gradient (values and shape) with its parent, for the parents that
@@ -55,79 +55,46 @@ where
     }
 }
 
+/// A collective's backward: the adjoint of its data movement.
+#[derive(Debug)]
+struct AdjointOp<A>(std::marker::PhantomData<A>);
+
+impl<A: Adjoint> Backward<Flex, 1> for AdjointOp<A> {
+    type State = A;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [parent] = ops.parents;
+        let grad_out = grads.consume::<Flex>(&ops.node);
+        // Every rank runs the backward of every collective, in the same order (their graphs
+        // are the same), so the collectives pair up.
+        let grad = ops.state.backward(&grad_out);
+        if let Some(parent) = parent {
+            grads.register::<Flex>(parent.id, grad);
+        }
+    }
+}
+
+/// Records the collective `op` on `x`.
+fn record_adjoint<A: Adjoint, C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<Flex, C>>,
+    op: A,
+) -> FloatTensor<Autodiff<Flex, C>> {
+    record::<_, C, _>(AdjointOp::<A>(std::marker::PhantomData), [x], |[x], tracked| {
+        (op.forward(&x), tracked.then_some(op))
+    })
+}
+
 impl<C: CheckpointStrategy> DitKernels for Autodiff<Flex, C> {
     fn exchange(x: FloatTensor<Self>, plan: Exchange) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct ExchangeOp;
-
-        impl Backward<Flex, 1> for ExchangeOp {
-            type State = Exchange;
-
-            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-                let [parent] = ops.parents;
-                let grad_out = grads.consume::<Flex>(&ops.node);
-                // Every rank runs the backward of every exchange, in the same order: the
-                // autodiff graph is the same on all ranks.
-                let grad = ops.state.reversed().apply(&grad_out);
-                if let Some(parent) = parent {
-                    grads.register::<Flex>(parent.id, grad);
-                }
-            }
-        }
-
-        record::<_, C, _>(ExchangeOp, [x], |[x], tracked| (plan.apply(&x), tracked.then_some(plan)))
+        record_adjoint::<_, C>(x, plan)
     }
 
     fn token_shards(x: FloatTensor<Self>, op: TokenShards) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct TokenShardsOp;
-
-        impl Backward<Flex, 1> for TokenShardsOp {
-            type State = TokenShards;
-
-            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-                let [parent] = ops.parents;
-                let grad_out = grads.consume::<Flex>(&ops.node);
-                // Every rank runs every backward in the same order, so the collectives pair up.
-                let grad = ops.state.reversed().apply(&grad_out);
-                if let Some(parent) = parent {
-                    grads.register::<Flex>(parent.id, grad);
-                }
-            }
-        }
-
-        record::<_, C, _>(TokenShardsOp, [x], |[x], tracked| (op.apply(&x), tracked.then_some(op)))
+        record_adjoint::<_, C>(x, op)
     }
 
     fn group_sum(x: FloatTensor<Self>, op: GroupSum) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct GroupSumOp;
-
-        impl Backward<Flex, 1> for GroupSumOp {
-            type State = GroupSum;
-
-            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-                let [parent] = ops.parents;
-                let grad_out = grads.consume::<Flex>(&ops.node);
-                // Every rank of the group runs the backward of every sum in the same order
-                // (their graphs are the same), so the all-reduces pair up.
-                let grad = match ops.state.pass {
-                    ReduceIn::Forward => grad_out,
-                    ReduceIn::Backward => ops.state.sum(&grad_out),
-                };
-                if let Some(parent) = parent {
-                    grads.register::<Flex>(parent.id, grad);
-                }
-            }
-        }
-
-        record::<_, C, _>(GroupSumOp, [x], |[x], tracked| {
-            let out = match op.pass {
-                ReduceIn::Forward => op.sum(&x),
-                ReduceIn::Backward => x,
-            };
-            (out, tracked.then_some(op))
-        })
+        record_adjoint::<_, C>(x, op)
     }
 
     fn folded_attention(qv: FloatTensor<Self>, keys: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self> {

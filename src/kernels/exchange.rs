@@ -42,8 +42,18 @@ impl std::fmt::Debug for Exchange {
     }
 }
 
+impl super::Adjoint for Exchange {
+    fn forward(&self, x: &FlexTensor) -> FlexTensor {
+        self.apply(x)
+    }
+
+    fn backward(&self, grad: &FlexTensor) -> FlexTensor {
+        self.reversed().apply(grad)
+    }
+}
+
 impl Exchange {
-    pub(super) fn reversed(&self) -> Self {
+    fn reversed(&self) -> Self {
         let direction = match self.direction {
             ExchangeDirection::SeqToHeads => ExchangeDirection::HeadsToSeq,
             ExchangeDirection::HeadsToSeq => ExchangeDirection::SeqToHeads,
@@ -51,7 +61,7 @@ impl Exchange {
         Self { direction, ..self.clone() }
     }
 
-    pub(super) fn apply(&self, x: &FlexTensor) -> FlexTensor {
+    fn apply(&self, x: &FlexTensor) -> FlexTensor {
         let x = contiguous(x);
         let shape: [usize; 3] = x.layout().shape().to_vec().try_into().expect("exchange: a 3-d tensor");
         let (data, shape) = self.run(x.storage::<f32>(), shape);

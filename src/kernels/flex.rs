@@ -10,7 +10,7 @@ use burn::tensor::{Bytes, DType};
 use super::attention::{self, AttnDims};
 use super::linear::{self, Activation, LinearDims};
 use super::norm::{self, NormDims, NormParams};
-use super::{DitKernels, Exchange, GroupSum, ReduceIn, TokenShards, residual};
+use super::{Adjoint, DitKernels, Exchange, GroupSum, TokenShards, residual};
 use crate::profile::{self, Region};
 
 pub(super) fn norm_dims(shape: &[usize]) -> NormDims {
@@ -215,17 +215,14 @@ impl DitKernels for Flex {
     }
 
     fn exchange(x: FloatTensor<Self>, plan: Exchange) -> FloatTensor<Self> {
-        plan.apply(&x)
+        plan.forward(&x)
     }
 
     fn token_shards(x: FloatTensor<Self>, op: TokenShards) -> FloatTensor<Self> {
-        op.apply(&x)
+        op.forward(&x)
     }
 
     fn group_sum(x: FloatTensor<Self>, op: GroupSum) -> FloatTensor<Self> {
-        match op.pass {
-            ReduceIn::Forward => op.sum(&x),
-            ReduceIn::Backward => x,
-        }
+        op.forward(&x)
     }
 }

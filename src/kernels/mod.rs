@@ -61,6 +61,13 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, backend_extension};
 
 pub use exchange::{Exchange, ExchangeDirection};
+
+/// A collective operation of the extension (Ulysses' exchange, Megatron's sums, token shards):
+/// a data movement between ranks and its adjoint, which the backward pass runs.
+pub(crate) trait Adjoint: Clone + Send + std::fmt::Debug + 'static {
+    fn forward(&self, x: &burn::backend::flex::FlexTensor) -> burn::backend::flex::FlexTensor;
+    fn backward(&self, grad: &burn::backend::flex::FlexTensor) -> burn::backend::flex::FlexTensor;
+}
 pub use linear::Activation;
 pub use ops::*;
 pub use parallel::{GroupSum, ReduceIn, TensorParallel};

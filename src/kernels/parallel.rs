@@ -37,9 +37,25 @@ impl std::fmt::Debug for GroupSum {
     }
 }
 
+impl super::Adjoint for GroupSum {
+    fn forward(&self, x: &FlexTensor) -> FlexTensor {
+        match self.pass {
+            ReduceIn::Forward => self.sum(x),
+            ReduceIn::Backward => x.clone(),
+        }
+    }
+
+    fn backward(&self, grad: &FlexTensor) -> FlexTensor {
+        match self.pass {
+            ReduceIn::Forward => grad.clone(),
+            ReduceIn::Backward => self.sum(grad),
+        }
+    }
+}
+
 impl GroupSum {
     /// The all-reduce of `x` over the group, as a new tensor.
-    pub(super) fn sum(&self, x: &FlexTensor) -> FlexTensor {
+    fn sum(&self, x: &FlexTensor) -> FlexTensor {
         let x = contiguous(x);
         let mut data = x.storage::<f32>().to_vec();
         self.comm.all_reduce_sum(&mut data);

@@ -33,9 +33,19 @@ impl std::fmt::Debug for TokenShards {
     }
 }
 
+impl super::Adjoint for TokenShards {
+    fn forward(&self, x: &FlexTensor) -> FlexTensor {
+        self.apply(x)
+    }
+
+    fn backward(&self, grad: &FlexTensor) -> FlexTensor {
+        self.reversed().apply(grad)
+    }
+}
+
 impl TokenShards {
     /// The operation whose backward this one is.
-    pub(super) fn reversed(&self) -> Self {
+    fn reversed(&self) -> Self {
         let direction = match self.direction {
             TokenDirection::Gather => TokenDirection::ReduceScatter,
             TokenDirection::ReduceScatter => TokenDirection::Gather,
@@ -43,7 +53,7 @@ impl TokenShards {
         Self { direction, ..self.clone() }
     }
 
-    pub(super) fn apply(&self, x: &FlexTensor) -> FlexTensor {
+    fn apply(&self, x: &FlexTensor) -> FlexTensor {
         let x = contiguous(x);
         let [batch, tokens, width] =
             <[usize; 3]>::try_from(x.layout().shape().to_vec()).expect("token shards: a 3-d tensor");
