@@ -51,14 +51,19 @@ impl SequenceParallel {
         self.comm.rank() * n..(self.comm.rank() + 1) * n
     }
 
-    /// The rows of a `side`-wide patch grid that hold this rank's tokens (tokens are numbered
-    /// row by row), and where its tokens start among those rows' tokens: the band of the image
-    /// that patch embedding needs on this rank.
-    pub fn my_grid_rows(&self, side: usize) -> (Range<usize>, usize) {
-        let mine = self.my_tokens();
+    /// This rank's tokens of `embed(image)`, where `embed` turns `patch`-sized patches into
+    /// tokens row by row: `embed` runs only on the band of patch rows that holds them.
+    pub fn embed_shard(&self, image: Tensor<4>, patch: usize, embed: impl FnOnce(Tensor<4>) -> Tensor<3>) -> Tensor<3> {
+        let (mine, side) = (self.my_tokens(), image.dims()[3] / patch);
         let rows = mine.start / side..mine.end.div_ceil(side);
-        let skip = mine.start - rows.start * side;
-        (rows, skip)
+        let band = image.narrow(2, rows.start * patch, rows.len() * patch); // [B, C, rows·p, W·p]
+        embed(band).narrow(1, mine.start - rows.start * side, mine.len()) // [B, S/P, W]
+    }
+
+    /// This rank's tokens of `x` `[B, S, W]`.
+    pub fn shard_of(&self, x: Tensor<3>) -> Tensor<3> {
+        let mine = self.my_tokens();
+        x.narrow(1, mine.start, mine.len())
     }
 
     /// The ranks of the group.

@@ -40,8 +40,7 @@ pub(super) fn shard_loss(
     sp: &SequenceParallel,
 ) -> Tensor<1> {
     let elements = target.dims().iter().product::<usize>() as f64;
-    let mine = sp.my_tokens();
-    let target = model.patchify(target).narrow(1, mine.start, mine.len()); // [B, S/P, C·p²]
+    let target = sp.shard_of(model.patchify(target)); // [B, S/P, C·p²]
     let diff = model.forward_tokens(xt, t, y, tp, sp) - target;
     let sum = match kind {
         LossKind::L1 => diff.abs().sum(),

@@ -78,12 +78,8 @@ impl Dit {
         let mut x = match sp {
             None => self.x_embedder.forward(x) + self.pos_embed.clone(), // [B, S, W]
             Some(sp) => {
-                // Only the band of patch rows that holds this rank's tokens is embedded.
-                let (mine, p) = (sp.my_tokens(), self.patch);
-                let (rows, skip) = sp.my_grid_rows(x.dims()[3] / p);
-                let band = x.narrow(2, rows.start * p, rows.len() * p); // [B, C, rows·p, W·p]
-                let tokens = self.x_embedder.forward(band).narrow(1, skip, mine.len()); // [B, S/P, W]
-                tokens + self.pos_embed.clone().narrow(1, mine.start, mine.len())
+                sp.embed_shard(x, self.patch, |band| self.x_embedder.forward(band))
+                    + sp.shard_of(self.pos_embed.clone())
             }
         };
         let cond = self.t_embedder.forward(t) + self.y_embedder.forward(y); // [B, W]

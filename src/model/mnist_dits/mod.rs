@@ -130,13 +130,9 @@ impl MnistDits {
         tp: &TensorParallel,
         sp: &SequenceParallel,
     ) -> Tensor<3> {
-        // Only the band of patch rows that holds this rank's tokens is embedded.
-        let (mine, p) = (sp.my_tokens(), self.patch);
-        let (rows, skip) = sp.my_grid_rows(x.dims()[3] / p);
-        let band = x.narrow(2, rows.start * p, rows.len() * p); // [B, C, rows·p, W·p]
         let cond = self.condition(t, y);
-        let tokens = self.patch_tokens(band).narrow(1, skip, mine.len()); // [B, S/P, W]
-        let mut x = tokens + self.patch_pos_emb.val().narrow(1, mine.start, mine.len());
+        let tokens = sp.embed_shard(x, self.patch, |band| self.patch_tokens(band)); // [B, S/P, W]
+        let mut x = tokens + sp.shard_of(self.patch_pos_emb.val());
         for block in &self.dits {
             x = block.forward_sequence_shard(x, cond.clone(), tp, sp);
         }
