@@ -126,8 +126,9 @@ struct DistArgs {
     /// ranks (with --dist mpi); S must divide the token and head counts.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
     sp: u64,
-    /// ZeRO stage: 0 (every rank keeps the whole optimizer state) or 1 (each keeps its shard).
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    /// ZeRO stage (DeepSpeed): 0 (every rank keeps everything), 1 (each keeps its shard of the
+    /// optimizer state), 2 (and of the gradients), 3 (and of the weights, gathered block by block).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=3))]
     zero: u8,
     /// Gradient all-reduce bucket size in MiB.
     #[arg(long, default_value_t = DEFAULT_BUCKET_MIB, value_parser = clap::value_parser!(u64).range(1..=4096))]

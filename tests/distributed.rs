@@ -119,6 +119,50 @@ fn two_and_three_ranks_equal_one_rank_with_the_same_global_batch() {
     }
 }
 
+/// ZeRO-2 (gradients reduce-scattered piece by piece) and ZeRO-3 (weights gathered block by
+/// block, blocks recomputed in the backward) give the one-process weights, moving average and
+/// optimizer state, for both families; a ZeRO-3 checkpoint resumes on one process and a
+/// one-process checkpoint on ZeRO-2 ranks.
+#[test]
+fn zero_two_and_three_equal_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    toy_data(dir);
+    for (family, model) in
+        [("mnist-dits", &["--model", "mnist-dits"][..]), ("dit-s4", &["--model", "dit-s4", "--depth", "2"])]
+    {
+        let args = |name: &str, parts: &str| with(with(train_args(name, 4), model), &["--micro-batches", parts]);
+        for (ranks, parts) in [(2, "2"), (3, "3")] {
+            let reference = format!("{family}-one-{parts}");
+            dits(dir, &args(&reference, parts));
+            for zero in ["2", "3"] {
+                let name = format!("{family}-zero{zero}-{ranks}");
+                let text = mpirun(dir, ranks, &with(args(&name, "1"), &["--zero", zero]));
+                assert!(text.contains(&format!("ZeRO-{zero}")), "{text}");
+                for step in [2, 4] {
+                    let d = assert_same_checkpoint(dir, &reference, &name, step);
+                    eprintln!("{family}, {ranks} ranks, ZeRO-{zero}, step {step}: max |Δ| = {d}");
+                }
+            }
+        }
+    }
+    // Across layouts: ZeRO-3 on three ranks, then one process; one process, then ZeRO-2 on two.
+    let resume = |name: &str| vec!["train".into(), "--resume".into(), name.into(), "--threads".into(), "1".into()];
+    let mnist = |name: &str| with(train_args(name, 4), &["--micro-batches", "1"]);
+    dits(dir, &mnist("uninterrupted"));
+    mpirun(dir, 3, &with(mnist("zero3-then-one"), &["--zero", "3", "--stop-after", "2"]));
+    dits(dir, &resume("zero3-then-one"));
+    dits(dir, &with(mnist("one-then-zero2"), &["--stop-after", "2"]));
+    mpirun(dir, 2, &with(resume("one-then-zero2"), &["--zero", "2"]));
+    let d = assert_same_checkpoint(dir, "uninterrupted", "zero3-then-one", 4);
+    eprintln!("ZeRO-3 on 3 ranks → one process: max |Δ| = {d}");
+    let d = assert_same_checkpoint(dir, "uninterrupted", "one-then-zero2", 4);
+    eprintln!("one process → ZeRO-2 on 2 ranks: max |Δ| = {d}");
+    // Not with tensor or sequence parallelism: one error line per rank.
+    let err = mpirun_fails(dir, 2, &with(mnist("zero3-tp"), &["--zero", "3", "--tp", "2"]));
+    assert!(err.contains("does not combine with --tp or --sp"), "{err}");
+}
+
 /// A run checkpointed by two ranks resumes on two ranks with ZeRO-1 (the full optimizer state
 /// is split on load), on one rank, and on three.
 #[test]

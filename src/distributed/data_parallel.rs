@@ -10,24 +10,55 @@
 //! - **ZeRO-1**: a reduce-scatter leaves each rank the summed gradient of its shard of the
 //!   parameters only; it keeps Adam's moments for that shard alone, updates that shard, and an
 //!   all-gather gives every rank the new weights. Adam is element-wise, so the weights equal
-//!   the replicated run's bit for bit.
+//!   the replicated run's bit for bit. Each rank still holds its whole local gradient.
+//! - **ZeRO-2** and **ZeRO-3** shard per piece of the network ([`Partition`]): the trainer
+//!   reduce-scatters each piece's gradient as its backward produces it, so a rank only ever
+//!   keeps its shard of the reduced gradient; ZeRO-3 also keeps only its shard of the weights,
+//!   all-gathering a piece's just before it runs (`train::zero`).
 
 use std::ops::Range;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::partition::Partition;
 use super::{Collective, Local};
 use crate::optim::adam::{AdamConfig, AdamState};
 
 /// How the ranks share the optimizer step (`--zero`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize, Deserialize)]
 pub enum ZeroStage {
     /// Every rank holds the whole optimizer state (DDP).
     #[default]
     Off,
     /// Each rank holds only its shard of Adam's moments.
     One,
+    /// ... and of the summed gradients.
+    Two,
+    /// ... and of the weights.
+    Three,
+}
+
+impl ZeroStage {
+    /// The stage of `--zero N`.
+    pub fn of(n: u8) -> anyhow::Result<Self> {
+        Ok(match n {
+            0 => Self::Off,
+            1 => Self::One,
+            2 => Self::Two,
+            3 => Self::Three,
+            _ => anyhow::bail!("--zero {n}: the ZeRO stages are 0, 1, 2 and 3"),
+        })
+    }
+
+    pub fn number(self) -> u8 {
+        self as u8
+    }
+
+    /// Whether the gradients are reduced piece by piece into each rank's shard (ZeRO-2, -3).
+    pub fn shards_gradients(self) -> bool {
+        self >= Self::Two
+    }
 }
 
 /// The world a trainer runs in and how it synchronises.
@@ -92,43 +123,28 @@ impl DataParallel {
         crate::ranges::even_ranges(batch, parts)[part].clone()
     }
 
-    /// Length of each rank's block of the parameters under ZeRO-1 (the last ones padded).
-    fn block(&self, total: usize) -> usize {
-        total.div_ceil(self.world())
-    }
-
-    /// The parameters whose optimizer state this rank keeps.
-    pub fn shard(&self, total: usize) -> Range<usize> {
+    /// How the optimizer state of `total` parameters is split over the ranks; `pieces` are the
+    /// network's segments ([`Partition`]), used from ZeRO-2 on.
+    pub fn partition(&self, total: usize, pieces: &[Range<usize>]) -> Partition {
         match self.zero {
-            ZeroStage::Off => 0..total,
-            ZeroStage::One => {
-                let block = self.block(total);
-                (self.rank() * block).min(total)..((self.rank() + 1) * block).min(total)
-            }
+            ZeroStage::Off => Partition::replicated(total),
+            ZeroStage::One => Partition::whole(total, self.rank(), self.world()),
+            ZeroStage::Two | ZeroStage::Three => Partition::new(pieces.to_vec(), self.rank(), self.world()),
         }
     }
 
     /// This rank's share of a full optimizer state.
-    pub fn shard_of(&self, full: &AdamState) -> AdamState {
-        let r = self.shard(full.m.len());
-        AdamState { m: full.m[r.clone()].to_vec(), v: full.v[r].to_vec(), step: full.step }
+    pub fn shard_of(&self, full: &AdamState, part: &Partition) -> AdamState {
+        AdamState { m: part.take(&full.m), v: part.take(&full.v), step: full.step }
     }
 
     /// The whole optimizer state on rank 0 (`None` elsewhere), from every rank's shard.
-    pub fn gather_optimizer(&self, mine: &AdamState, total: usize) -> Option<AdamState> {
+    pub fn gather_optimizer(&self, mine: &AdamState, part: &Partition) -> Option<AdamState> {
         if self.zero == ZeroStage::Off {
             return self.is_lead().then(|| mine.clone());
         }
-        let block = self.block(total);
-        let gather = |x: &[f32]| {
-            let mut padded = x.to_vec();
-            padded.resize(block, 0.0);
-            self.comm.gather_to_root(&padded).map(|mut all| {
-                all.truncate(total);
-                all
-            })
-        };
-        let (m, v) = (gather(&mine.m), gather(&mine.v));
+        let comm = self.comm.as_ref();
+        let (m, v) = (part.gather_to_root(comm, &mine.m), part.gather_to_root(comm, &mine.v));
         Some(AdamState { m: m?, v: v?, step: mine.step })
     }
 
@@ -165,27 +181,27 @@ impl DataParallel {
                 loss
             }
             ZeroStage::One => {
-                let block = self.block(total);
-                grad.resize(block * self.world(), 0.0);
-                let mut mine = vec![0f32; block];
-                self.comm.reduce_scatter_sum(&grad, &mut mine);
-                let shard = self.shard(total);
-                adam.update(cfg, lr, &mut params[shard.clone()], &mine[..shard.len()]);
-                let mut send = params[shard].to_vec();
-                send.resize(block, 0.0);
-                let mut all = vec![0f32; block * self.world()];
-                self.comm.all_gather(&send, &mut all);
-                params.copy_from_slice(&all[..total]);
-                let mut loss = [loss * weight];
-                self.comm.all_reduce_sum(&mut loss);
-                loss[0]
+                let part = Partition::whole(total, self.rank(), self.world());
+                let mut mine = vec![0f32; part.len()];
+                part.reduce_scatter_add(self.comm.as_ref(), 0, &grad, &mut mine);
+                drop(grad);
+                let shard = part.mine().next().expect("one segment");
+                adam.update(cfg, lr, &mut params[shard.clone()], &mine);
+                let all = part.all_gather(self.comm.as_ref(), 0, &params[shard]);
+                params.copy_from_slice(&all);
+                self.sum_loss(loss * weight)
+            }
+            ZeroStage::Two | ZeroStage::Three => {
+                panic!("ZeRO-{} reduces the gradient piece by piece (train::zero)", self.zero.number())
             }
         }
     }
 
-    /// Bytes of optimizer state (Adam's two moments) this rank keeps for `total` parameters.
-    pub fn optimizer_bytes(&self, total: usize) -> usize {
-        2 * 4 * self.shard(total).len()
+    /// The loss summed over the ranks.
+    pub fn sum_loss(&self, loss: f32) -> f32 {
+        let mut loss = [loss];
+        self.comm.all_reduce_sum(&mut loss);
+        loss[0]
     }
 }
 
@@ -195,10 +211,18 @@ mod tests {
 
     #[test]
     fn one_rank_shards_are_the_whole_vector() {
-        let dp = DataParallel { zero: ZeroStage::One, ..DataParallel::default() };
-        assert_eq!(dp.shard(10), 0..10);
-        assert_eq!(dp.my_rows(7), 0..7);
-        assert_eq!(dp.optimizer_bytes(10), 80);
+        for zero in [ZeroStage::One, ZeroStage::Two] {
+            let dp = DataParallel { zero, ..DataParallel::default() };
+            assert_eq!(dp.partition(10, &[0..4, 4..10]).len(), 10);
+        }
+        assert_eq!(DataParallel::default().my_rows(7), 0..7);
+    }
+
+    #[test]
+    fn zero_stages_parse() {
+        assert_eq!(ZeroStage::of(3).unwrap(), ZeroStage::Three);
+        assert!(ZeroStage::of(4).unwrap_err().to_string().contains("0, 1, 2 and 3"));
+        assert!(ZeroStage::Two.shards_gradients() && !ZeroStage::One.shards_gradients());
     }
 
     /// On one rank both stages take exactly the plain Adam step.

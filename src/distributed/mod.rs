@@ -12,6 +12,7 @@ pub mod devices;
 pub mod grid;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+pub mod partition;
 pub mod world;
 
 pub use crate::collective::{Collective, CommStats, Local, StatsRecorder};

@@ -33,7 +33,7 @@ pub struct WorldSpec {
     pub dist: DistKind,
     /// Ranks of [`DistKind::Devices`] (mpirun sets those of [`DistKind::Mpi`]).
     pub ranks: Option<u64>,
-    /// ZeRO stage: 0 or 1.
+    /// ZeRO stage: 0 to 3.
     pub zero: u8,
     /// Ranks of each tensor-parallel group (`--tp`).
     pub tp: usize,
@@ -72,7 +72,12 @@ impl WorldSpec {
             self.ranks.is_none() || self.dist == DistKind::Devices,
             "--ranks is for --dist devices (mpirun sets the ranks of --dist mpi)"
         );
-        let zero = if self.zero == 1 { ZeroStage::One } else { ZeroStage::Off };
+        let zero = ZeroStage::of(self.zero)?;
+        ensure!(
+            !zero.shards_gradients() || (self.tp == 1 && self.sp == 1),
+            "--zero {} shards over data-parallel ranks only: it does not combine with --tp or --sp (use --zero 1)",
+            self.zero
+        );
         let bucket = bucket_elements(self.bucket_mib);
         let ranked = |comm: Arc<dyn Collective>| DataParallel { comm, zero, bucket, batch_part: None };
         ensure!(
@@ -83,7 +88,8 @@ impl WorldSpec {
             DistKind::None => {
                 ensure!(
                     self.zero == 0,
-                    "--zero 1 shards the optimizer state over ranks: it needs --dist mpi or devices"
+                    "--zero {} shards the training state over ranks: it needs --dist mpi or devices",
+                    self.zero
                 );
                 Arc::new(Local)
             }

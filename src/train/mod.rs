@@ -12,6 +12,7 @@ pub mod config;
 pub mod launch;
 pub mod metrics;
 pub mod params;
+pub mod pieces;
 pub mod recipe;
 pub mod run;
 pub mod run_dir;
@@ -23,6 +24,7 @@ pub mod step;
 pub mod stop;
 pub mod tensor_parallel;
 pub mod tp_layout;
+pub mod zero;
 
 pub use config::{Length, LossKind, LrDecay, TimestepSampling, TrainConfig};
 pub use launch::launch;

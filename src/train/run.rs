@@ -128,7 +128,7 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
         }
     };
     let trainer = trainer.with_tensor_parallel(grid.tp.clone())?.with_sequence_parallel(grid.sp.clone())?;
-    let mut trainer = trainer.with_data_parallel(grid.dp.clone());
+    let mut trainer = trainer.with_data_parallel(grid.dp.clone())?;
     trainer.detect_anomaly = opts.detect_anomaly;
     train_loop(trainer, &opts, Epochs { data, per_epoch }, stop)
 }
@@ -183,13 +183,13 @@ fn train_loop(mut trainer: Trainer, opts: &TrainOptions, epochs: Epochs, stop: u
     if lead && grid.world.size() > 1 {
         tracing::info!(
             "{} ranks ({} data-parallel × {} sequence-parallel × {} tensor-parallel), {} rows of each batch on rank 0, \
-             optimizer state {:?}: {:.2} MiB on rank 0",
+             ZeRO-{}: optimizer state {:.2} MiB on rank 0",
             grid.world.size(),
             dp.batch_parts(),
             grid.sp.as_ref().map_or(1, |c| c.size()),
             grid.tp.size(),
             dp.my_rows(batch).len(),
-            dp.zero,
+            dp.zero.number(),
             trainer.optimizer_bytes() as f64 / (1 << 20) as f64
         );
     }
@@ -261,12 +261,12 @@ fn train_loop(mut trainer: Trainer, opts: &TrainOptions, epochs: Epochs, stop: u
         );
     }
     let mib = |bytes: usize| bytes as f64 / (1 << 20) as f64;
-    let (params, optimizer) = (4 * trainer.table().total, trainer.optimizer_bytes());
+    let memory = trainer.memory();
     tracing::info!(
         "rank {rank}: parameters {:.2} MiB, gradients {:.2} MiB, optimizer state {:.2} MiB, peak RSS {}",
-        mib(params),
-        mib(params),
-        mib(optimizer),
+        mib(memory.params),
+        mib(memory.grads),
+        mib(memory.optimizer),
         crate::memory::peak_rss_bytes().map_or("unknown".into(), |b| format!("{} MiB", b >> 20))
     );
     Ok(TrainSummary {

@@ -12,12 +12,14 @@ use rayon::prelude::*;
 use super::checkpoint::{self, Checkpoint};
 use super::config::{LossKind, TrainConfig};
 use super::params::ParamTable;
+use super::pieces::Pieces;
 use super::sequence_parallel::shard_loss;
 use super::state::RunState;
 use super::tp_layout::TpLayout;
 use crate::data::Batch;
 use crate::diffusion::schedule::NoiseSchedule;
-use crate::distributed::data_parallel::DataParallel;
+use crate::distributed::data_parallel::{DataParallel, ZeroStage};
+use crate::distributed::partition::Partition;
 use crate::kernels::{SequenceParallel, TensorParallel};
 use crate::model::{DitConfig, DitNet, weights};
 use crate::optim::{AdamState, ema};
@@ -31,11 +33,16 @@ pub struct Trainer {
     pub(super) model: DitNet,
     pub(super) table: ParamTable,
     /// The master copy of the weights; the model's tensors are rebuilt from it after each step.
+    /// Under ZeRO-3, this rank's shard of them (and `model` is the shell alone).
     pub(super) params: Vec<f32>,
-    /// Adam's moments for this rank's shard of `params` (all of them unless ZeRO-1).
+    /// Adam's moments for this rank's shard of `params` (all of them without ZeRO).
     pub(super) adam: AdamState,
-    /// Moving average of `params`.
+    /// Moving average of `params` (under ZeRO-3, of this rank's shard).
     pub(super) ema: Vec<f32>,
+    /// Which parameters' optimizer state (and from ZeRO-2, gradients) this rank keeps.
+    pub(super) partition: Partition,
+    /// The network cut into pieces, for ZeRO-2 and -3.
+    pub(super) pieces: Option<Pieces>,
     pub(super) schedule: NoiseSchedule,
     pub state: RunState,
     /// The ranks this trainer shares its steps with (one, by default).
@@ -48,6 +55,14 @@ pub struct Trainer {
     pub(super) sp: Option<SequenceParallel>,
     /// Check every step's loss and gradient for NaN/Inf (`--detect-anomaly`).
     pub detect_anomaly: bool,
+}
+
+/// Bytes of a rank's training state by kind ([`Trainer::memory`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Memory {
+    pub params: usize,
+    pub grads: usize,
+    pub optimizer: usize,
 }
 
 /// What one step computed.
@@ -90,7 +105,10 @@ impl Trainer {
         state: RunState,
     ) -> Self {
         let schedule = NoiseSchedule::new(state.train.schedule, state.train.timesteps);
+        let partition = Partition::replicated(table.total);
         Self {
+            partition,
+            pieces: None,
             device,
             model,
             table,
@@ -128,10 +146,28 @@ impl Trainer {
     /// Share the steps with the ranks of `dp`: from now on this rank computes the gradient of
     /// its rows of each batch and keeps the optimizer state of its shard. All ranks must hold
     /// the same weights and state when this is called (see [`Trainer::broadcast_from_lead`]).
-    pub fn with_data_parallel(mut self, dp: DataParallel) -> Self {
-        self.adam = dp.shard_of(&self.adam);
+    ///
+    /// Under ZeRO-3 this rank then keeps only its shard of the weights and their average, and of
+    /// the model only the shell: the blocks are built from gathered weights as they run.
+    pub fn with_data_parallel(mut self, dp: DataParallel) -> anyhow::Result<Self> {
+        if dp.zero.shards_gradients() {
+            ensure!(
+                self.tp.size() == 1 && self.sp.is_none(),
+                "--zero {} shards over data-parallel ranks only: it does not combine with --tp or --sp (use --zero 1)",
+                dp.zero.number()
+            );
+            self.pieces = Some(Pieces::new(&self.model, &self.table)?);
+        }
+        let segments = self.pieces.as_ref().map_or_else(Vec::new, |p| p.segments.clone());
+        self.partition = dp.partition(self.table.total, &segments);
+        self.adam = dp.shard_of(&self.adam, &self.partition);
+        if dp.zero == ZeroStage::Three {
+            self.params = self.partition.take(&self.params);
+            self.ema = self.partition.take(&self.ema);
+            self.model = self.model.shell();
+        }
         self.dp = dp;
-        self
+        Ok(self)
     }
 
     pub fn model(&self) -> &DitNet {
@@ -181,18 +217,34 @@ impl Trainer {
             self.schedule.target(x0, eps, &mut target);
             (xt, target)
         });
-        let (loss, g) = self.gradient(&xt, &target, t, labels);
-        let anomaly = if self.detect_anomaly { self.first_non_finite(loss, &g) } else { None };
-
         let train = &self.state.train;
         let lr = train.lr_at(step);
-        let loss = profile::time(Region::Optimizer, || {
-            let loss = self.dp.step(g, loss, rows.len(), batch, &mut self.adam, &train.adam, lr, &mut self.params);
-            ema::update(&mut self.ema, &self.params, ema::decay_at(train.ema_decay, step));
-            loss
-        });
-        // Cloning a module clones tensor handles, not data.
-        self.model = profile::time(Region::WriteBack, || self.table.write_values(self.model.clone(), &self.params));
+        let decay = ema::decay_at(train.ema_decay, step);
+        let (loss, anomaly) = if self.dp.zero.shards_gradients() {
+            let (loss, g) = self.sharded_gradient(&xt, &target, t, labels, batch);
+            let loss = self.dp.sum_loss(loss);
+            let anomaly = if self.detect_anomaly { self.first_non_finite_shard(loss, &g) } else { None };
+            profile::time(Region::Optimizer, || {
+                self.optimizer_step_sharded(&g, lr);
+                if self.dp.zero == ZeroStage::Three {
+                    ema::update(&mut self.ema, &self.params, decay);
+                }
+            });
+            (loss, anomaly)
+        } else {
+            let (loss, g) = self.gradient(&xt, &target, t, labels);
+            let anomaly = if self.detect_anomaly { self.first_non_finite(loss, &g) } else { None };
+            let train = &self.state.train;
+            let loss = profile::time(Region::Optimizer, || {
+                self.dp.step(g, loss, rows.len(), batch, &mut self.adam, &train.adam, lr, &mut self.params)
+            });
+            (loss, anomaly)
+        };
+        if self.dp.zero != ZeroStage::Three {
+            ema::update(&mut self.ema, &self.params, decay);
+            // Cloning a module clones tensor handles, not data.
+            self.model = profile::time(Region::WriteBack, || self.table.write_values(self.model.clone(), &self.params));
+        }
 
         self.state.step += 1;
         StepOutcome { loss, lr, anomaly }
@@ -200,7 +252,7 @@ impl Trainer {
 
     /// The loss if it is not finite, else the first parameter whose gradient has a NaN or an
     /// infinity, by name.
-    fn first_non_finite(&self, loss: f32, grad: &[f32]) -> Option<String> {
+    pub(super) fn first_non_finite(&self, loss: f32, grad: &[f32]) -> Option<String> {
         if !loss.is_finite() {
             return Some(format!("the loss is {loss}"));
         }
@@ -288,7 +340,10 @@ impl Trainer {
     /// several ranks every rank must call this (ZeRO-1 and tensor parallelism gather their
     /// shards) and rank 0 alone writes; all return the checkpoint's directory.
     pub fn save(&self, run_dir: &Path, keep: usize) -> anyhow::Result<PathBuf> {
-        let Some(adam) = self.dp.gather_optimizer(&self.adam, self.table.total) else {
+        if self.dp.zero == ZeroStage::Three {
+            return self.save_sharded(run_dir, keep);
+        }
+        let Some(adam) = self.dp.gather_optimizer(&self.adam, &self.partition) else {
             return Ok(checkpoint::checkpoint_dir(run_dir, self.state.step));
         };
         let Some((model, ema, adam)) = self.gather_shards(adam) else {
@@ -300,9 +355,24 @@ impl Trainer {
         checkpoint::save(run_dir, self.state.clone(), &model_bytes, &ema_bytes, &adam, keep)
     }
 
-    /// Bytes of optimizer state this rank keeps.
+    /// Bytes of optimizer state (Adam's two moments) this rank keeps.
     pub fn optimizer_bytes(&self) -> usize {
-        self.dp.optimizer_bytes(self.table.total)
+        2 * 4 * self.adam.m.len()
+    }
+
+    /// The f32 buffers this rank holds at the peak of a step, by kind, as the ZeRO paper counts
+    /// them (the model's own tensors and the activations aside).
+    pub fn memory(&self) -> Memory {
+        let piece = self.pieces.as_ref().map_or(0, |p| p.segments.iter().map(|r| r.len()).max().unwrap_or(0));
+        let shell = self.pieces.as_ref().map_or(0, |p| p.segments[0].len() + p.segments[p.depth() + 1].len());
+        let (params, grads) = match self.dp.zero {
+            ZeroStage::Off | ZeroStage::One => (self.params.len(), self.params.len()),
+            // The reduced shard, and the piece whose gradient is being reduced.
+            ZeroStage::Two => (self.params.len(), self.partition.len() + piece),
+            // The shard, the shell and one block gathered.
+            ZeroStage::Three => (self.params.len() + shell + piece, self.partition.len() + piece),
+        };
+        Memory { params: 4 * params, grads: 4 * grads, optimizer: self.optimizer_bytes() }
     }
 }
 

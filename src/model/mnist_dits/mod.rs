@@ -152,7 +152,7 @@ impl MnistDits {
     }
 
     /// Patch tokens with their positions `[B, S, W]`, and the condition `[B, W]`.
-    fn embed(&self, x: Tensor<4>, t: Tensor<1, Int>, y: Tensor<1, Int>) -> (Tensor<3>, Tensor<2>) {
+    pub(crate) fn embed(&self, x: Tensor<4>, t: Tensor<1, Int>, y: Tensor<1, Int>) -> (Tensor<3>, Tensor<2>) {
         let cond = self.condition(t, y);
         (self.patch_tokens(x) + self.patch_pos_emb.val(), cond) // [B, S, W]
     }
@@ -174,7 +174,7 @@ impl MnistDits {
     }
 
     /// The final LayerNorm and Linear: tokens `[B, S, W]` → patch values `[B, S, C·p²]`.
-    fn head(&self, x: Tensor<3>) -> Tensor<3> {
+    pub(crate) fn head(&self, x: Tensor<3>) -> Tensor<3> {
         // The final LayerNorm through the fused kernel too (no modulation: shift = scale = 0).
         let none = Tensor::<2>::zeros([x.dims()[0], self.ln.gamma.dims()[0]], &x.device());
         linear_act(&self.linear, block::adaln(&self.ln, x, none.clone(), none), Activation::Identity)
