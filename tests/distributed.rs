@@ -88,6 +88,15 @@ fn assert_same_checkpoint(dir: &Path, a: &str, b: &str, step: u64) -> f32 {
     worst
 }
 
+/// Both families, small: mnist-dits as shipped, and the DiT-paper family at depth 2.
+const FAMILIES: [(&str, &[&str]); 2] =
+    [("mnist-dits", &["--model", "mnist-dits"]), ("dit-s4", &["--model", "dit-s4", "--depth", "2"])];
+
+/// [`train_args`] of 4 steps for `model`, the batch cut into `parts` micro-batches.
+fn family_args(name: &str, model: &[&str], parts: &str) -> Vec<String> {
+    with(with(train_args(name, 4), model), &["--micro-batches", parts])
+}
+
 fn toy_data(dir: &Path) {
     common::write_toy_dataset(&dir.join("data"), 40);
 }
@@ -128,10 +137,8 @@ fn zero_two_and_three_equal_one_rank() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     toy_data(dir);
-    for (family, model) in
-        [("mnist-dits", &["--model", "mnist-dits"][..]), ("dit-s4", &["--model", "dit-s4", "--depth", "2"])]
-    {
-        let args = |name: &str, parts: &str| with(with(train_args(name, 4), model), &["--micro-batches", parts]);
+    for (family, model) in FAMILIES {
+        let args = |name: &str, parts: &str| family_args(name, model, parts);
         for (ranks, parts) in [(2, "2"), (3, "3")] {
             let reference = format!("{family}-one-{parts}");
             dits(dir, &args(&reference, parts));
@@ -227,10 +234,8 @@ fn tensor_parallel_grids_equal_one_rank() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     toy_data(dir);
-    for (family, model) in
-        [("mnist-dits", &["--model", "mnist-dits"][..]), ("dit-s4", &["--model", "dit-s4", "--depth", "2"])]
-    {
-        let args = |name: &str, parts: &str| with(with(train_args(name, 4), model), &["--micro-batches", parts]);
+    for (family, model) in FAMILIES {
+        let args = |name: &str, parts: &str| family_args(name, model, parts);
         let (one, halves) = (format!("{family}-one"), format!("{family}-one-halves"));
         dits(dir, &args(&one, "1"));
         dits(dir, &args(&halves, "2"));

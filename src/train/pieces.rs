@@ -14,8 +14,8 @@ use burn::tensor::Gradients;
 use super::config::LossKind;
 use super::params::ParamTable;
 use crate::kernels::TensorParallel;
-use crate::model::DitNet;
 use crate::model::pieces::{Block, Piece};
+use crate::model::{DitConfig, DitNet};
 
 /// Where each piece's parameters lie in the flat vector, with modules to run a piece on any
 /// values of its parameters.
@@ -116,22 +116,6 @@ impl Carry {
     pub fn values(&self) -> Carry {
         Carry { x: self.x.clone().inner(), cond: self.cond.clone().inner() }
     }
-
-    /// As one flat vector (the tokens, then the condition), for a message.
-    pub fn to_flat(&self) -> Vec<f32> {
-        let mut flat = self.x.clone().into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 tokens");
-        flat.extend(self.cond.clone().into_data().convert::<f32>().iter::<f32>());
-        flat
-    }
-
-    /// From [`Self::to_flat`]'s layout, for `batch` images of `tokens` × `width`.
-    pub fn from_flat(flat: &[f32], [batch, tokens, width]: [usize; 3], device: &Device) -> Carry {
-        let n = batch * tokens * width;
-        Carry {
-            x: Tensor::from_data(TensorData::new(flat[..n].to_vec(), [batch, tokens, width]), device),
-            cond: Tensor::from_data(TensorData::new(flat[n..].to_vec(), [batch, width]), device),
-        }
-    }
 }
 
 /// A micro-batch's inputs to the first piece and its target, on the autodiff device.
@@ -142,6 +126,30 @@ pub struct MicroBatch {
     pub target: Tensor<4>,
     /// The loss is scaled by this before the backward: the micro-batch's share of the batch.
     pub weight: f32,
+}
+
+impl MicroBatch {
+    /// One micro-batch of `cfg`'s images as tensors on `device`.
+    pub fn new(
+        cfg: &DitConfig,
+        device: &Device,
+        xt: &[f32],
+        target: &[f32],
+        t: &[usize],
+        labels: &[u8],
+        weight: f32,
+    ) -> Self {
+        let b = labels.len();
+        let dims = [b, cfg.channels, cfg.image_size, cfg.image_size];
+        let ints = |v: Vec<i64>| Tensor::<1, Int>::from_data(TensorData::new(v, [b]), device);
+        MicroBatch {
+            xt: Tensor::from_data(TensorData::new(xt.to_vec(), dims), device),
+            target: Tensor::from_data(TensorData::new(target.to_vec(), dims), device),
+            t: ints(t.iter().map(|&v| v as i64).collect()),
+            y: ints(labels.iter().map(|&v| v as i64).collect()),
+            weight,
+        }
+    }
 }
 
 /// A piece's forward, kept for its backward: the graph's leaves and outputs.

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use super::checkpoint::{self, Checkpoint};
 use super::config::{LossKind, TrainConfig};
 use super::params::ParamTable;
-use super::pieces::Pieces;
+use super::pieces::{MicroBatch, Pieces};
 use super::sequence_parallel::shard_loss;
 use super::state::RunState;
 use super::tp_layout::TpLayout;
@@ -314,15 +314,8 @@ impl Trainer {
         t: &[usize],
         labels: &[u8],
     ) -> (f32, Vec<f32>) {
-        let cfg = &self.state.model;
-        let b = labels.len();
-        let dims = [b, cfg.channels, cfg.image_size, cfg.image_size];
-        let d = &self.device;
-        let xt = Tensor::<4>::from_data(TensorData::new(xt.to_vec(), dims), d);
-        let target = Tensor::<4>::from_data(TensorData::new(target.to_vec(), dims), d);
-        let tt = Tensor::<1, Int>::from_data(TensorData::new(t.iter().map(|&v| v as i64).collect::<Vec<_>>(), [b]), d);
-        let y =
-            Tensor::<1, Int>::from_data(TensorData::new(labels.iter().map(|&v| v as i64).collect::<Vec<_>>(), [b]), d);
+        let MicroBatch { xt, t: tt, y, target, .. } =
+            MicroBatch::new(&self.state.model, &self.device, xt, target, t, labels, 1.0);
         let (loss, loss_value) = profile::time(Region::Forward, || {
             let kind = self.state.train.loss;
             let loss = match &self.sp {

@@ -11,8 +11,6 @@
 
 use std::borrow::Cow;
 
-use burn::prelude::*;
-
 use super::pieces::{self, Carry, MicroBatch, Pending, PieceGrads, Pieces, segment_of};
 use super::step::Trainer;
 use crate::distributed::data_parallel::ZeroStage;
@@ -63,7 +61,9 @@ impl Trainer {
         let row = xt.len() / b.max(1);
         let mut loss = 0f32;
         for r in micro_batches(b, self.state.train.micro_batches) {
-            let mb = self.micro_batch(
+            let mb = MicroBatch::new(
+                &self.state.model,
+                &self.device,
                 &xt[r.start * row..r.end * row],
                 &target[r.start * row..r.end * row],
                 &t[r.clone()],
@@ -122,29 +122,6 @@ impl Trainer {
             reduce(0, &g);
         }
         (loss, shard)
-    }
-
-    /// One micro-batch as tensors on this trainer's device.
-    pub(super) fn micro_batch(
-        &self,
-        xt: &[f32],
-        target: &[f32],
-        t: &[usize],
-        labels: &[u8],
-        weight: f32,
-    ) -> MicroBatch {
-        let cfg = &self.state.model;
-        let b = labels.len();
-        let dims = [b, cfg.channels, cfg.image_size, cfg.image_size];
-        let d = &self.device;
-        let ints = |v: Vec<i64>| Tensor::<1, Int>::from_data(TensorData::new(v, [b]), d);
-        MicroBatch {
-            xt: Tensor::from_data(TensorData::new(xt.to_vec(), dims), d),
-            target: Tensor::from_data(TensorData::new(target.to_vec(), dims), d),
-            t: ints(t.iter().map(|&v| v as i64).collect()),
-            y: ints(labels.iter().map(|&v| v as i64).collect()),
-            weight,
-        }
     }
 }
 
