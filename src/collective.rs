@@ -34,6 +34,13 @@ pub trait Collective: Send + Sync {
     fn abort(&self, code: i32) -> !;
     /// What has been communicated so far.
     fn stats(&self) -> CommStats;
+    /// Point-to-point messages (pipeline parallelism): send `send` to rank `to` and/or fill
+    /// `recv` from rank `from`, both in one call (MPI's `Sendrecv`), so that two ranks sending to
+    /// each other cannot both wait for the other to receive. The peer must make the mirror call.
+    fn exchange(&self, send: Option<(&[f32], usize)>, recv: Option<(&mut [f32], usize)>) {
+        let _ = (send, recv);
+        panic!("this engine has no point-to-point messages (pipeline parallelism needs --dist mpi)")
+    }
     /// A sub-group: every rank calls this, and the ranks that pass the same `colour` form a new
     /// world, ranked by `key` (MPI's `MPI_Comm_split`).
     fn split(&self, colour: usize, key: usize) -> anyhow::Result<Arc<dyn Collective>> {

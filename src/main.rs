@@ -126,6 +126,12 @@ struct DistArgs {
     /// ranks (with --dist mpi); S must divide the token and head counts.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
     sp: u64,
+    /// Pipeline parallelism (GPipe/1F1B): split the blocks into P stages of consecutive blocks
+    /// over groups of P ranks (with --dist mpi; embeddings with the first stage, final layer with
+    /// the last); --micro-batches M cuts each rank's batch into the micro-batches that flow
+    /// through them. The other factor of the world is data-parallel.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pp: u64,
     /// ZeRO stage (DeepSpeed): 0 (every rank keeps everything), 1 (each keeps its shard of the
     /// optimizer state), 2 (and of the gradients), 3 (and of the weights, gathered block by block).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=3))]
@@ -285,6 +291,7 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
         zero: a.dist.zero,
         tp: a.dist.tp as usize,
         sp: a.dist.sp as usize,
+        pp: a.dist.pp as usize,
         bucket_mib: a.dist.bucket_mb,
         device: a.common.device,
     };

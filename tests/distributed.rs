@@ -170,6 +170,57 @@ fn zero_two_and_three_equal_one_rank() {
     assert!(err.contains("does not combine with --tp or --sp"), "{err}");
 }
 
+/// Pipeline parallelism (1F1B): 2 and 3 stages, and 2 data-parallel × 2 stages with ZeRO-1,
+/// give the one-process weights, moving average and optimizer state with the same micro-batch
+/// split, for both families (depth 4 for dit-s4, so three stages get blocks); a pipeline
+/// checkpoint resumes on one process and the reverse; impossible layouts are one error.
+#[test]
+fn pipeline_stages_equal_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    toy_data(dir);
+    let families: [(&str, &[&str]); 2] =
+        [("mnist-dits", &["--model", "mnist-dits"]), ("dit-s4", &["--model", "dit-s4", "--depth", "4"])];
+    for (family, model) in families {
+        // (ranks, stages, extra flags, micro-batches of the run, of the one-process reference)
+        let layouts: [(usize, &str, &[&str], &str, &str); 3] =
+            [(2, "2", &[], "3", "3"), (3, "3", &[], "2", "2"), (4, "2", &["--zero", "1"], "2", "4")];
+        for (ranks, stages, extra, parts, reference_parts) in layouts {
+            let reference = format!("{family}-one-{reference_parts}");
+            if !dir.join(&reference).exists() {
+                dits(dir, &family_args(&reference, model, reference_parts));
+            }
+            let name = format!("{family}-pp{stages}-{ranks}");
+            let args = with(with(family_args(&name, model, parts), &["--pp", stages]), extra);
+            let text = mpirun(dir, ranks, &args);
+            assert!(text.contains(&format!("{stages} pipeline stages")), "{text}");
+            assert!(text.contains("(P−1)/(M+P−1)"), "{text}");
+            for step in [2, 4] {
+                let d = assert_same_checkpoint(dir, &reference, &name, step);
+                eprintln!("{family}, {ranks} ranks, --pp {stages} {extra:?}, step {step}: max |Δ| = {d}");
+            }
+        }
+    }
+    let resume = |name: &str| vec!["train".into(), "--resume".into(), name.into(), "--threads".into(), "1".into()];
+    let mnist = |name: &str| with(train_args(name, 4), &["--micro-batches", "2"]);
+    dits(dir, &mnist("uninterrupted"));
+    mpirun(dir, 2, &with(mnist("pp-then-one"), &["--pp", "2", "--stop-after", "2"]));
+    dits(dir, &resume("pp-then-one"));
+    dits(dir, &with(mnist("one-then-pp"), &["--stop-after", "2"]));
+    mpirun(dir, 3, &with(resume("one-then-pp"), &["--pp", "3"]));
+    for run in ["pp-then-one", "one-then-pp"] {
+        let d = assert_same_checkpoint(dir, "uninterrupted", run, 4);
+        eprintln!("{run}: max |Δ| = {d}");
+    }
+    // More stages than blocks (mnist-dits has 3), and layouts a pipeline does not combine with.
+    let err = mpirun_fails(dir, 4, &with(mnist("pp4"), &["--pp", "4"]));
+    assert!(err.contains("the model has 3 blocks"), "{err}");
+    let err = mpirun_fails(dir, 2, &with(mnist("pp-zero2"), &["--pp", "2", "--zero", "2"]));
+    assert!(err.contains("does not combine with --pp"), "{err}");
+    let err = mpirun_fails(dir, 4, &with(mnist("pp-tp"), &["--pp", "2", "--tp", "2"]));
+    assert!(err.contains("--pp combines with data parallelism only"), "{err}");
+}
+
 /// A run checkpointed by two ranks resumes on two ranks with ZeRO-1 (the full optimizer state
 /// is split on load), on one rank, and on three.
 #[test]

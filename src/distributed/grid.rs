@@ -5,12 +5,17 @@
 //! sub-communicator of the world (MPI's split by colour). The ranks holding the same shard of
 //! the model (same TP rank: DP × SP of them) sum their gradients: the SP ranks of a DP rank
 //! share its rows of the batch, each with its tokens.
+//!
+//! Pipeline parallelism takes the outermost place instead (world rank = stage · DP + dp, as
+//! Megatron-LM puts its pipeline stages across machines: they talk least, once per micro-batch
+//! and direction); it combines with data parallelism (and ZeRO-1) only.
 
 use std::sync::Arc;
 
 use anyhow::ensure;
 
 use super::data_parallel::DataParallel;
+use super::pipeline::Pipeline;
 use super::{Collective, CommStats};
 use crate::collective::Local;
 use crate::kernels::TensorParallel;
@@ -27,11 +32,13 @@ pub struct Grid {
     pub tp: TensorParallel,
     /// The ranks splitting each image's tokens (`None`: one rank holds them all).
     pub sp: Option<Arc<dyn Collective>>,
+    /// The ranks running the stages of this rank's pipeline (`None`: no pipeline).
+    pub pp: Option<Pipeline>,
 }
 
 impl Default for Grid {
     fn default() -> Self {
-        Self { world: Arc::new(Local), dp: DataParallel::default(), tp: TensorParallel::single(), sp: None }
+        Self { world: Arc::new(Local), dp: DataParallel::default(), tp: TensorParallel::single(), sp: None, pp: None }
     }
 }
 
@@ -42,10 +49,29 @@ impl std::fmt::Debug for Grid {
 }
 
 impl Grid {
-    /// The grid of `world` with tensor-parallel groups of `tp` ranks and sequence-parallel
-    /// groups of `sp`; `dp` (its `comm` unset) says how the gradients are summed.
-    pub fn new(world: Arc<dyn Collective>, tp: usize, sp: usize, dp: DataParallel) -> anyhow::Result<Self> {
+    /// The grid of `world` with tensor-parallel groups of `tp` ranks, sequence-parallel groups
+    /// of `sp` and pipelines of `pp` stages; `dp` (its `comm` unset) says how the gradients are
+    /// summed.
+    pub fn new(world: Arc<dyn Collective>, tp: usize, sp: usize, pp: usize, dp: DataParallel) -> anyhow::Result<Self> {
         let (rank, size) = (world.rank(), world.size());
+        if pp > 1 {
+            ensure!(tp == 1 && sp == 1, "--pp combines with data parallelism only: not with --tp or --sp");
+            ensure!(
+                size.is_multiple_of(pp),
+                "--pp {pp} must divide the number of ranks ({size}): the world is data-parallel × pipeline stages"
+            );
+            let dp_size = size / pp;
+            let (stage, dp_rank) = (rank / dp_size, rank % dp_size);
+            let dp_group = world.split(stage, dp_rank)?;
+            let pipeline = world.split(dp_rank, stage)?;
+            return Ok(Self {
+                world,
+                dp: DataParallel { comm: dp_group, ..dp },
+                tp: TensorParallel::single(),
+                sp: None,
+                pp: Some(Pipeline { comm: pipeline }),
+            });
+        }
         let flags = match (tp, sp) {
             (_, 1) => format!("--tp {tp}"),
             (1, _) => format!("--sp {sp}"),
@@ -57,7 +83,7 @@ impl Grid {
         );
         if tp * sp == 1 {
             let dp = DataParallel { comm: world.clone(), ..dp };
-            return Ok(Self { dp, world, tp: TensorParallel::single(), sp: None });
+            return Ok(Self { dp, world, tp: TensorParallel::single(), sp: None, pp: None });
         }
         let (tp_rank, sp_rank, dp_rank) = (rank % tp, rank / tp % sp, rank / (tp * sp));
         let tp_group = world.split(rank / tp, tp_rank)?;
@@ -69,6 +95,7 @@ impl Grid {
             dp: DataParallel { comm: shard_group, batch_part, ..dp },
             tp: TensorParallel::over(tp_group),
             sp: (sp > 1).then_some(sp_group),
+            pp: None,
         })
     }
 
@@ -77,6 +104,7 @@ impl Grid {
         let mut groups: Vec<&Arc<dyn Collective>> = vec![&self.world, &self.dp.comm];
         groups.extend(self.tp.comm());
         groups.extend(self.sp.as_ref());
+        groups.extend(self.pp.as_ref().map(|p| &p.comm));
         let mut unique: Vec<&Arc<dyn Collective>> = Vec::new();
         for g in groups {
             if !unique.iter().any(|u| Arc::ptr_eq(u, g)) {

@@ -13,6 +13,7 @@ pub mod grid;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 pub mod partition;
+pub mod pipeline;
 pub mod world;
 
 pub use crate::collective::{Collective, CommStats, Local, StatsRecorder};

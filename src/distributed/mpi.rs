@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use mpi::Threading;
 use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
 use mpi::environment::Universe;
+use mpi::point_to_point::{Destination, Source, send_receive_into};
 use mpi::topology::{Color, Communicator, SimpleCommunicator};
 
 use super::{Collective, CommStats, StatsRecorder};
@@ -136,6 +137,20 @@ impl Collective for MpiWorld {
         assert_eq!(send.len() % self.size, 0, "all-to-all: send must hold one block per rank");
         let block = send.len() / self.size;
         self.with(bytes_of(send.len() - block), |c| c.all_to_all_into(send, recv));
+    }
+
+    fn exchange(&self, send: Option<(&[f32], usize)>, recv: Option<(&mut [f32], usize)>) {
+        let bytes = send.as_ref().map_or(0, |(s, _)| bytes_of(s.len()));
+        self.with(bytes, |c| match (send, recv) {
+            (Some((s, to)), Some((r, from))) => {
+                send_receive_into(s, &c.process_at_rank(to as i32), r, &c.process_at_rank(from as i32));
+            }
+            (Some((s, to)), None) => c.process_at_rank(to as i32).send(s),
+            (None, Some((r, from))) => {
+                c.process_at_rank(from as i32).receive_into(r);
+            }
+            (None, None) => {}
+        });
     }
 
     fn abort(&self, code: i32) -> ! {

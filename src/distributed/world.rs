@@ -1,4 +1,4 @@
-//! The ranks of a run, from the `--dist`, `--ranks`, `--tp`, `--zero` and `--bucket-mb`
+//! The ranks of a run, from the `--dist`, `--ranks`, `--tp`, `--sp`, `--pp`, `--zero` and `--bucket-mb`
 //! settings: one process, one MPI process per rank (in a grid), or one thread per device in
 //! this process.
 
@@ -39,6 +39,8 @@ pub struct WorldSpec {
     pub tp: usize,
     /// Ranks of each sequence-parallel group (`--sp`).
     pub sp: usize,
+    /// Pipeline stages (`--pp`).
+    pub pp: usize,
     pub bucket_mib: u64,
     pub device: DeviceKind,
 }
@@ -51,6 +53,7 @@ impl Default for WorldSpec {
             zero: 0,
             tp: 1,
             sp: 1,
+            pp: 1,
             bucket_mib: DEFAULT_BUCKET_MIB,
             device: DeviceKind::Cpu,
         }
@@ -78,6 +81,15 @@ impl WorldSpec {
             "--zero {} shards over data-parallel ranks only: it does not combine with --tp or --sp (use --zero 1)",
             self.zero
         );
+        ensure!(
+            self.pp == 1 || !zero.shards_gradients(),
+            "--zero {} does not combine with --pp: a stage already keeps only its own pieces' state (use --zero 1 over the data-parallel ranks)",
+            self.zero
+        );
+        ensure!(
+            self.pp == 1 || self.dist == DistKind::Mpi,
+            "--pp passes activations between stages with point-to-point messages: it needs --dist mpi (under mpirun)"
+        );
         let bucket = bucket_elements(self.bucket_mib);
         let ranked = |comm: Arc<dyn Collective>| DataParallel { comm, zero, bucket, batch_part: None };
         ensure!(
@@ -104,8 +116,13 @@ impl WorldSpec {
                         .map(|w| {
                             let device = w.device().clone();
                             let comm: Arc<dyn Collective> = Arc::new(w);
-                            let grid =
-                                Grid { world: comm.clone(), dp: ranked(comm), tp: TensorParallel::single(), sp: None };
+                            let grid = Grid {
+                                world: comm.clone(),
+                                dp: ranked(comm),
+                                tp: TensorParallel::single(),
+                                sp: None,
+                                pp: None,
+                            };
                             (grid, device)
                         })
                         .collect(),
@@ -120,7 +137,8 @@ impl WorldSpec {
             ),
         };
         // Every rank finds a grid that does not fit alike, and says so.
-        let grid = on_every_rank(comm.as_ref(), Grid::new(comm.clone(), self.tp, self.sp, ranked(comm.clone())))?;
+        let grid =
+            on_every_rank(comm.as_ref(), Grid::new(comm.clone(), self.tp, self.sp, self.pp, ranked(comm.clone())))?;
         Ok(World::Process(grid, device(self.device)?))
     }
 }

@@ -3,7 +3,9 @@
 //! - [`config`] and [`recipe`]: the recipe, its defaults, and how a TOML file and flags change it.
 //! - [`state`], [`params`], [`checkpoint`], [`metrics`]: what a run is at a step and what it writes.
 //! - [`step`]: one optimisation step ([`Trainer`]); [`snapshot`]: rank 0's trainer sent to the others;
-//!   [`tensor_parallel`], [`tp_layout`], [`sequence_parallel`]: a trainer's share on a grid.
+//!   [`tensor_parallel`], [`tp_layout`], [`sequence_parallel`]: a trainer's share on a grid;
+//!   [`pieces`]: the gradient piece by piece, on which [`zero`] (ZeRO-2/3) and [`pipeline`]
+//!   (a pipeline stage) run.
 //! - [`start`]: how a run starts (new or resumed), resolved once; [`run`]: the loop, with
 //!   [`run_dir`] (the lock) and [`stop`] (signals); [`launch`]: every rank of a world.
 
@@ -13,6 +15,7 @@ pub mod launch;
 pub mod metrics;
 pub mod params;
 pub mod pieces;
+pub mod pipeline;
 pub mod recipe;
 pub mod run;
 pub mod run_dir;

@@ -128,6 +128,7 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
         }
     };
     let trainer = trainer.with_tensor_parallel(grid.tp.clone())?.with_sequence_parallel(grid.sp.clone())?;
+    let trainer = trainer.with_pipeline(grid.pp.clone())?;
     let mut trainer = trainer.with_data_parallel(grid.dp.clone())?;
     trainer.detect_anomaly = opts.detect_anomaly;
     train_loop(trainer, &opts, Epochs { data, per_epoch }, stop)
@@ -154,6 +155,9 @@ fn check_start(state: &super::RunState, grid: &Grid, stop_after: Option<u64>) ->
     crate::model::tensor_parallel::check(&state.model, grid.tp.size())?;
     if let Some(comm) = &grid.sp {
         super::sequence_parallel::split_of(&state.model, comm.clone(), &grid.tp)?;
+    }
+    if let Some(pp) = &grid.pp {
+        crate::distributed::pipeline::check_stages(state.model.depth, pp.stages())?;
     }
     Ok(stop)
 }
@@ -182,12 +186,13 @@ fn train_loop(mut trainer: Trainer, opts: &TrainOptions, epochs: Epochs, stop: u
     }
     if lead && grid.world.size() > 1 {
         tracing::info!(
-            "{} ranks ({} data-parallel × {} sequence-parallel × {} tensor-parallel), {} rows of each batch on rank 0, \
-             ZeRO-{}: optimizer state {:.2} MiB on rank 0",
+            "{} ranks ({} data-parallel × {} sequence-parallel × {} tensor-parallel × {} pipeline stages), \
+             {} rows of each batch on rank 0, ZeRO-{}: optimizer state {:.2} MiB on rank 0",
             grid.world.size(),
             dp.batch_parts(),
             grid.sp.as_ref().map_or(1, |c| c.size()),
             grid.tp.size(),
+            grid.pp.as_ref().map_or(1, |p| p.stages()),
             dp.my_rows(batch).len(),
             dp.zero.number(),
             trainer.optimizer_bytes() as f64 / (1 << 20) as f64
@@ -259,6 +264,9 @@ fn train_loop(mut trainer: Trainer, opts: &TrainOptions, epochs: Epochs, stop: u
             c.bytes as f64 / steps as f64 / 1e6,
             c.calls
         );
+    }
+    for line in trainer.pipeline_report(grid.world.as_ref()).unwrap_or_default() {
+        tracing::info!("{line}");
     }
     let mib = |bytes: usize| bytes as f64 / (1 << 20) as f64;
     let memory = trainer.memory();

@@ -13,6 +13,7 @@ use super::checkpoint::{self, Checkpoint};
 use super::config::{LossKind, TrainConfig};
 use super::params::ParamTable;
 use super::pieces::{MicroBatch, Pieces};
+use super::pipeline::Stage;
 use super::sequence_parallel::shard_loss;
 use super::state::RunState;
 use super::tp_layout::TpLayout;
@@ -41,8 +42,11 @@ pub struct Trainer {
     pub(super) ema: Vec<f32>,
     /// Which parameters' optimizer state (and from ZeRO-2, gradients) this rank keeps.
     pub(super) partition: Partition,
-    /// The network cut into pieces, for ZeRO-2 and -3.
+    /// The network cut into pieces, for ZeRO-2 and -3 and pipeline stages.
     pub(super) pieces: Option<Pieces>,
+    /// This rank's pipeline stage (`None`: it runs the whole network). Then `params`, `ema` and
+    /// `adam` hold the stage's range of the flat vector, and `model` is the shell.
+    pub(super) stage: Option<Stage>,
     pub(super) schedule: NoiseSchedule,
     pub state: RunState,
     /// The ranks this trainer shares its steps with (one, by default).
@@ -109,6 +113,7 @@ impl Trainer {
         Self {
             partition,
             pieces: None,
+            stage: None,
             device,
             model,
             table,
@@ -156,10 +161,15 @@ impl Trainer {
                 "--zero {} shards over data-parallel ranks only: it does not combine with --tp or --sp (use --zero 1)",
                 dp.zero.number()
             );
+            ensure!(
+                self.stage.is_none(),
+                "--zero {} does not combine with --pp: a stage already keeps only its own pieces' state (use --zero 1)",
+                dp.zero.number()
+            );
             self.pieces = Some(Pieces::new(&self.model, &self.table)?);
         }
         let segments = self.pieces.as_ref().map_or_else(Vec::new, |p| p.segments.clone());
-        self.partition = dp.partition(self.table.total, &segments);
+        self.partition = dp.partition(self.params.len(), &segments);
         self.adam = dp.shard_of(&self.adam, &self.partition);
         if dp.zero == ZeroStage::Three {
             self.params = self.partition.take(&self.params);
@@ -220,7 +230,18 @@ impl Trainer {
         let train = &self.state.train;
         let lr = train.lr_at(step);
         let decay = ema::decay_at(train.ema_decay, step);
-        let (loss, anomaly) = if self.dp.zero.shards_gradients() {
+        let (loss, anomaly) = if self.stage.is_some() {
+            let (loss, g, busy, idle) = self.pipeline_gradient(&xt, &target, t, labels, batch);
+            let anomaly = if self.detect_anomaly { self.first_non_finite_stage(loss, &g) } else { None };
+            let train = &self.state.train;
+            // The gradient is already weighted by the micro-batches' shares of the global batch.
+            let loss = profile::time(Region::Optimizer, || {
+                self.dp.step(g, loss, batch, batch, &mut self.adam, &train.adam, lr, &mut self.params)
+            });
+            ema::update(&mut self.ema, &self.params, decay);
+            self.count_pipeline_time(busy, idle);
+            (self.pipeline_loss(loss), anomaly)
+        } else if self.dp.zero.shards_gradients() {
             let (loss, g) = self.sharded_gradient(&xt, &target, t, labels, batch);
             let loss = self.dp.sum_loss(loss);
             let anomaly = if self.detect_anomaly { self.first_non_finite_shard(loss, &g) } else { None };
@@ -240,7 +261,7 @@ impl Trainer {
             });
             (loss, anomaly)
         };
-        if self.dp.zero != ZeroStage::Three {
+        if self.dp.zero != ZeroStage::Three && self.stage.is_none() {
             ema::update(&mut self.ema, &self.params, decay);
             // Cloning a module clones tensor handles, not data.
             self.model = profile::time(Region::WriteBack, || self.table.write_values(self.model.clone(), &self.params));
@@ -336,6 +357,9 @@ impl Trainer {
         if self.dp.zero == ZeroStage::Three {
             return self.save_sharded(run_dir, keep);
         }
+        if self.stage.is_some() {
+            return self.save_pipeline(run_dir, keep);
+        }
         let Some(adam) = self.dp.gather_optimizer(&self.adam, &self.partition) else {
             return Ok(checkpoint::checkpoint_dir(run_dir, self.state.step));
         };
@@ -346,6 +370,22 @@ impl Trainer {
         let model_bytes = weights::to_safetensors_bytes(&model)?;
         let ema_bytes = weights::to_safetensors_bytes(&table.write_values(model, &ema))?;
         checkpoint::save(run_dir, self.state.clone(), &model_bytes, &ema_bytes, &adam, keep)
+    }
+
+    /// Rank 0's save of the full vectors (weights, moving average, optimizer state) gathered
+    /// from the ranks' shards or stages.
+    pub(super) fn save_full(
+        &self,
+        run_dir: &Path,
+        keep: usize,
+        params: &[f32],
+        ema: &[f32],
+        adam: &AdamState,
+    ) -> anyhow::Result<PathBuf> {
+        let template = DitNet::new(&self.state.model, &self.device.clone().inner(), 0);
+        let model_bytes = weights::to_safetensors_bytes(&self.table.write_values(template.clone(), params))?;
+        let ema_bytes = weights::to_safetensors_bytes(&self.table.write_values(template, ema))?;
+        checkpoint::save(run_dir, self.state.clone(), &model_bytes, &ema_bytes, adam, keep)
     }
 
     /// Bytes of optimizer state (Adam's two moments) this rank keeps.

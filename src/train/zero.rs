@@ -159,8 +159,6 @@ impl Trainer {
 
     /// [`Trainer::save`] under ZeRO-3: the shards gathered into the full layout on rank 0.
     pub(super) fn save_sharded(&self, run_dir: &std::path::Path, keep: usize) -> anyhow::Result<std::path::PathBuf> {
-        use super::checkpoint;
-        use crate::model::{DitNet, weights};
         let comm = self.dp.comm.as_ref();
         let part = &self.partition;
         let gathered = (
@@ -169,11 +167,8 @@ impl Trainer {
             self.dp.gather_optimizer(&self.adam, part),
         );
         let (Some(params), Some(ema), Some(adam)) = gathered else {
-            return Ok(checkpoint::checkpoint_dir(run_dir, self.state.step));
+            return Ok(super::checkpoint::checkpoint_dir(run_dir, self.state.step));
         };
-        let template = DitNet::new(&self.state.model, &self.device.clone().inner(), 0);
-        let model_bytes = weights::to_safetensors_bytes(&self.table.write_values(template.clone(), &params))?;
-        let ema_bytes = weights::to_safetensors_bytes(&self.table.write_values(template, &ema))?;
-        checkpoint::save(run_dir, self.state.clone(), &model_bytes, &ema_bytes, &adam, keep)
+        self.save_full(run_dir, keep, &params, &ema, &adam)
     }
 }
