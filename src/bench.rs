@@ -24,6 +24,8 @@ pub struct BenchOptions {
     /// Also profile that many training steps per region (after the timed ones).
     pub profile_steps: usize,
     pub device: Device,
+    /// The training step's precision.
+    pub precision: crate::train::precision::Precision,
 }
 
 #[derive(Debug, Clone)]
@@ -150,6 +152,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
     train.micro_batches = opts.micro_batches.unwrap_or(train.micro_batches).min(b);
     // Throughput does not depend on the label ids; the preset may have no null label.
     train.label_dropout = 0.0;
+    train.precision = opts.precision;
     let step_parts = train.micro_batches;
     let mut trainer = Trainer::new(cfg.clone(), train, String::new(), &opts.device)?;
     let params = trainer.table().total;

@@ -216,6 +216,13 @@ struct BenchArgs {
     /// Timed iterations (the median is reported).
     #[arg(long, default_value_t = 20)]
     iters: usize,
+    /// Precision of the training step (the forward is timed in fp32).
+    #[arg(long, value_enum, default_value = "fp32")]
+    precision: dits::train::precision::Precision,
+    /// Burn's composed operations instead of the fused CPU kernels (the path of bf16/fp16 and
+    /// of the GPU backends).
+    #[arg(long)]
+    composed: bool,
     /// Then profile this many training steps: thread time per phase and per fused kernel.
     #[arg(long, value_name = "STEPS", num_args = 0..=1, default_missing_value = "10")]
     profile: Option<usize>,
@@ -394,11 +401,18 @@ fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
         iters: a.iters,
         profile_steps: a.profile.unwrap_or(0),
         device: dits::device::device(a.common.device)?,
+        precision: a.precision,
     };
+    dits::kernels::set_fused(!a.composed);
     let r = dits::bench::run(&opts)?;
     println!(
-        "model={name} params={} batch={} micro_batches={} threads={threads} device={:?}",
-        r.params, a.batch, r.micro_batches, a.common.device
+        "model={name} params={} batch={} micro_batches={} threads={threads} device={:?} precision={} kernels={}",
+        r.params,
+        a.batch,
+        r.micro_batches,
+        a.common.device,
+        dits::train::recipe::value_name(a.precision),
+        if a.composed { "composed" } else { "fused" }
     );
     let line = |what: &str, s: dits::bench::Stats| {
         println!("{what}: median {:.2} ms (min {:.2}, max {:.2}) over {} iterations", s.median, s.min, s.max, a.iters)

@@ -219,6 +219,29 @@ fn pipeline_stages_equal_one_rank() {
     assert!(err.contains("does not combine with --pp"), "{err}");
     let err = mpirun_fails(dir, 4, &with(mnist("pp-tp"), &["--pp", "2", "--tp", "2"]));
     assert!(err.contains("--pp combines with data parallelism only"), "{err}");
+    let err = mpirun_fails(dir, 2, &with(mnist("pp-bf16"), &["--pp", "2", "--precision", "bf16"]));
+    assert!(err.contains("not yet with --pp"), "{err}");
+}
+
+/// bf16 and fp16 (with its loss scale) on two data-parallel ranks, DDP and ZeRO-1, give the
+/// one-process run of the same precision and micro-batch split.
+#[test]
+fn mixed_precision_data_parallel_equals_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    toy_data(dir);
+    for precision in ["bf16", "fp16"] {
+        let args =
+            |name: &str, parts: &str| with(train_args(name, 4), &["--micro-batches", parts, "--precision", precision]);
+        let reference = format!("{precision}-one");
+        dits(dir, &args(&reference, "2"));
+        for zero in ["0", "1"] {
+            let name = format!("{precision}-zero{zero}");
+            mpirun(dir, 2, &with(args(&name, "1"), &["--zero", zero]));
+            let d = assert_same_checkpoint(dir, &reference, &name, 4);
+            eprintln!("{precision}, 2 ranks, ZeRO-{zero}: max |Δ| = {d}");
+        }
+    }
 }
 
 /// A run checkpointed by two ranks resumes on two ranks with ZeRO-1 (the full optimizer state

@@ -150,7 +150,11 @@ impl DataParallel {
 
     /// One optimizer step from this rank's mean gradient `grad` and loss over its `rows` of a
     /// global batch of `batch`; `params` (every rank's full copy) come out updated on every
-    /// rank. Returns the loss of the whole batch.
+    /// rank. Returns the loss of the whole batch, and whether the step was taken.
+    ///
+    /// With `loss_scale` (fp16), `grad` is the gradient of the loss times the scale: it is
+    /// divided by it, and if any reduced gradient is not finite (an fp16 overflow) no rank
+    /// updates anything.
     #[allow(clippy::too_many_arguments)]
     pub fn step(
         &self,
@@ -162,34 +166,55 @@ impl DataParallel {
         cfg: &AdamConfig,
         lr: f64,
         params: &mut [f32],
-    ) -> f32 {
+        loss_scale: Option<f32>,
+    ) -> (f32, bool) {
         let total = params.len();
         assert_eq!(grad.len(), total, "gradient and parameters differ in length");
         let weight = rows as f32 / batch as f32;
-        if weight != 1.0 {
-            grad.iter_mut().for_each(|g| *g *= weight);
+        let unscale = weight / loss_scale.unwrap_or(1.0);
+        if unscale != 1.0 {
+            grad.iter_mut().for_each(|g| *g *= unscale);
         }
+        let loss = loss * weight;
         match self.zero {
             ZeroStage::Off => {
                 // The loss rides in the last bucket: one call fewer.
-                grad.push(loss * weight);
+                grad.push(loss);
                 for bucket in grad.chunks_mut(self.bucket.max(1)) {
                     self.comm.all_reduce_sum(bucket);
                 }
                 let loss = grad.pop().expect("the loss was pushed");
+                // Every rank holds the same sum: they agree on an overflow without a message.
+                if loss_scale.is_some() && !grad.iter().all(|g| g.is_finite()) {
+                    return (loss, false);
+                }
                 adam.update(cfg, lr, params, &grad);
-                loss
+                (loss, true)
             }
             ZeroStage::One => {
                 let part = Partition::whole(total, self.rank(), self.world());
                 let mut mine = vec![0f32; part.len()];
                 part.reduce_scatter_add(self.comm.as_ref(), 0, &grad, &mut mine);
                 drop(grad);
+                if loss_scale.is_some() {
+                    // Each rank sees its shard only: the overflow flag travels with the loss.
+                    let overflow = !mine.iter().all(|g| g.is_finite());
+                    let mut sums = [loss, f32::from(u8::from(overflow))];
+                    self.comm.all_reduce_sum(&mut sums);
+                    if sums[1] > 0.0 {
+                        return (sums[0], false);
+                    }
+                    let shard = part.mine().next().expect("one segment");
+                    adam.update(cfg, lr, &mut params[shard.clone()], &mine);
+                    let all = part.all_gather(self.comm.as_ref(), 0, &params[shard]);
+                    params.copy_from_slice(&all);
+                    return (sums[0], true);
+                }
                 let shard = part.mine().next().expect("one segment");
                 adam.update(cfg, lr, &mut params[shard.clone()], &mine);
                 let all = part.all_gather(self.comm.as_ref(), 0, &params[shard]);
                 params.copy_from_slice(&all);
-                self.sum_loss(loss * weight)
+                (self.sum_loss(loss), true)
             }
             ZeroStage::Two | ZeroStage::Three => {
                 panic!("ZeRO-{} reduces the gradient piece by piece (train::zero)", self.zero.number())
@@ -236,8 +261,18 @@ mod tests {
         for zero in [ZeroStage::Off, ZeroStage::One] {
             let dp = DataParallel { zero, ..DataParallel::default() };
             let (mut params, mut adam) = (vec![1.0f32, 2.0, 3.0], AdamState::new(3));
-            let loss = dp.step(grad.clone(), 0.25, 4, 4, &mut adam, &cfg, 0.1, &mut params);
+            let (loss, taken) = dp.step(grad.clone(), 0.25, 4, 4, &mut adam, &cfg, 0.1, &mut params, None);
+            assert!(taken);
             assert_eq!((loss, &params), (0.25, &want));
+            // A scaled gradient is unscaled; an overflowed one takes no step.
+            let (mut p, mut a) = (vec![1.0f32, 2.0, 3.0], AdamState::new(3));
+            let scaled: Vec<f32> = grad.iter().map(|g| g * 1024.0).collect();
+            dp.step(scaled, 0.25, 4, 4, &mut a, &cfg, 0.1, &mut p, Some(1024.0));
+            assert_eq!(p, want);
+            let (mut p, mut a) = (vec![1.0f32, 2.0, 3.0], AdamState::new(3));
+            let (_, taken) = dp.step(vec![f32::INFINITY, 0.0, 0.0], 0.25, 4, 4, &mut a, &cfg, 0.1, &mut p, Some(2.0));
+            assert!(!taken);
+            assert_eq!((p, a.step), (vec![1.0, 2.0, 3.0], 0));
         }
     }
 }

@@ -1,6 +1,8 @@
 //! The kernels as `Tensor` functions: the fused kernel on the CPU backend in f32, the composed
 //! burn operations (each `*_composed`, also the kernels' test reference) everywhere else.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use burn::backend::Dispatch;
 use burn::prelude::*;
 use burn::tensor::DType;
@@ -14,20 +16,47 @@ pub(crate) fn on_flex(device: &Device) -> bool {
     device.clone().inner() == Device::flex()
 }
 
-/// Whether the fused kernel takes `x`: an f32 tensor on the CPU backend.
-fn runs_fused<const D: usize>(x: &Tensor<D>) -> bool {
+/// Off: every kernel takes its composed path (`dits bench --composed`, to measure what the
+/// fused kernels save, and what a low-precision run, which composes, gives up).
+static FUSED: AtomicBool = AtomicBool::new(true);
+
+/// Turns the fused kernels on or off for the whole process.
+pub fn set_fused(on: bool) {
+    FUSED.store(on, Ordering::Relaxed);
+}
+
+/// Whether `x` is an f32 tensor on the CPU backend, the one the kernels are written for.
+fn flex_f32<const D: usize>(x: &Tensor<D>) -> bool {
     on_flex(&x.device()) && x.dtype() == DType::F32
+}
+
+/// Whether the fused kernel takes `x`.
+fn runs_fused<const D: usize>(x: &Tensor<D>) -> bool {
+    flex_f32(x) && FUSED.load(Ordering::Relaxed)
+}
+
+/// `x` in the float type of `like`: the values a mixed-precision model makes itself (time
+/// frequencies, positions, zeros) follow its weights' type. The identity in f32.
+pub fn cast_like<const D: usize, const E: usize>(x: Tensor<D>, like: &Tensor<E>) -> Tensor<D> {
+    let dtype = like.dtype();
+    if x.dtype() == dtype { x } else { x.cast(dtype) }
+}
+
+/// f32 for the numerically fragile reductions of a low-precision forward (LayerNorm's mean and
+/// variance, softmax's exponent sum), as mixed-precision training keeps them.
+fn in_f32<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if x.dtype() == DType::F32 { x } else { x.cast(DType::F32) }
 }
 
 /// Sequence parallelism's exchange on the CPU backend (the only one it supports).
 pub fn exchange(x: Tensor<3>, plan: Exchange) -> Tensor<3> {
-    assert!(runs_fused(&x), "sequence parallelism runs on the CPU backend, in f32");
+    assert!(flex_f32(&x), "sequence parallelism runs on the CPU backend, in f32");
     Tensor::from_dispatch(<Dispatch as DitKernels>::exchange(x.into_dispatch(), plan))
 }
 
 /// A sequence-parallel group's token gather or reduce-scatter on the CPU backend.
 pub fn token_shards(x: Tensor<3>, op: TokenShards) -> Tensor<3> {
-    assert!(runs_fused(&x), "sequence parallelism runs on the CPU backend, in f32");
+    assert!(flex_f32(&x), "sequence parallelism runs on the CPU backend, in f32");
     Tensor::from_dispatch(<Dispatch as DitKernels>::token_shards(x.into_dispatch(), op))
 }
 
@@ -48,7 +77,7 @@ pub fn packed_attention_composed(qkv: Tensor<3>, heads: usize, scale: f64) -> Te
     let mut parts = qkv.chunk(3, 2).into_iter();
     let mut next_heads = || parts.next().expect("three chunks").reshape([b, s, heads, hd / heads]).swap_dims(1, 2); // [B,H,S,D]
     let (q, k, v) = (next_heads(), next_heads(), next_heads());
-    let probs = softmax(q.matmul(k.swap_dims(2, 3)) * scale, 3); // [B,H,S,S]
+    let probs = cast_like(softmax(in_f32(q.matmul(k.swap_dims(2, 3)) * scale), 3), &v); // [B,H,S,S]
     probs.matmul(v).swap_dims(1, 2).reshape([b, s, hd])
 }
 
@@ -76,7 +105,7 @@ pub fn folded_attention_composed(qv: Tensor<3>, keys: Tensor<3>, heads: usize, s
     let mut next_heads = || parts.next().expect("two chunks").reshape([b, s, heads, w]).swap_dims(1, 2); // [B,H,S,W]
     let (q, v) = (next_heads(), next_heads());
     let k = keys.unsqueeze_dim::<4>(1).repeat_dim(1, heads); // [B,H,S,W]
-    let probs = softmax(q.matmul(k.swap_dims(2, 3)) * scale, 3); // [B,H,S,S]
+    let probs = cast_like(softmax(in_f32(q.matmul(k.swap_dims(2, 3)) * scale), 3), &v); // [B,H,S,S]
     probs.matmul(v).sum_dim(1).reshape([b, s, w])
 }
 
@@ -113,7 +142,8 @@ pub fn modulated_layer_norm_composed(
     scale: Tensor<2>,
     epsilon: f64,
 ) -> Tensor<3> {
-    layer_norm(x, weight, Some(bias), epsilon) * (scale.unsqueeze_dim::<3>(1) + 1.0) + shift.unsqueeze_dim::<3>(1)
+    let normed = cast_like(layer_norm(in_f32(x.clone()), in_f32(weight), Some(in_f32(bias)), epsilon), &x);
+    normed * (scale.unsqueeze_dim::<3>(1) + 1.0) + shift.unsqueeze_dim::<3>(1)
 }
 
 /// `x + gate·y` for `x`, `y` `[B, S, W]` and a per-image `gate` `[B, W]`.
@@ -137,8 +167,11 @@ pub fn gated_residual_composed(x: Tensor<3>, gate: Tensor<2>, y: Tensor<3>) -> T
 /// `act(x·W + b)` for a burn `Linear` (its bias, or none), over the last axis of `x`.
 pub fn linear_act<const D: usize>(layer: &burn::nn::Linear, x: Tensor<D>, activation: Activation) -> Tensor<D> {
     let weight = layer.weight.val();
-    let bias =
-        layer.bias.as_ref().map(|b| b.val()).unwrap_or_else(|| Tensor::zeros([weight.dims()[1]], &weight.device()));
+    let bias = layer
+        .bias
+        .as_ref()
+        .map(|b| b.val())
+        .unwrap_or_else(|| cast_like(Tensor::zeros([weight.dims()[1]], &weight.device()), &weight));
     fused_linear(x, weight, bias, activation)
 }
 
@@ -150,7 +183,10 @@ pub fn linear_cat<const D: usize>(layers: &[&burn::nn::Linear], x: Tensor<D>, ac
     let bias = Tensor::cat(
         layers
             .iter()
-            .map(|l| l.bias.as_ref().map(|b| b.val()).unwrap_or_else(|| Tensor::zeros([l.weight.dims()[1]], &device)))
+            .map(|l| {
+                let zeros = || cast_like(Tensor::zeros([l.weight.dims()[1]], &device), &weight);
+                l.bias.as_ref().map(|b| b.val()).unwrap_or_else(zeros)
+            })
             .collect(),
         0,
     );

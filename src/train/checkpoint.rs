@@ -260,9 +260,11 @@ fn assemble(
     opt_bytes: &[u8],
 ) -> anyhow::Result<Checkpoint> {
     let adam = adam_from_bytes(opt_bytes, state.params.total, &dir.join(OPTIMIZER_FILE))?;
+    // fp16 steps skipped for an overflow advanced the run, not Adam.
+    let skipped = state.loss_scale.as_ref().map_or(0, |s| s.skipped_steps);
     ensure!(
-        adam.step == state.step,
-        "{}: optimizer step {} does not match the checkpoint step {}",
+        adam.step + skipped == state.step,
+        "{}: optimizer step {} does not match the checkpoint step {} ({skipped} skipped)",
         dir.display(),
         adam.step,
         state.step

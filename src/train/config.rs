@@ -3,6 +3,7 @@
 use anyhow::{bail, ensure};
 use serde::{Deserialize, Serialize};
 
+use super::precision::{DEFAULT_SCALE_POWER, Precision};
 use crate::diffusion::schedule::ScheduleKind;
 use crate::optim::adam::AdamConfig;
 
@@ -120,6 +121,16 @@ pub struct TrainConfig {
     pub schedule: ScheduleKind,
     #[serde(default)]
     pub timestep_sampling: TimestepSampling,
+    /// The float type of the forward and backward (see [`super::precision`]).
+    #[serde(default)]
+    pub precision: Precision,
+    /// fp16's initial loss scale, 2^this.
+    #[serde(default = "scale_power")]
+    pub loss_scale_power: u32,
+}
+
+fn scale_power() -> u32 {
+    DEFAULT_SCALE_POWER
 }
 
 fn one() -> usize {
@@ -152,6 +163,8 @@ impl Default for TrainConfig {
             timesteps: 1000,
             schedule: ScheduleKind::Flow,
             timestep_sampling: TimestepSampling::LogitNormal { mean: 0.0, std: 1.0 },
+            precision: Precision::Fp32,
+            loss_scale_power: DEFAULT_SCALE_POWER,
         }
     }
 }
@@ -176,6 +189,7 @@ impl TrainConfig {
         );
         ensure!(self.timesteps >= 2, "the diffusion needs at least 2 timesteps");
         self.schedule.validate()?;
+        ensure!(self.loss_scale_power <= 120, "--loss-scale-power must be at most 120 (2^120 is near f32's range)");
         if let TimestepSampling::LogitNormal { mean, std } = self.timestep_sampling {
             ensure!(
                 mean.is_finite() && std.is_finite() && std > 0.0,

@@ -22,6 +22,12 @@ pub struct MetricsRecord {
     pub lr: f64,
     pub samples_per_s: f64,
     pub elapsed_s: f64,
+    /// fp16: steps of the interval skipped for a gradient overflow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped_steps: Option<u64>,
+    /// fp16: the loss scale at the end of the interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
 }
 
 /// Append a record (the file is opened per record: a few writes a minute).
@@ -117,7 +123,16 @@ mod tests {
     use super::*;
 
     fn rec(step: u64, loss: f64) -> MetricsRecord {
-        MetricsRecord { step, epoch: 0, loss, lr: 1e-3, samples_per_s: 100.0, elapsed_s: step as f64 }
+        MetricsRecord {
+            step,
+            epoch: 0,
+            loss,
+            lr: 1e-3,
+            samples_per_s: 100.0,
+            elapsed_s: step as f64,
+            skipped_steps: None,
+            loss_scale: None,
+        }
     }
 
     #[test]

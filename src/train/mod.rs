@@ -5,7 +5,7 @@
 //! - [`step`]: one optimisation step ([`Trainer`]); [`snapshot`]: rank 0's trainer sent to the others;
 //!   [`tensor_parallel`], [`tp_layout`], [`sequence_parallel`]: a trainer's share on a grid;
 //!   [`pieces`]: the gradient piece by piece, on which [`zero`] (ZeRO-2/3) and [`pipeline`]
-//!   (a pipeline stage) run.
+//!   (a pipeline stage) run; [`precision`]: mixed precision and fp16's loss scale.
 //! - [`start`]: how a run starts (new or resumed), resolved once; [`run`]: the loop, with
 //!   [`run_dir`] (the lock) and [`stop`] (signals); [`launch`]: every rank of a world.
 
@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod params;
 pub mod pieces;
 pub mod pipeline;
+pub mod precision;
 pub mod recipe;
 pub mod run;
 pub mod run_dir;

@@ -6,7 +6,7 @@
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
-use burn::tensor::Gradients;
+use burn::tensor::{DType, Gradients};
 use serde::{Deserialize, Serialize};
 
 /// One parameter's place in the flat vector.
@@ -74,8 +74,14 @@ impl ParamTable {
 
     /// Replace every parameter of `module` by its slice of `flat`.
     pub fn write_values<M: Module>(&self, module: M, flat: &[f32]) -> M {
+        self.write_values_as(module, flat, DType::F32)
+    }
+
+    /// [`Self::write_values`] with the parameters stored as `dtype` (the low-precision copy a
+    /// mixed-precision step computes with; each a leaf of its own for autodiff).
+    pub fn write_values_as<M: Module>(&self, module: M, flat: &[f32], dtype: DType) -> M {
         assert_eq!(flat.len(), self.total, "flat parameter vector of the wrong length");
-        module.map(&mut Write { table: self, flat, next: 0 })
+        module.map(&mut Write { table: self, flat, next: 0, dtype })
     }
 }
 
@@ -126,6 +132,7 @@ struct Write<'a> {
     table: &'a ParamTable,
     flat: &'a [f32],
     next: usize,
+    dtype: DType,
 }
 
 impl ModuleMapper for Write<'_> {
@@ -135,7 +142,12 @@ impl ModuleMapper for Write<'_> {
         let (id, old, mapper) = param.consume();
         let device = old.device();
         let data = TensorData::new(self.flat[slot.range()].to_vec(), slot.shape.clone());
-        let new = Tensor::<D>::from_data(data, &device).set_require_grad(old.is_require_grad());
+        let mut new = Tensor::<D>::from_data(data, &device);
+        if self.dtype != DType::F32 {
+            // Cast outside the autodiff graph: the copy is a leaf, its gradient in `dtype`.
+            new = Tensor::from_inner(new.inner().cast(self.dtype));
+        }
+        let new = new.set_require_grad(old.is_require_grad());
         Param::from_mapped_value(id, new, mapper)
     }
 }
@@ -166,5 +178,40 @@ mod tests {
         let m = table.write_values(m, &flat);
         assert_eq!(table.read_values(&m), flat);
         assert_eq!(m.a.bias.as_ref().unwrap().val().into_data().try_to_vec::<f32>().unwrap(), vec![6.0, 7.0, 8.0]);
+    }
+
+    /// A low-precision copy of both families computes in its type, its gradients are leaves
+    /// (read back as f32) and close to the fp32 ones.
+    #[test]
+    fn low_precision_copies_compute_in_their_type_with_close_gradients() {
+        use crate::model::{DitConfig, DitNet};
+        for cfg in [DitConfig::mnist_dits(), DitConfig::preset("dit-s4").unwrap()] {
+            let device = Device::flex().autodiff();
+            let model = DitNet::new(&cfg, &device, 1);
+            let (table, b) = (ParamTable::of(&model), 2);
+            let mut flat = table.read_values(&model);
+            // DiT zero-initialises its final layer, whose output (and most gradients) are then 0.
+            flat.iter_mut().enumerate().for_each(|(i, v)| *v += 0.01 * ((i % 7) as f32 - 3.0));
+            let x: Vec<f32> = (0..b * 784).map(|i| ((i * 37 % 200) as f32 / 100.0) - 1.0).collect();
+            let grad_in = |dtype: DType| {
+                let m = table.write_values_as(model.clone(), &flat, dtype);
+                let x = Tensor::<4>::from_data(TensorData::new(x.clone(), [b, 1, 28, 28]), &device).cast(dtype);
+                let t = Tensor::<1, Int>::from_data(TensorData::new(vec![3i64, 500], [b]), &device);
+                let y = Tensor::<1, Int>::from_data(TensorData::new(vec![1i64, 2], [b]), &device);
+                let out = m.forward(x, t, y);
+                assert_eq!(out.dtype(), dtype);
+                let grads = out.cast(DType::F32).square().mean().backward();
+                table.read_grads(&m, &grads)
+            };
+            let reference = grad_in(DType::F32);
+            let norm = |g: &[f32]| g.iter().map(|v| v * v).sum::<f32>().sqrt();
+            assert!(norm(&reference) > 0.0);
+            for dtype in [DType::BF16, DType::F16] {
+                let g = grad_in(dtype);
+                let diff: Vec<f32> = g.iter().zip(&reference).map(|(a, b)| a - b).collect();
+                let rel = norm(&diff) / norm(&reference);
+                assert!(rel > 0.0 && rel < 0.05, "{:?} {dtype:?}: relative gradient error {rel}", cfg.family);
+            }
+        }
     }
 }

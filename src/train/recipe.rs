@@ -20,6 +20,7 @@ use anyhow::{Context, ensure};
 use serde::Deserialize;
 
 use super::config::{Length, LossKind, LrDecay, TimestepSampling, TrainConfig};
+use super::precision::Precision;
 use crate::diffusion::schedule::ScheduleKind;
 use crate::model::{DitConfig, Family};
 
@@ -110,6 +111,13 @@ pub struct TrainOverrides {
     /// Batch size (drop-last).
     #[arg(long)]
     pub batch: Option<usize>,
+    /// Float type of the forward and backward: fp32, or bf16/fp16 on a copy of the fp32 master
+    /// weights (fp16 with dynamic loss scaling).
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
+    /// fp16's initial loss scale is 2^P (DeepSpeed's initial_scale_power).
+    #[arg(long)]
+    pub loss_scale_power: Option<u32>,
     /// Micro-batches per batch, their gradients computed in parallel (one per core) and
     /// averaged; part of the recipe, not the machine, so results do not depend on --threads.
     #[arg(long)]
@@ -156,7 +164,7 @@ impl ModelOverrides {
 }
 
 /// The name clap shows for a value of a `ValueEnum`.
-fn value_name(v: impl clap::ValueEnum) -> String {
+pub fn value_name(v: impl clap::ValueEnum) -> String {
     v.to_possible_value().map(|p| p.get_name().to_string()).unwrap_or_default()
 }
 
@@ -177,6 +185,8 @@ impl TrainOverrides {
             length,
             ("batch", d.batch.to_string()),
             ("micro_batches", d.micro_batches.to_string()),
+            ("precision", value_name(d.precision)),
+            ("loss_scale_power", d.loss_scale_power.to_string()),
             ("lr", d.lr.to_string()),
             ("seed", d.seed.to_string()),
             ("loss", value_name(d.loss)),
@@ -214,6 +224,8 @@ impl TrainOverrides {
             steps,
             batch: self.batch.or(base.batch),
             micro_batches: self.micro_batches.or(base.micro_batches),
+            precision: self.precision.or(base.precision),
+            loss_scale_power: self.loss_scale_power.or(base.loss_scale_power),
             lr: self.lr.or(base.lr),
             seed: self.seed.or(base.seed),
             loss: self.loss.or(base.loss),
@@ -232,6 +244,8 @@ impl TrainOverrides {
     pub fn apply(&self, mut t: TrainConfig) -> anyhow::Result<TrainConfig> {
         t.batch = self.batch.unwrap_or(t.batch);
         t.micro_batches = self.micro_batches.unwrap_or(t.micro_batches);
+        t.precision = self.precision.unwrap_or(t.precision);
+        t.loss_scale_power = self.loss_scale_power.unwrap_or(t.loss_scale_power);
         t.lr = self.lr.unwrap_or(t.lr);
         t.seed = self.seed.unwrap_or(t.seed);
         t.loss = self.loss.unwrap_or(t.loss);

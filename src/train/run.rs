@@ -159,6 +159,14 @@ fn check_start(state: &super::RunState, grid: &Grid, stop_after: Option<u64>) ->
     if let Some(pp) = &grid.pp {
         crate::distributed::pipeline::check_stages(state.model.depth, pp.stages())?;
     }
+    let precision = state.train.precision;
+    ensure!(
+        !precision.is_mixed()
+            || (grid.pp.is_none() && grid.tp.size() == 1 && grid.sp.is_none() && !grid.dp.zero.shards_gradients()),
+        "--precision {} runs on one process and on data-parallel ranks (ZeRO 0 or 1): \
+         not yet with --pp, --tp, --sp or --zero 2/3",
+        super::recipe::value_name(precision)
+    );
     Ok(stop)
 }
 
@@ -176,6 +184,7 @@ fn train_loop(mut trainer: Trainer, opts: &TrainOptions, epochs: Epochs, stop: u
     let run_start = Instant::now();
     let elapsed_before = trainer.state.elapsed_s;
     let mut interval = (Instant::now(), 0f64, 0u64);
+    let mut skipped = 0u64;
     let mut last_loss = f64::NAN;
     let mut last_ckpt = None;
     if lead {
@@ -207,7 +216,8 @@ fn train_loop(mut trainer: Trainer, opts: &TrainOptions, epochs: Epochs, stop: u
             bar.abandon();
             bail!("anomaly at step {}: {anomaly}; training stopped, the last checkpoint is kept", trainer.state.step);
         }
-        if !out.loss.is_finite() {
+        // fp16: an overflow in the forward is skipped with the step, like one in the backward.
+        if !out.loss.is_finite() && !out.skipped {
             bar.abandon();
             bail!(
                 "the loss became {} at step {}: training stopped, the last checkpoint is kept. \
@@ -220,21 +230,33 @@ fn train_loop(mut trainer: Trainer, opts: &TrainOptions, epochs: Epochs, stop: u
         interrupted = stop_requested(grid.world.as_ref());
         trainer.state.epoch = step / per_epoch;
         trainer.state.batch_in_epoch = step % per_epoch;
-        interval.1 += out.loss as f64;
-        interval.2 += 1;
+        if out.loss.is_finite() {
+            interval.1 += out.loss as f64;
+            interval.2 += 1;
+        }
+        skipped += u64::from(out.skipped);
         bar.set_position(step);
         if step.is_multiple_of(log_every) || step == stop || interrupted {
             let secs = interval.0.elapsed().as_secs_f64();
             let rate = (interval.2 as usize * batch) as f64 / secs.max(1e-9);
-            last_loss = interval.1 / interval.2 as f64;
+            last_loss = interval.1 / interval.2.max(1) as f64;
             bar.set_message(format!("epoch {} | loss {last_loss:.4} | {rate:.0} samples/s", b.epoch));
             if lead {
                 let elapsed_s = elapsed_before + run_start.elapsed().as_secs_f64();
-                let record =
-                    MetricsRecord { step, epoch: b.epoch, loss: last_loss, lr: out.lr, samples_per_s: rate, elapsed_s };
+                let record = MetricsRecord {
+                    step,
+                    epoch: b.epoch,
+                    loss: last_loss,
+                    lr: out.lr,
+                    samples_per_s: rate,
+                    elapsed_s,
+                    skipped_steps: out.loss_scale.map(|_| skipped),
+                    loss_scale: trainer.state.loss_scale.as_ref().map(|s| s.scale as f64),
+                };
                 metrics::append(run_dir, &record)?;
             }
             interval = (Instant::now(), 0.0, 0);
+            skipped = 0;
         }
         if step.is_multiple_of(ckpt_every) || step == stop || interrupted {
             trainer.state.elapsed_s = elapsed_before + run_start.elapsed().as_secs_f64();

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::config::TrainConfig;
 use super::params::ParamTable;
+use super::precision::LossScale;
 use crate::model::DitConfig;
 
 /// The version of `state.json` this build writes and reads.
@@ -37,6 +38,9 @@ pub struct RunState {
     pub data_dir: String,
     /// Parameter layout of the flat optimizer vectors.
     pub params: ParamTable,
+    /// fp16's dynamic loss scale (`None` in other precisions).
+    #[serde(default)]
+    pub loss_scale: Option<LossScale>,
     /// SHA-256 of each file beside this one.
     pub sha256: BTreeMap<String, String>,
 }
@@ -44,6 +48,7 @@ pub struct RunState {
 impl RunState {
     pub fn new(model: DitConfig, train: TrainConfig, params: ParamTable, data_dir: String) -> Self {
         let rng_seed = train.seed;
+        let loss_scale = train.precision.scales_loss().then(|| LossScale::new(train.loss_scale_power));
         Self {
             format_version: FORMAT_VERSION,
             model,
@@ -56,6 +61,7 @@ impl RunState {
             elapsed_s: 0.0,
             data_dir,
             params,
+            loss_scale,
             sha256: BTreeMap::new(),
         }
     }

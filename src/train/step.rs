@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::ensure;
 use burn::prelude::*;
+use burn::tensor::DType;
 use rand::Rng;
 use rayon::prelude::*;
 
@@ -77,6 +78,10 @@ pub struct StepOutcome {
     /// With `detect_anomaly`: what was first found not finite (the loss, or a parameter's
     /// gradient on this rank), before the optimizer step used it.
     pub anomaly: Option<String>,
+    /// fp16: the gradient overflowed, and the step changed nothing but the loss scale.
+    pub skipped: bool,
+    /// fp16: the loss scale this step used.
+    pub loss_scale: Option<f32>,
 }
 
 impl Trainer {
@@ -230,13 +235,15 @@ impl Trainer {
         let train = &self.state.train;
         let lr = train.lr_at(step);
         let decay = ema::decay_at(train.ema_decay, step);
+        let loss_scale = self.state.loss_scale.as_ref().map(|s| s.scale);
+        let mut skipped = false;
         let (loss, anomaly) = if self.stage.is_some() {
             let (loss, g, busy, idle) = self.pipeline_gradient(&xt, &target, t, labels, batch);
             let anomaly = if self.detect_anomaly { self.first_non_finite_stage(loss, &g) } else { None };
             let train = &self.state.train;
             // The gradient is already weighted by the micro-batches' shares of the global batch.
-            let loss = profile::time(Region::Optimizer, || {
-                self.dp.step(g, loss, batch, batch, &mut self.adam, &train.adam, lr, &mut self.params)
+            let (loss, _) = profile::time(Region::Optimizer, || {
+                self.dp.step(g, loss, batch, batch, &mut self.adam, &train.adam, lr, &mut self.params, None)
             });
             ema::update(&mut self.ema, &self.params, decay);
             self.count_pipeline_time(busy, idle);
@@ -253,22 +260,28 @@ impl Trainer {
             });
             (loss, anomaly)
         } else {
-            let (loss, g) = self.gradient(&xt, &target, t, labels);
-            let anomaly = if self.detect_anomaly { self.first_non_finite(loss, &g) } else { None };
+            let (loss, g) = self.gradient(&xt, &target, t, labels, loss_scale.unwrap_or(1.0));
+            // Under fp16 an overflowed gradient is expected now and then: the loss scale skips it.
+            let checked: &[f32] = if loss_scale.is_some() { &[] } else { &g };
+            let anomaly = if self.detect_anomaly { self.first_non_finite(loss, checked) } else { None };
             let train = &self.state.train;
-            let loss = profile::time(Region::Optimizer, || {
-                self.dp.step(g, loss, rows.len(), batch, &mut self.adam, &train.adam, lr, &mut self.params)
+            let (loss, taken) = profile::time(Region::Optimizer, || {
+                self.dp.step(g, loss, rows.len(), batch, &mut self.adam, &train.adam, lr, &mut self.params, loss_scale)
             });
+            if let Some(scale) = &mut self.state.loss_scale {
+                scale.update(!taken);
+            }
+            skipped = !taken;
             (loss, anomaly)
         };
-        if self.dp.zero != ZeroStage::Three && self.stage.is_none() {
+        if !skipped && self.dp.zero != ZeroStage::Three && self.stage.is_none() {
             ema::update(&mut self.ema, &self.params, decay);
             // Cloning a module clones tensor handles, not data.
             self.model = profile::time(Region::WriteBack, || self.table.write_values(self.model.clone(), &self.params));
         }
 
         self.state.step += 1;
-        StepOutcome { loss, lr, anomaly }
+        StepOutcome { loss, lr, anomaly, skipped, loss_scale }
     }
 
     /// The loss if it is not finite, else the first parameter whose gradient has a NaN or an
@@ -290,18 +303,24 @@ impl Trainer {
 
     /// The batch's loss and flat gradient: the size-weighted mean over the run's micro-batches,
     /// each on its own copy of the model (its own autodiff graph), in parallel.
-    fn gradient(&self, xt: &[f32], target: &[f32], t: &[usize], labels: &[u8]) -> (f32, Vec<f32>) {
+    ///
+    /// Under mixed precision each micro-batch runs on its own low-precision copy of the master
+    /// weights; `loss_scale` multiplies the loss before the backward (fp16; 1 otherwise), and the
+    /// gradient returned is of the scaled loss.
+    fn gradient(&self, xt: &[f32], target: &[f32], t: &[usize], labels: &[u8], loss_scale: f32) -> (f32, Vec<f32>) {
         let b = labels.len();
         let row = xt.len() / b;
         let parts = micro_batches(b, self.state.train.micro_batches);
+        let dtype = self.state.train.precision.dtype();
         let part = |r: &std::ops::Range<usize>| {
-            let model = if r.start == 0 {
+            let model = if r.start == 0 && dtype == DType::F32 {
                 self.model.clone()
             } else {
-                self.table.write_values(self.model.clone(), &self.params)
+                self.table.write_values_as(self.model.clone(), &self.params, dtype)
             };
             let rows = r.start * row..r.end * row;
-            self.micro_gradient(&model, &xt[rows.clone()], &target[rows], &t[r.clone()], &labels[r.clone()])
+            let (xt, target) = (&xt[rows.clone()], &target[rows]);
+            self.micro_gradient(&model, xt, target, &t[r.clone()], &labels[r.clone()], loss_scale)
         };
         // The tensor- and sequence-parallel collectives of the micro-batches must pair up across
         // the ranks: one micro-batch at a time then.
@@ -334,9 +353,12 @@ impl Trainer {
         target: &[f32],
         t: &[usize],
         labels: &[u8],
+        loss_scale: f32,
     ) -> (f32, Vec<f32>) {
         let MicroBatch { xt, t: tt, y, target, .. } =
             MicroBatch::new(&self.state.model, &self.device, xt, target, t, labels, 1.0);
+        let dtype = self.state.train.precision.dtype();
+        let xt = if dtype == DType::F32 { xt } else { xt.cast(dtype) };
         let (loss, loss_value) = profile::time(Region::Forward, || {
             let kind = self.state.train.loss;
             let loss = match &self.sp {
@@ -344,7 +366,7 @@ impl Trainer {
                 None => noise_loss_parallel(model, xt, tt, y, target, kind, &self.tp),
             };
             let value = loss.to_data().iter::<f32>().next().unwrap_or(f32::NAN);
-            (loss, value)
+            (if loss_scale == 1.0 { loss } else { loss * loss_scale }, value)
         });
         let grads = profile::time(Region::Backward, || loss.backward());
         (loss_value, profile::time(Region::Gradients, || self.table.read_grads(model, &grads)))
@@ -393,8 +415,8 @@ impl Trainer {
         2 * 4 * self.adam.m.len()
     }
 
-    /// The f32 buffers this rank holds at the peak of a step, by kind, as the ZeRO paper counts
-    /// them (the model's own tensors and the activations aside).
+    /// The buffers this rank holds at the peak of a step, by kind, as the ZeRO paper counts
+    /// them (the model's own f32 tensors and the activations aside).
     pub fn memory(&self) -> Memory {
         let piece = self.pieces.as_ref().map_or(0, |p| p.segments.iter().map(|r| r.len()).max().unwrap_or(0));
         let shell = self.pieces.as_ref().map_or(0, |p| p.segments[0].len() + p.segments[p.depth() + 1].len());
@@ -405,7 +427,9 @@ impl Trainer {
             // The shard, the shell and one block gathered.
             ZeroStage::Three => (self.params.len() + shell + piece, self.partition.len() + piece),
         };
-        Memory { params: 4 * params, grads: 4 * grads, optimizer: self.optimizer_bytes() }
+        // Mixed precision adds the half-width copy of the weights and its gradients.
+        let half = if self.state.train.precision.is_mixed() { 2 * self.params.len() } else { 0 };
+        Memory { params: 4 * params + half, grads: 4 * grads + half, optimizer: self.optimizer_bytes() }
     }
 }
 
@@ -441,7 +465,10 @@ pub fn noise_loss_parallel(
     kind: LossKind,
     tp: &TensorParallel,
 ) -> Tensor<1> {
-    let diff = model.forward_parallel(xt, t, y, tp) - target;
+    // The loss in f32 whatever the forward's precision.
+    let prediction = model.forward_parallel(xt, t, y, tp);
+    let prediction = if prediction.dtype() == DType::F32 { prediction } else { prediction.cast(DType::F32) };
+    let diff = prediction - target;
     match kind {
         LossKind::L1 => diff.abs().mean(),
         LossKind::Mse => diff.square().mean(),

@@ -5,6 +5,7 @@
 //! `x += gate₁·Attn(LN(x)·(1+scale₁) + shift₁)`, `x += gate₂·MLP(LN(x)·(1+scale₂) + shift₂)`,
 //! with LayerNorms that have no parameters of their own.
 
+use crate::kernels::cast_like;
 use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::activation::silu;
@@ -23,6 +24,7 @@ const LN_EPS: f64 = 1e-6;
 fn modulated_norm(x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>) -> Tensor<3> {
     let width = x.dims()[2];
     let (ones, zeros) = (Tensor::<1>::ones([width], &x.device()), Tensor::<1>::zeros([width], &x.device()));
+    let (ones, zeros) = (cast_like(ones, &x), cast_like(zeros, &x));
     modulated_layer_norm(x, ones, zeros, shift, scale, LN_EPS)
 }
 

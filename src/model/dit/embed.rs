@@ -2,6 +2,7 @@
 //! positions, and a condition vector `c = TimestepEmbedder(t) + LabelEmbedder(y)`.
 //! Layouts and initialisations follow facebookresearch/DiT `models.py`.
 
+use crate::kernels::cast_like;
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig};
@@ -99,7 +100,8 @@ impl TimestepEmbedder {
         let freqs: Vec<f32> = (0..half).map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp() as f32).collect();
         let freqs = Tensor::<1>::from_floats(freqs.as_slice(), &device);
         let args = t.float().unsqueeze_dim::<2>(1) * freqs.unsqueeze_dim::<2>(0); // [B, 128]
-        let features = Tensor::cat(vec![args.clone().cos(), args.sin()], 1); // [B, 256]
+        // The arguments in f32 (up to 1000 rad); the features in the weights' type.
+        let features = cast_like(Tensor::cat(vec![args.clone().cos(), args.sin()], 1), &self.mlp_in.weight.val()); // [B, 256]
         self.mlp_out.forward(silu(self.mlp_in.forward(features)))
     }
 }

@@ -5,6 +5,7 @@
 pub mod block;
 pub mod embed;
 
+use crate::kernels::cast_like;
 use burn::prelude::*;
 
 use super::config::DitConfig;
@@ -76,7 +77,11 @@ impl Dit {
         sp: Option<&SequenceParallel>,
     ) -> Tensor<3> {
         let mut x = match sp {
-            None => self.x_embedder.forward(x) + self.pos_embed.clone(), // [B, S, W]
+            None => {
+                let tokens = self.x_embedder.forward(x);
+                let pos = cast_like(self.pos_embed.clone(), &tokens);
+                tokens + pos // [B, S, W]
+            }
             Some(sp) => {
                 sp.embed_shard(x, self.patch, |band| self.x_embedder.forward(band))
                     + sp.shard_of(self.pos_embed.clone())

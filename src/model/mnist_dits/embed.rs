@@ -1,6 +1,7 @@
 //! The condition vector: a sinusoidal timestep embedding through a small MLP, plus a learned
 //! label embedding (mnist-dits adds the two).
 
+use crate::kernels::cast_like;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
@@ -28,7 +29,8 @@ impl TimeEmbedding {
         let device = t.device();
         let freqs = Tensor::<1>::from_floats(sinusoid_frequencies(self.width).as_slice(), &device);
         let angles = t.float().unsqueeze_dim::<2>(1) * freqs.unsqueeze_dim::<2>(0); // [B, width/2]
-        let sinusoid = Tensor::cat(vec![angles.clone().sin(), angles.cos()], 1); // [B, width]
+        // The angles in f32 (up to 1000 rad); the features in the weights' type.
+        let sinusoid = cast_like(Tensor::cat(vec![angles.clone().sin(), angles.cos()], 1), &self.mlp_in.weight.val()); // [B, width]
         self.mlp_out.forward(relu(self.mlp_in.forward(sinusoid)))
     }
 }

@@ -21,6 +21,7 @@
 //! The results equal the unfolded block's up to float rounding (the products are associated
 //! differently); `tests` bounds the difference.
 
+use crate::kernels::cast_like;
 use burn::nn::Linear;
 use burn::prelude::*;
 
@@ -66,7 +67,7 @@ impl FoldedAttention {
         }
         let bias = |layer: &Linear| match &layer.bias {
             Some(b) => b.val(),
-            None => Tensor::zeros([layer.weight.dims()[1]], &layer.weight.device()),
+            None => cast_like(Tensor::zeros([layer.weight.dims()[1]], &layer.weight.device()), &layer.weight.val()),
         };
         let (wq, wk, wv, lv) =
             (block.wq.weight.val(), block.wk.weight.val(), block.wv.weight.val(), block.lv.weight.val());

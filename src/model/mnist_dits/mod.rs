@@ -5,6 +5,7 @@ pub mod block;
 pub mod embed;
 pub mod folded;
 
+use crate::kernels::cast_like;
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear, LinearConfig};
@@ -176,7 +177,7 @@ impl MnistDits {
     /// The final LayerNorm and Linear: tokens `[B, S, W]` → patch values `[B, S, C·p²]`.
     pub(crate) fn head(&self, x: Tensor<3>) -> Tensor<3> {
         // The final LayerNorm through the fused kernel too (no modulation: shift = scale = 0).
-        let none = Tensor::<2>::zeros([x.dims()[0], self.ln.gamma.dims()[0]], &x.device());
+        let none = cast_like(Tensor::<2>::zeros([x.dims()[0], self.ln.gamma.dims()[0]], &x.device()), &x);
         linear_act(&self.linear, block::adaln(&self.ln, x, none.clone(), none), Activation::Identity)
     }
 }
