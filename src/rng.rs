@@ -58,6 +58,20 @@ pub fn with_device_seed<T>(device: &burn::prelude::Device, seed: u64, init: impl
     init()
 }
 
+/// Draws every parameter of `module` now. burn initialises a parameter lazily, at its first
+/// read: a module built under [`with_device_seed`]'s lock would otherwise draw its weights
+/// later, outside the lock, interleaved with another thread's draws (a flaky equivalence test
+/// showed it). The parameters are drawn in the module's visiting order, as a first read would.
+pub fn init_params_now<M: burn::module::Module>(module: &M) {
+    struct Touch;
+    impl burn::module::ModuleVisitor for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::prelude::Tensor<D>>) {
+            let _ = param.val();
+        }
+    }
+    module.visit(&mut Touch);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -167,7 +167,7 @@ fn micro_batched_steps_equal_whole_batch_steps() {
     for parts in [2, 3] {
         let (loss, w) = weights_after(parts);
         for (a, b) in loss1.iter().zip(&loss) {
-            assert!((a - b).abs() <= 1e-5 * a.abs(), "{parts} parts: loss {b} vs {a}");
+            assert!((a - b).abs() <= 1e-5 * a.abs(), "{parts} parts: loss {loss:?} vs {loss1:?}");
         }
         let max_diff = w1.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(max_diff <= 1e-5, "{parts} parts: weights differ by {max_diff}");

@@ -47,7 +47,11 @@ impl Classifier {
     /// `image_size` must be a multiple of 4 (two 2×2 poolings). The weights are a function of
     /// `seed` alone (drawn under [`crate::rng::with_device_seed`]'s lock, as for `DitNet::new`).
     pub fn new(channels: usize, image_size: usize, classes: usize, device: &Device, seed: u64) -> Self {
-        crate::rng::with_device_seed(device, seed, || Self::init(channels, image_size, classes, device))
+        crate::rng::with_device_seed(device, seed, || {
+            let net = Self::init(channels, image_size, classes, device);
+            crate::rng::init_params_now(&net);
+            net
+        })
     }
 
     fn init(channels: usize, image_size: usize, classes: usize, device: &Device) -> Self {

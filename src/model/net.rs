@@ -28,9 +28,13 @@ impl DitNet {
     /// network about to be loaded from a file, must draw under [`crate::rng::with_device_seed`]'s
     /// lock, or it shifts the draws of a seeded initialisation running on another thread.
     pub fn new(cfg: &DitConfig, device: &Device, seed: u64) -> Self {
-        crate::rng::with_device_seed(device, seed, || match cfg.family {
-            Family::MnistDits => DitNet::MnistDits(MnistDits::new(cfg, device)),
-            Family::Dit => DitNet::Dit(Dit::new(cfg, device)),
+        crate::rng::with_device_seed(device, seed, || {
+            let net = match cfg.family {
+                Family::MnistDits => DitNet::MnistDits(MnistDits::new(cfg, device)),
+                Family::Dit => DitNet::Dit(Dit::new(cfg, device)),
+            };
+            crate::rng::init_params_now(&net);
+            net
         })
     }
 

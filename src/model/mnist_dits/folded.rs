@@ -127,7 +127,11 @@ mod tests {
     fn folded_block_equals_the_block() {
         let cfg = DitConfig::mnist_dits();
         let device = Device::flex();
-        let block = crate::rng::with_device_seed(&device, 5, || MnistDitsBlock::new(&cfg, &device));
+        let block = crate::rng::with_device_seed(&device, 5, || {
+            let b = MnistDitsBlock::new(&cfg, &device);
+            crate::rng::init_params_now(&b);
+            b
+        });
         let folded = FoldedAttention::new(&block, cfg.tokens()).expect("mnist-dits folds");
         let x = normal([3, cfg.tokens(), cfg.width], 6, &device);
         let cond = normal([3, cfg.width], 7, &device);
@@ -173,7 +177,11 @@ mod tests {
     fn parameter_gradients_match_the_unfolded_block() {
         let cfg = DitConfig::mnist_dits();
         let device = Device::flex().autodiff();
-        let block = crate::rng::with_device_seed(&device, 21, || MnistDitsBlock::new(&cfg, &device));
+        let block = crate::rng::with_device_seed(&device, 21, || {
+            let b = MnistDitsBlock::new(&cfg, &device);
+            crate::rng::init_params_now(&b);
+            b
+        });
         let x = normal([2, cfg.tokens(), cfg.width], 22, &device);
         let cond = normal([2, cfg.width], 23, &device);
         let upstream = normal([2, cfg.tokens(), cfg.width], 24, &device);
