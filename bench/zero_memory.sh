@@ -23,12 +23,7 @@ while [ $# -gt 0 ]; do
     *) echo "error: unknown option $1" >&2; exit 2 ;;
   esac
 done
-command -v mpirun >/dev/null || { echo "error: mpirun not found (apt-get install openmpi-bin libopenmpi-dev)" >&2; exit 1; }
-cargo build --release -q --features mpi
-dits=$PWD/target/release/dits
-tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
-root=$([ "$(id -u)" = 0 ] && echo --allow-run-as-root || true)
-export OMPI_MCA_btl=self,vader OMPI_MCA_btl_vader_single_copy_mechanism=none
+source bench/mpi_setup.sh
 
 echo "cpu=\"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)\""
 for model in $models; do

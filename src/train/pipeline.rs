@@ -205,36 +205,31 @@ impl Trainer {
                     }
                     busy += start.elapsed();
                 }
-                Action::RecvForward(i) => {
-                    let mut buf = buffer(i);
-                    comm.exchange(None, Some((&mut buf, prev)));
-                    inputs[i] = Some(carry_of(buf, cfg, parts[i].len(), device));
-                    idle += start.elapsed();
-                }
-                Action::SendForward(i) => {
-                    comm.exchange(Some((&outputs[i].take().expect("forward ran"), next)), None);
-                    idle += start.elapsed();
-                }
-                Action::SendForwardRecvBackward { send, recv } => {
-                    let mut buf = buffer(recv);
-                    comm.exchange(Some((&outputs[send].take().expect("forward ran"), next)), Some((&mut buf, next)));
-                    out_grads[recv] = Some(carry_of(buf, cfg, parts[recv].len(), device));
-                    idle += start.elapsed();
-                }
-                Action::RecvBackward(i) => {
-                    let mut buf = buffer(i);
-                    comm.exchange(None, Some((&mut buf, next)));
-                    out_grads[i] = Some(carry_of(buf, cfg, parts[i].len(), device));
-                    idle += start.elapsed();
-                }
-                Action::SendBackward(i) => {
-                    comm.exchange(Some((&in_grads[i].take().expect("backward ran"), prev)), None);
-                    idle += start.elapsed();
-                }
-                Action::SendBackwardRecvForward { send, recv } => {
-                    let mut buf = buffer(recv);
-                    comm.exchange(Some((&in_grads[send].take().expect("backward ran"), prev)), Some((&mut buf, prev)));
-                    inputs[recv] = Some(carry_of(buf, cfg, parts[recv].len(), device));
+                action => {
+                    // What this action sends (an output forward, an input's gradient back), and
+                    // which micro-batch's message it receives from which neighbour.
+                    let output = |o: &mut Vec<Option<Vec<f32>>>, i: usize| o[i].take().expect("its piece ran");
+                    let (send, recv) = match action {
+                        Action::RecvForward(i) => (None, Some((i, prev))),
+                        Action::SendForward(i) => (Some((output(&mut outputs, i), next)), None),
+                        Action::SendForwardRecvBackward { send, recv } => {
+                            (Some((output(&mut outputs, send), next)), Some((recv, next)))
+                        }
+                        Action::RecvBackward(i) => (None, Some((i, next))),
+                        Action::SendBackward(i) => (Some((output(&mut in_grads, i), prev)), None),
+                        Action::SendBackwardRecvForward { send, recv } => {
+                            (Some((output(&mut in_grads, send), prev)), Some((recv, prev)))
+                        }
+                        Action::Forward(_) | Action::Backward(_) => unreachable!("computed above"),
+                    };
+                    let mut buf = recv.map(|(i, _)| buffer(i));
+                    let into = buf.as_deref_mut().zip(recv.map(|(_, from)| from));
+                    comm.exchange(send.as_ref().map(|(m, to)| (&m[..], *to)), into);
+                    if let (Some(buf), Some((i, from))) = (buf, recv) {
+                        let carry = carry_of(buf, cfg, parts[i].len(), device);
+                        // From the previous stage comes an input, from the next a gradient.
+                        if from == prev { inputs[i] = Some(carry) } else { out_grads[i] = Some(carry) }
+                    }
                     idle += start.elapsed();
                 }
             }
