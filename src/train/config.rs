@@ -56,30 +56,47 @@ impl TimestepSampling {
 }
 
 /// How long a run is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Length {
     Steps(u64),
     Epochs(u64),
+    /// Minutes of training on this machine: the step count is fixed from the rate of the
+    /// run's first steps ([`super::budget`]).
+    Minutes(f64),
 }
 
 impl Length {
-    /// The length of the default recipe.
-    pub const DEFAULT: Length = Length::Epochs(12);
+    /// The length of the default recipe: a budget, so that a slow CPU still gets a finished
+    /// schedule rather than a half-decayed one.
+    pub const DEFAULT: Length = Length::Minutes(10.0);
 
-    /// From `--steps` (first) or `--epochs`; `None` when neither is given.
-    pub fn from_flags(steps: Option<u64>, epochs: Option<u64>) -> anyhow::Result<Option<Self>> {
-        let length = steps.map(Length::Steps).or(epochs.map(Length::Epochs));
+    /// From `--steps` (first), `--epochs` or `--minutes`; `None` when none is given.
+    pub fn from_flags(steps: Option<u64>, epochs: Option<u64>, minutes: Option<f64>) -> anyhow::Result<Option<Self>> {
+        let length = steps.map(Length::Steps).or(epochs.map(Length::Epochs)).or(minutes.map(Length::Minutes));
         if let Some(Length::Steps(0) | Length::Epochs(0)) = length {
             bail!("--steps/--epochs must be at least 1");
+        }
+        if let Some(Length::Minutes(m)) = length {
+            ensure!(m.is_finite() && m > 0.0, "--minutes must be a positive number, got {m}");
         }
         Ok(length)
     }
 
-    /// Optimizer steps, with `per_epoch` steps in an epoch.
+    /// Optimizer steps, with `per_epoch` steps in an epoch; for a time budget, the provisional
+    /// count the run starts with until its first steps fix the real one.
     pub fn steps(self, per_epoch: u64) -> u64 {
         match self {
             Length::Steps(s) => s,
             Length::Epochs(e) => e * per_epoch,
+            Length::Minutes(_) => super::budget::PROVISIONAL_STEPS,
+        }
+    }
+
+    /// The budget of a [`Length::Minutes`].
+    pub fn budget(self) -> Option<super::budget::TimeBudget> {
+        match self {
+            Length::Minutes(minutes) => Some(super::budget::TimeBudget { minutes, fixed_at: None }),
+            _ => None,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Training: a run's recipe and state, one optimisation step, and a run's life around it.
 //!
 //! - [`config`] and [`recipe`]: the recipe, its defaults, and how a TOML file and flags change it.
-//! - [`state`], [`params`], [`checkpoint`], [`metrics`]: what a run is at a step and what it writes.
+//! - [`state`], [`params`], [`checkpoint`], [`metrics`]: what a run is at a step and what it writes;
+//!   [`budget`]: a length in minutes turned into steps.
 //! - [`step`]: one optimisation step ([`Trainer`]); [`snapshot`]: rank 0's trainer sent to the others;
 //!   [`tensor_parallel`], [`tp_layout`], [`sequence_parallel`]: a trainer's share on a grid;
 //!   [`pieces`]: the gradient piece by piece, on which [`zero`] (ZeRO-2/3) and [`pipeline`]
@@ -9,6 +10,7 @@
 //! - [`start`]: how a run starts (new or resumed), resolved once; [`run`]: the loop, with
 //!   [`run_dir`] (the lock) and [`stop`] (signals); [`launch`]: every rank of a world.
 
+pub mod budget;
 pub mod checkpoint;
 pub mod config;
 pub mod launch;

@@ -108,6 +108,10 @@ pub struct TrainOverrides {
     /// Total optimizer steps of the run (instead of --epochs).
     #[arg(long)]
     pub steps: Option<u64>,
+    /// Train for this many minutes on this machine: the step count (and so the learning-rate
+    /// schedule) is fixed from the rate of the first steps and kept by a resumed run.
+    #[arg(long, conflicts_with_all = ["steps", "epochs"])]
+    pub minutes: Option<f64>,
     /// Batch size (drop-last).
     #[arg(long)]
     pub batch: Option<usize>,
@@ -180,6 +184,7 @@ impl TrainOverrides {
         let length = match Length::DEFAULT {
             Length::Epochs(e) => ("epochs", e.to_string()),
             Length::Steps(s) => ("steps", s.to_string()),
+            Length::Minutes(m) => ("minutes", m.to_string()),
         };
         vec![
             length,
@@ -214,14 +219,15 @@ impl TrainOverrides {
     /// `self` where given, else `base`.
     pub fn or(self, base: Self) -> Self {
         // A length on the command line replaces the file's, whichever unit either uses.
-        let (epochs, steps) = if self.epochs.is_some() || self.steps.is_some() {
-            (self.epochs, self.steps)
+        let (epochs, steps, minutes) = if self.epochs.is_some() || self.steps.is_some() || self.minutes.is_some() {
+            (self.epochs, self.steps, self.minutes)
         } else {
-            (base.epochs, base.steps)
+            (base.epochs, base.steps, base.minutes)
         };
         Self {
             epochs,
             steps,
+            minutes,
             batch: self.batch.or(base.batch),
             micro_batches: self.micro_batches.or(base.micro_batches),
             precision: self.precision.or(base.precision),

@@ -10,6 +10,7 @@ use anyhow::{Context, bail, ensure};
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use super::budget::{self, Calibration, fixed_total};
 use super::metrics::{self, MetricsRecord};
 use super::run_dir::lock_run_dir;
 use super::start::{self, Resolved, Start};
@@ -175,7 +176,14 @@ fn train_loop(mut trainer: Trainer, opts: &TrainOptions, epochs: Epochs, stop: u
     let (run_dir, grid, lead) = (&opts.run_dir, &opts.grid, opts.grid.is_lead());
     let dp = &grid.dp;
     let Epochs { data, per_epoch } = epochs;
-    let (batch, total) = (trainer.state.train.batch, trainer.state.train.total_steps);
+    let (batch, mut total) = (trainer.state.train.batch, trainer.state.train.total_steps);
+    let mut stop = stop;
+    let mut calibration = trainer
+        .state
+        .budget
+        .as_ref()
+        .filter(|b| b.fixed_at.is_none())
+        .map(|_| Calibration::new(trainer.state.step, trainer.state.train.warmup_steps));
     let start_step = trainer.state.step;
     let position = Position { epoch: start_step / per_epoch, index: start_step % per_epoch };
     let mut loader = BatchLoader::new(data, batch, trainer.state.train.seed, position);
@@ -188,8 +196,14 @@ fn train_loop(mut trainer: Trainer, opts: &TrainOptions, epochs: Epochs, stop: u
     let mut last_loss = f64::NAN;
     let mut last_ckpt = None;
     if lead {
+        let to = match (&calibration, &trainer.state.budget) {
+            (Some(c), Some(b)) => {
+                format!("the end of a {}-minute budget (the count fixed after {} steps)", b.minutes, c.steps())
+            }
+            _ => total.to_string(),
+        };
         tracing::info!(
-            "training {} parameters from step {start_step} to {total} ({per_epoch} steps per epoch, batch {batch})",
+            "training {} parameters from step {start_step} to {to} ({per_epoch} steps per epoch, batch {batch})",
             trainer.table().total
         );
     }
@@ -227,6 +241,29 @@ fn train_loop(mut trainer: Trainer, opts: &TrainOptions, epochs: Epochs, stop: u
             );
         }
         let step = trainer.state.step;
+        let calibrated_after = calibration.as_ref().map_or(0, |c| c.steps());
+        if let Some(rate) = calibration.as_mut().and_then(|c| c.observe(step)) {
+            // Rank 0's clock decides for every rank.
+            let mut measured = [rate as f32, (elapsed_before + run_start.elapsed().as_secs_f64()) as f32];
+            grid.world.broadcast(&mut measured);
+            let budget = trainer.state.budget.as_mut().expect("a calibration has a budget");
+            total = fixed_total(step, measured[0] as f64, measured[1] as f64, budget.seconds());
+            budget.fixed_at = Some(step);
+            trainer.state.train.total_steps = total;
+            stop = opts.stop_after.map_or(total, |s| s.min(total)).max(step);
+            bar.set_length(total);
+            if lead {
+                bar.suspend(|| {
+                    tracing::info!(
+                        "time budget {} min: {:.2} steps/s over steps {}..{step}, so the run is {total} steps",
+                        budget.minutes,
+                        measured[0],
+                        step + budget::UNTIMED - calibrated_after,
+                    )
+                });
+            }
+            calibration = None;
+        }
         interrupted = stop_requested(grid.world.as_ref());
         trainer.state.epoch = step / per_epoch;
         trainer.state.batch_in_epoch = step % per_epoch;

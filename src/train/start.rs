@@ -52,7 +52,8 @@ impl Start {
             None => RecipeFile::default(),
         };
         let overrides = train.or(file.train);
-        let length = Length::from_flags(overrides.steps, overrides.epochs)?.unwrap_or(Length::DEFAULT);
+        let length =
+            Length::from_flags(overrides.steps, overrides.epochs, overrides.minutes)?.unwrap_or(Length::DEFAULT);
         let train = overrides.apply(TrainConfig::default())?;
         let mut model = model.or(file.model).resolve()?;
         model.null_class = train.label_dropout > 0.0;
@@ -74,6 +75,7 @@ pub(super) fn resolve(start: &Start, run_dir: &Path, device: &Device) -> anyhow:
             let mut trainer = Trainer::new(model.clone(), train.clone(), data_dir.display().to_string(), device)?;
             let data = open_data(&trainer.state)?;
             trainer.state.train.total_steps = length.steps(data.1);
+            trainer.state.budget = length.budget();
             Ok(Resolved { trainer, data })
         }
         Start::Resume(flags) => {
@@ -84,7 +86,13 @@ pub(super) fn resolve(start: &Start, run_dir: &Path, device: &Device) -> anyhow:
             trainer.state.train = train;
             let data = open_data(&trainer.state)?;
             if let Some(length) = length {
-                trainer.state.train.total_steps = length.steps(data.1);
+                // A new budget counts the run's whole training time, this session's first steps
+                // fixing the count anew.
+                trainer.state.train.total_steps = match length {
+                    Length::Minutes(_) => trainer.state.step + super::budget::PROVISIONAL_STEPS,
+                    _ => length.steps(data.1),
+                };
+                trainer.state.budget = length.budget();
             }
             metrics::truncate_after(run_dir, trainer.state.step)?;
             Ok(Resolved { trainer, data })
@@ -107,7 +115,14 @@ fn resumed_settings(
         bail!("--data differs from the run being resumed ({}); a resumed run keeps its data", saved.data_dir);
     }
     let o = &flags.train;
-    let fixed = TrainOverrides { epochs: None, steps: None, checkpoint_every: None, log_every: None, ..o.clone() };
+    let fixed = TrainOverrides {
+        epochs: None,
+        steps: None,
+        minutes: None,
+        checkpoint_every: None,
+        log_every: None,
+        ..o.clone()
+    };
     let mut train = fixed.apply(saved.train.clone())?;
     if train != saved.train {
         bail!(
@@ -119,7 +134,7 @@ fn resumed_settings(
     train.checkpoint_every = o.checkpoint_every.unwrap_or(train.checkpoint_every);
     train.log_every = o.log_every.unwrap_or(train.log_every);
     train.validate()?;
-    Ok((train, Length::from_flags(o.steps, o.epochs)?))
+    Ok((train, Length::from_flags(o.steps, o.epochs, o.minutes)?))
 }
 
 /// The training split of a run's data, checked against its model and batch, with the number of

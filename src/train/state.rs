@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::budget::TimeBudget;
 use super::config::TrainConfig;
 use super::params::ParamTable;
 use super::precision::LossScale;
@@ -38,6 +39,9 @@ pub struct RunState {
     pub data_dir: String,
     /// Parameter layout of the flat optimizer vectors.
     pub params: ParamTable,
+    /// The run's time budget (`--minutes`), `None` for a length in steps or epochs.
+    #[serde(default)]
+    pub budget: Option<TimeBudget>,
     /// fp16's dynamic loss scale (`None` in other precisions).
     #[serde(default)]
     pub loss_scale: Option<LossScale>,
@@ -62,6 +66,7 @@ impl RunState {
             data_dir,
             params,
             loss_scale,
+            budget: None,
             sha256: BTreeMap::new(),
         }
     }
