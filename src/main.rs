@@ -38,9 +38,15 @@ enum Command {
 
 #[derive(Args)]
 struct EvalArgs {
-    /// Directory of samples named <class>_<index>.png (other files are ignored).
+    /// Directory of samples named <class>_<index>.png (other files are ignored), or a run or
+    /// checkpoint directory: then --per-class images per class are drawn with the default
+    /// sampler first (into a temporary directory) and scored.
     samples: PathBuf,
-    /// Data set the samples imitate (MNIST layout) [default: the shipped MNIST].
+    /// Images per class drawn from a checkpoint (N = 2,000 for ten classes).
+    #[arg(long, default_value_t = 200)]
+    per_class: usize,
+    /// Data set the samples imitate (MNIST layout) [default: a checkpoint's own data, else the
+    /// shipped MNIST].
     #[arg(long)]
     data: Option<PathBuf>,
     /// Where the trained classifier is cached [default: $XDG_CACHE_HOME/dits or ~/.cache/dits].
@@ -366,27 +372,103 @@ fn sample_cmd(a: SampleArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A run or checkpoint directory (rather than a directory of samples).
+fn is_checkpoint(path: &std::path::Path) -> bool {
+    path.join("state.json").is_file() || path.join("checkpoints").is_dir()
+}
+
 fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
     init_threads(a.common.threads)?;
+    let progress = !a.no_progress && std::io::stderr().is_terminal();
+    let device = dits::device::device(a.common.device)?;
+    // A checkpoint is sampled first, with `dits sample`'s defaults, into a directory removed after.
+    let mut drawn = None;
+    let mut data = a.data.clone();
+    let samples = if is_checkpoint(&a.samples) {
+        let ckpt = dits::train::checkpoint::resolve(&a.samples)?;
+        let state: dits::train::RunState = serde_json::from_slice(&std::fs::read(ckpt.join("state.json"))?)?;
+        data = data.or_else(|| Some(PathBuf::from(&state.data_dir)));
+        let dir = std::env::temp_dir().join(format!("dits-eval-{}", std::process::id()));
+        let opts = dits::sample::SampleOptions {
+            checkpoint: a.samples.clone(),
+            out: dir.clone(),
+            classes: None,
+            per_class: a.per_class,
+            sampler: SamplerKind::Euler,
+            eta: 0.0,
+            gamma: 1.0,
+            mu: 0.0,
+            clip: dits::diffusion::sampler::Clip::X0,
+            steps: None,
+            seed: a.seed,
+            cfg_scale: None,
+            cfg_interval: None,
+            batch: 256,
+            preset: ModelOverrides::DEFAULT_PRESET.to_string(),
+            weights: dits::sample::WeightsKind::Ema,
+            force: true,
+            progress,
+            device: device.clone(),
+        };
+        let s = dits::sample::run(opts)?;
+        eprintln!("drew {} images from {} ({:.1} images/s)", s.images, ckpt.display(), s.images_per_s);
+        drawn = Some(TempDir(dir.clone()));
+        dir
+    } else {
+        a.samples.clone()
+    };
     let opts = dits::eval::EvalOptions {
-        samples: a.samples,
-        data_dir: a.data.unwrap_or_else(default_data_dir),
+        samples,
+        data_dir: data.unwrap_or_else(default_data_dir),
         cache_dir: a.cache.unwrap_or_else(dits::eval::default_cache_dir),
         seed: a.seed,
-        progress: !a.no_progress && std::io::stderr().is_terminal(),
-        device: dits::device::device(a.common.device)?,
+        progress,
+        device,
     };
     let r = dits::eval::run(&opts)?;
+    drop(drawn);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
-    println!("{} samples: accuracy {:.4}, mean confidence {:.4}", r.samples, r.accuracy, r.mean_confidence);
-    let per: Vec<String> = r.per_class.iter().map(|c| format!("{}:{:.2}", c.class, c.accuracy)).collect();
-    println!("per class: {}", per.join(" "));
-    println!("FID-CNN {:.3}  (floor {:.3}: {} real training images vs the test split)", r.fid, r.fid_floor, r.samples);
+    println!(
+        "{} samples: accuracy {:.4} (lowest class {:.4}), mean confidence {:.4}",
+        r.samples, r.accuracy, r.min_class_accuracy, r.mean_confidence
+    );
+    println!(
+        "FID-CNN {:.3}  (floor {:.3}: {} real training images vs the test split; {:.2}× the floor)",
+        r.fid, r.fid_floor, r.samples, r.fid_ratio
+    );
+    println!("class  count  accuracy  FID-CNN  floor   ×floor");
+    for c in &r.per_class {
+        println!(
+            "{:>5}  {:>5}  {:>8.4}  {:>7.3}  {:>6.3}  {:>6.2}",
+            c.class,
+            c.count,
+            c.accuracy,
+            c.fid,
+            c.fid_floor,
+            c.fid / c.fid_floor.max(1e-12)
+        );
+    }
+    let m = &r.memorisation;
+    println!(
+        "near-copies of training images: {:.1}% of samples (real test images: {:.1}%; threshold {:.3} in the judge's features)",
+        100.0 * m.share,
+        100.0 * m.reference_share,
+        m.threshold
+    );
     println!("classifier: test accuracy {:.4}, {}", r.classifier_test_accuracy, r.classifier.display());
     Ok(())
+}
+
+/// A directory removed when dropped (the samples `dits eval` drew from a checkpoint).
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {

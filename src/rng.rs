@@ -20,6 +20,8 @@ pub enum Purpose {
     Sampling = 4,
     /// Anything a benchmark needs.
     Bench = 5,
+    /// The shifts of the judge classifier's training images (index = epoch).
+    JudgeAugment = 6,
 }
 
 /// The generator for `(seed, purpose, index)`.

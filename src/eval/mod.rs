@@ -31,13 +31,34 @@ pub struct EvalOptions {
     pub device: Device,
 }
 
-/// Accuracy of one class.
+/// Accuracy and FID-CNN of one class.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClassScore {
     pub class: usize,
     pub count: usize,
     pub accuracy: f64,
+    /// FID-CNN of the class's samples against the class's test images.
+    pub fid: f64,
+    /// The same for as many real training images of the class.
+    pub fid_floor: f64,
 }
+
+/// How many samples are near-copies of training images: closer, in the judge's features, to
+/// their nearest training image than all but [`NEAR_COPY_QUANTILE`] of real test images are to
+/// theirs. Real unseen images score that quantile; a generator that copies its training set
+/// scores far more.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Memorisation {
+    /// The distance below which a sample counts as a near-copy.
+    pub threshold: f64,
+    /// Share of samples below it.
+    pub share: f64,
+    /// Share of real test images below it (by construction, the quantile).
+    pub reference_share: f64,
+}
+
+/// The quantile of the test images' nearest-training-image distances that defines a near-copy.
+pub const NEAR_COPY_QUANTILE: f64 = 0.05;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvalReport {
@@ -52,6 +73,11 @@ pub struct EvalReport {
     /// FID-CNN of as many real training images (same classes, same counts) against the test
     /// split: the best a generator can expect at this sample count.
     pub fid_floor: f64,
+    /// FID-CNN over the floor: 1 is as close as real images of the same count get.
+    pub fid_ratio: f64,
+    /// The lowest per-class accuracy.
+    pub min_class_accuracy: f64,
+    pub memorisation: Memorisation,
     pub classifier_test_accuracy: f64,
     pub classifier: PathBuf,
 }
@@ -76,6 +102,22 @@ pub fn run(opts: &EvalOptions) -> anyhow::Result<EvalReport> {
 
     let (probs, feats) = classifier::probabilities_and_features(&model, &samples.images, dims, device);
     let n = samples.labels.len();
+    let dim = classifier::FEATURES;
+    let test_feats = features_of(&model, &test, &(0..test.len()).collect::<Vec<_>>(), dims, device);
+    let floor_rows = matching_real_subset(&train, &samples.labels, opts.seed);
+    let floor_feats = features_of(&model, &train, &floor_rows, dims, device);
+    let floor_labels: Vec<usize> = floor_rows.iter().map(|&i| train.labels[i] as usize).collect();
+    let test_labels: Vec<usize> = test.labels.iter().map(|&l| l as usize).collect();
+    // The rows of `f` (one per label in `labels`) whose label is `c`.
+    let of_class = |f: &[f32], labels: &[usize], c: usize| -> Vec<f32> {
+        labels
+            .iter()
+            .enumerate()
+            .filter(|&(_, &l)| l == c)
+            .flat_map(|(i, _)| f[i * dim..(i + 1) * dim].to_vec())
+            .collect()
+    };
+
     let mut per_class: Vec<ClassScore> = Vec::new();
     let (mut correct, mut confidence) = (0usize, 0f64);
     for c in 0..classes {
@@ -86,45 +128,95 @@ pub fn run(opts: &EvalOptions) -> anyhow::Result<EvalReport> {
         let right = rows.iter().filter(|&&i| argmax(&probs[i * classes..(i + 1) * classes]) == c).count();
         correct += right;
         confidence += rows.iter().map(|&i| probs[i * classes + c] as f64).sum::<f64>();
-        per_class.push(ClassScore { class: c, count: rows.len(), accuracy: right as f64 / rows.len() as f64 });
+        let test_c = FeatureStats::fit(&of_class(&test_feats, &test_labels, c), dim)?;
+        let fid_c = |f: &[f32], labels: &[usize]| -> anyhow::Result<f64> {
+            Ok(frechet_distance(&FeatureStats::fit(&of_class(f, labels, c), dim)?, &test_c))
+        };
+        per_class.push(ClassScore {
+            class: c,
+            count: rows.len(),
+            accuracy: right as f64 / rows.len() as f64,
+            fid: fid_c(&feats, &samples.labels)?,
+            fid_floor: fid_c(&floor_feats, &floor_labels)?,
+        });
     }
 
-    let all_test: Vec<usize> = (0..test.len()).collect();
-    let test_stats = feature_stats_of(&model, &test, &all_test, dims, device)?;
-    let fid = frechet_distance(&FeatureStats::fit(&feats, classifier::FEATURES)?, &test_stats);
-    let floor_rows = matching_real_subset(&train, &samples.labels, opts.seed);
-    let fid_floor = frechet_distance(&feature_stats_of(&model, &train, &floor_rows, dims, device)?, &test_stats);
+    let test_stats = FeatureStats::fit(&test_feats, dim)?;
+    let fid = frechet_distance(&FeatureStats::fit(&feats, dim)?, &test_stats);
+    let fid_floor = frechet_distance(&FeatureStats::fit(&floor_feats, dim)?, &test_stats);
+    let memorisation = memorisation(&model, &train, &test, &feats, n, opts.seed, dims, device);
 
     Ok(EvalReport {
         samples: n,
         accuracy: correct as f64 / n as f64,
+        min_class_accuracy: per_class.iter().map(|c| c.accuracy).fold(1.0, f64::min),
         per_class,
         mean_confidence: confidence / n as f64,
         fid,
         fid_floor,
+        fid_ratio: fid / fid_floor.max(1e-12),
+        memorisation,
         classifier_test_accuracy: info.test_accuracy,
         classifier: path,
     })
+}
+
+/// [`Memorisation`] of the samples' features `feats`: the distances to the nearest training
+/// image of the samples and of `n` real test images (a seeded subset).
+#[allow(clippy::too_many_arguments)]
+fn memorisation(
+    model: &Classifier,
+    train: &ImageDataset,
+    test: &ImageDataset,
+    feats: &[f32],
+    n: usize,
+    seed: u64,
+    dims: [usize; 3],
+    device: &Device,
+) -> Memorisation {
+    let train_feats = features_of(model, train, &(0..train.len()).collect::<Vec<_>>(), dims, device);
+    let order = crate::data::loader::epoch_order(test.len(), seed, 1);
+    let test_rows: Vec<usize> = order.iter().take(n.min(test.len())).map(|&i| i as usize).collect();
+    let reference = nearest_distances(&features_of(model, test, &test_rows, dims, device), &train_feats, device);
+    let mut sorted = reference.clone();
+    sorted.sort_by(f32::total_cmp);
+    let threshold = sorted[((sorted.len() as f64 * NEAR_COPY_QUANTILE) as usize).min(sorted.len() - 1)];
+    let share_below = |d: &[f32]| d.iter().filter(|&&v| v < threshold).count() as f64 / d.len().max(1) as f64;
+    let samples = nearest_distances(feats, &train_feats, device);
+    Memorisation { threshold: threshold as f64, share: share_below(&samples), reference_share: share_below(&reference) }
+}
+
+/// Each query row's distance to its nearest reference row (rows of [`classifier::FEATURES`]).
+pub fn nearest_distances(queries: &[f32], reference: &[f32], device: &Device) -> Vec<f32> {
+    let dim = classifier::FEATURES;
+    let nq = queries.len() / dim;
+    let q = Tensor::<2>::from_data(TensorData::new(queries.to_vec(), [nq, dim]), device);
+    let q2 = q.clone().square().sum_dim(1); // [nq, 1]
+    let mut best = vec![f32::INFINITY; nq];
+    // |q − r|² = |q|² + |r|² − 2 q·r, a product per chunk of the reference.
+    for chunk in reference.chunks(8192 * dim) {
+        let m = chunk.len() / dim;
+        let r = Tensor::<2>::from_data(TensorData::new(chunk.to_vec(), [m, dim]), device);
+        let r2 = r.clone().square().sum_dim(1).reshape([1, m]);
+        let d2 = q2.clone() + r2 - q.clone().matmul(r.transpose()) * 2.0;
+        let min: Vec<f32> = d2.min_dim(1).into_data().iter::<f32>().collect();
+        best.iter_mut().zip(min).for_each(|(b, v)| *b = b.min(v));
+    }
+    best.into_iter().map(|d| d.max(0.0).sqrt()).collect()
 }
 
 fn argmax(v: &[f32]) -> usize {
     v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i)
 }
 
-fn feature_stats_of(
-    model: &Classifier,
-    ds: &ImageDataset,
-    rows: &[usize],
-    dims: [usize; 3],
-    device: &Device,
-) -> anyhow::Result<FeatureStats> {
+/// The judge's features of images `rows` of `ds`.
+fn features_of(model: &Classifier, ds: &ImageDataset, rows: &[usize], dims: [usize; 3], device: &Device) -> Vec<f32> {
     let len = ds.image_len();
     let mut images = vec![0f32; rows.len() * len];
     for (slot, &i) in rows.iter().enumerate() {
         crate::data::loader::scale_image(ds, i, &mut images[slot * len..(slot + 1) * len]);
     }
-    let (_, feats) = classifier::probabilities_and_features(model, &images, dims, device);
-    FeatureStats::fit(&feats, classifier::FEATURES)
+    classifier::probabilities_and_features(model, &images, dims, device).1
 }
 
 /// Training images with the same class counts as `labels`, chosen by a seeded shuffle.
@@ -154,7 +246,8 @@ fn classifier_for(
     opts: &EvalOptions,
 ) -> anyhow::Result<(Classifier, ClassifierInfo, PathBuf)> {
     let sha = sha256_hex(&[train.pixels.as_slice(), &train.labels].concat());
-    let stem = format!("classifier-{}-seed{}", &sha[..16], opts.seed);
+    // The judge's version in the name: a cache of an older judge is never loaded for a new one.
+    let stem = format!("classifier-v{}-{}-seed{}", classifier::VERSION, &sha[..16], opts.seed);
     let weights_path = opts.cache_dir.join(format!("{stem}.safetensors"));
     let info_path = opts.cache_dir.join(format!("{stem}.json"));
     let mut model = Classifier::new(train.channels, train.height, classes, &opts.device, 0);
@@ -226,4 +319,29 @@ pub fn default_cache_dir() -> PathBuf {
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
         .unwrap_or_else(|| PathBuf::from(".cache"))
         .join("dits")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_distances_match_a_brute_force_search() {
+        let dim = classifier::FEATURES;
+        let mut rng = crate::rng::stream(1, crate::rng::Purpose::Bench, 0);
+        let reference = crate::rng::standard_normal(&mut rng, 300 * dim);
+        let mut queries = crate::rng::standard_normal(&mut rng, 7 * dim);
+        // Query 0 is reference row 42 itself: distance 0.
+        queries[..dim].copy_from_slice(&reference[42 * dim..43 * dim]);
+        let got = nearest_distances(&queries, &reference, &Device::flex());
+        for (q, d) in queries.chunks(dim).zip(&got) {
+            let want = reference
+                .chunks(dim)
+                .map(|r| r.iter().zip(q).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt())
+                .fold(f32::INFINITY, f32::min);
+            // The expansion |q|² + |r|² − 2q·r loses ~1e-2 absolute to cancellation near 0.
+            assert!((d - want).abs() < 1e-2 + 1e-3 * want, "{d} vs {want}");
+        }
+        assert!(got[0] < 1e-2, "an exact copy is at distance {}", got[0]);
+    }
 }
