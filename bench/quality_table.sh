@@ -2,22 +2,23 @@
 # The quality table of the README: model preset × training minutes × sampler/steps × guidance
 # → accuracy of the intended class, FID-CNN (and its floor at equal N), sampling images/s.
 #
-#   bench/quality_table.sh [--presets "mnist-dits dit-s4"] [--minutes "5 15 30"]
-#                          [--samplers "euler:20:2|ddpm:20:1.5|euler:20:2:--cfg-interval 0,inf"]
-#                          [--per-class 100] [--out runs/quality] [--train-flags "..."]
+#   bench/quality_table.sh [--presets "mnist-dits dit-s4"] [--minutes "5 10 15"]
+#                          [--samplers "euler:20:1.5|ddpm:20:1.5|euler:20:2:--cfg-interval 0,inf"]
+#                          [--per-class 200] [--out runs/quality] [--train-flags "..."]
 #                          [--threads 2]
 #
 # Each sampler is NAME:STEPS:CFG[:MORE SAMPLE FLAGS], separated by "|".
-# "Minutes" are turned into a step count from the throughput `dits train` reaches on this
-# machine (a 200-step calibration run per preset, timed), so a run of the table trains for
-# about that long here; the table reports the steps and the wall time each run really took.
+# Each run trains with `--minutes M` (the step count fixed from the run's own first steps on this
+# machine); the table reports the steps and the wall time each run really took, and the judge's
+# accuracy (overall, lowest class), FID-CNN with its floor at the same N and their ratio, and the
+# share of near-copies of training images (real test images: 5%).
 # Runs and scores already in --out are reused: the script can be stopped and restarted, or
 # rerun with other samplers on the same models.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-presets="mnist-dits dit-s4" minutes="5 15 30" samplers="euler:20:2|ddpm:20:1.5"
-per_class=100 out=runs/quality train_flags="" threads=2
+presets="mnist-dits dit-s4" minutes="5 10 15" samplers="euler:20:1.5|ddpm:20:1.5"
+per_class=200 out=runs/quality train_flags="" threads=2
 while [ $# -gt 0 ]; do
   case "$1" in
     --presets) presets=$2; shift 2 ;;
@@ -34,32 +35,22 @@ cargo build --release -q
 dits=./target/release/dits
 mkdir -p "$out/samples"
 table="$out/table.md"
+cpu="cores=$(nproc) cpu=\"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)\""
+echo "$cpu" | tee "$out/machine.txt" >&2
 if [ ! -f "$table" ]; then
-  echo "| preset | budget (min) | steps | trained (min) | sampler | steps | cfg | accuracy | FID-CNN | floor | images/s |" > "$table"
-  echo "|---|---|---|---|---|---|---|---|---|---|---|" >> "$table"
+  echo "| preset | budget (min) | steps | trained (min) | sampler | steps | cfg | accuracy | lowest class | FID-CNN | floor | ×floor | near-copies | images/s |" > "$table"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" >> "$table"
 fi
 
 for preset in $presets; do
-  per_step=""
   for m in $minutes; do
     run="$out/$preset-${m}m"
     if [ ! -d "$run/checkpoints" ]; then
-      if [ -z "$per_step" ]; then
-        # Calibration: 200 steps of the real training loop (data, logging, checkpoint included).
-        cal="$out/.calibrate-$preset"
-        rm -rf "$cal"
-        t0=$(date +%s.%N)
-        # shellcheck disable=SC2086
-        $dits train --model "$preset" --out "$cal" --steps 200 --no-progress --threads "$threads" $train_flags >/dev/null
-        per_step=$(python3 -c "print(($(date +%s.%N) - $t0) / 200)")
-        rm -rf "$cal"
-      fi
-      steps=$(python3 -c "print(int($m * 60 / $per_step))")
-      echo "training $run: $steps steps (~$m min)" >&2
+      echo "training $run (--minutes $m)" >&2
       rm -rf "$run"
       t0=$(date +%s.%N)
       # shellcheck disable=SC2086
-      $dits train --model "$preset" --out "$run" --steps "$steps" --no-progress --threads "$threads" $train_flags \
+      $dits train --model "$preset" --out "$run" --minutes "$m" --no-progress --threads "$threads" $train_flags \
         > "$run.log" 2>&1
       python3 -c "print(round(($(date +%s.%N) - $t0) / 60, 1))" > "$run.minutes"
     fi
@@ -81,7 +72,8 @@ for preset in $presets; do
           > "$samples.row" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-print(f"{sys.argv[2]} | {r['accuracy']:.3f} | {r['fid']:.1f} | {r['fid_floor']:.1f} | {sys.argv[3]} |")
+print(f"{sys.argv[2]} | {r['accuracy']:.3f} | {r['min_class_accuracy']:.3f} | {r['fid']:.2f} | {r['fid_floor']:.2f} | "
+      f"{r['fid_ratio']:.2f} | {100 * r['memorisation']['share']:.1f}% | {sys.argv[3]} |")
 PY
         cat "$samples.row" >> "$table"
       fi

@@ -58,6 +58,33 @@ fn eval_scores_samples_caches_its_classifier_and_rejects_bad_directories() {
     assert!(fid >= 0.0 && floor >= 0.0 && fid.is_finite());
     let wrong_fid = wrong["fid"].as_f64().unwrap();
     assert!((fid - wrong_fid).abs() <= 1e-3 * fid.max(1.0), "FID does not depend on the names: {fid} vs {wrong_fid}");
+    // Per class: a FID and its floor; overall: the ratio and the lowest class.
+    for c in right["per_class"].as_array().unwrap() {
+        assert!(c["fid"].as_f64().unwrap().is_finite() && c["fid_floor"].as_f64().unwrap() >= 0.0, "{c}");
+    }
+    let lowest =
+        right["per_class"].as_array().unwrap().iter().map(|c| c["accuracy"].as_f64().unwrap()).fold(1.0, f64::min);
+    assert_eq!(right["min_class_accuracy"].as_f64(), Some(lowest));
+    assert!((right["fid_ratio"].as_f64().unwrap() - fid / floor).abs() < 1e-9);
+    // Test images are not training images: few of them are "near-copies".
+    let right_share = right["memorisation"]["share"].as_f64().unwrap();
+    assert!(right_share < 0.3, "{}", right["memorisation"]);
+
+    // Copies of training images are caught as near-copies.
+    let train = ImageDataset::load(&dir.join("data"), Split::Train, 10).unwrap();
+    std::fs::create_dir_all(dir.join("copies")).unwrap();
+    for i in 0..100 {
+        save(&train, i, &dir.join("copies"), &format!("{}_{i:05}", train.labels[i]));
+    }
+    let copies = report(&eval("copies"));
+    let share = copies["memorisation"]["share"].as_f64().unwrap();
+    assert!(share > 0.5 && share > right_share + 0.3, "training images themselves: {share} near-copies");
+
+    // A run directory is sampled first (here 3 images per class), then judged.
+    let run = ["train", "--data", "data", "--out", "run", "--steps", "3", "--depth", "1", "--no-progress"];
+    assert!(dits(&run, dir).status.success());
+    let drawn = dits(&["eval", "run", "--per-class", "3", "--cache", "cache", "--json", "--no-progress"], dir);
+    assert_eq!(report(&drawn)["samples"], 30);
 
     // Bad inputs: one error line, non-zero exit.
     let fails_with = |args: &[&str], needle: &str| {
