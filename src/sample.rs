@@ -17,7 +17,7 @@ use crate::train::checkpoint;
 
 /// Default guidance scale for models trained with label dropout (chosen by measurement; see
 /// the README).
-pub const DEFAULT_CFG_SCALE: f64 = 1.5;
+pub const DEFAULT_CFG_SCALE: f64 = 2.0;
 /// Default guidance interval in σ: guiding the noisiest steps costs diversity (FID) without
 /// helping the class, guiding the last ones only sharpens noise (measured; see the README).
 pub const DEFAULT_CFG_INTERVAL: (f64, f64) = (0.3, 5.0);
