@@ -4,8 +4,8 @@
 //! The count is written in the checkpoint state like any other length, so a resumed run keeps it.
 //!
 //! The steps timed are counted, not clocked, so every rank of a multi-process run fixes the count
-//! at the same step (rank 0's rate decides for all). As many steps are timed as the warm-up holds
-//! (20 to 100), because warm-up learning rates do not depend on the total: the schedule is then
+//! at the same step (rank 0's rate decides for all). The whole warm-up is timed (at least 20
+//! steps), because warm-up learning rates do not depend on the total: the schedule is then
 //! exactly that of `--steps N` with the count found.
 
 use std::time::Instant;
@@ -17,8 +17,9 @@ use serde::{Deserialize, Serialize};
 pub const PROVISIONAL_STEPS: u64 = 1 << 40;
 /// Steps run before the timing starts (first-touch allocations, cold caches).
 pub const UNTIMED: u64 = 3;
-/// The fewest and most steps timed: as many as the warm-up holds, within these bounds.
-pub const TIMED: std::ops::RangeInclusive<u64> = 20..=100;
+/// The fewest steps timed; otherwise the whole warm-up is (its first steps run slower than the
+/// rest: timing only 100 of them left runs 3–17% short of their budget).
+pub const MIN_TIMED: u64 = 20;
 /// The share of the remaining budget the fixed count fills, leaving room for the checkpoints,
 /// the log and the final checkpoint, which the timed steps do not include.
 const FILL: f64 = 0.98;
@@ -49,9 +50,9 @@ pub struct Calibration {
 
 impl Calibration {
     /// Timing from step `start` (the session's first), of a run warming up over `warmup` steps:
-    /// the steps of the warm-up left after the untimed ones are timed (see [`TIMED`]).
+    /// the steps of the warm-up left after the untimed ones are timed (at least [`MIN_TIMED`]).
     pub fn new(start: u64, warmup: u64) -> Self {
-        let timed = warmup.saturating_sub(start + UNTIMED).clamp(*TIMED.start(), *TIMED.end());
+        let timed = warmup.saturating_sub(start + UNTIMED).max(MIN_TIMED);
         Self { start, timed, timer: None }
     }
 
@@ -98,8 +99,8 @@ mod tests {
         }
         let rate = c.observe(100 + c.steps()).expect("fixed after the timed steps");
         assert!(rate > 0.0);
-        // The default warm-up of 200 steps holds the longest timing; a short one the shortest.
-        assert_eq!(Calibration::new(0, 200).steps(), UNTIMED + 100);
-        assert_eq!(Calibration::new(0, 50).steps(), 50);
+        // The whole warm-up is timed; a short one gives the shortest timing.
+        assert_eq!(Calibration::new(0, 200).steps(), 200);
+        assert_eq!(Calibration::new(0, 10).steps(), UNTIMED + MIN_TIMED);
     }
 }
