@@ -53,3 +53,56 @@ mod tests {
         assert_eq!(sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 }
+
+/// Put the complete directory `new` in the place of the existing directory `dest`, so that at
+/// every moment `dest` is either the old complete directory or the new one; `new` then holds the
+/// old one, for the caller to remove (a crash leaves it under `new`'s temporary name). On Linux
+/// the two are exchanged in one `renameat2(RENAME_EXCHANGE)`; elsewhere the old directory is
+/// renamed aside first, leaving a moment without `dest`. Hand-written: std has no exchange, and
+/// this one call does not warrant a crate.
+pub fn exchange_dirs(new: &Path, dest: &Path) -> std::io::Result<()> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
+        let (a, b) = (c(new)?, c(dest)?);
+        // SAFETY: both paths are valid NUL-terminated strings that outlive the call.
+        let rc =
+            unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        // Filesystems without exchange support fall through to the two renames.
+        if err.raw_os_error() != Some(libc::EINVAL) && err.raw_os_error() != Some(libc::ENOSYS) {
+            return Err(err);
+        }
+    }
+    // Beside `new`, under a name that extends its temporary one.
+    let mut aside = new.as_os_str().to_owned();
+    aside.push(".old");
+    let aside = std::path::PathBuf::from(aside);
+    std::fs::rename(dest, &aside)?;
+    std::fs::rename(new, dest)?;
+    std::fs::rename(&aside, new)
+}
+
+#[cfg(test)]
+mod exchange_tests {
+    use super::*;
+
+    #[test]
+    fn exchanging_directories_swaps_their_contents() {
+        let tmp = std::env::temp_dir().join(format!("dits-exchange-{}", std::process::id()));
+        let (a, b) = (tmp.join(".new.tmp-1"), tmp.join("dest"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        std::fs::write(a.join("f"), b"new").unwrap();
+        std::fs::write(b.join("f"), b"old").unwrap();
+        exchange_dirs(&a, &b).unwrap();
+        assert_eq!(std::fs::read(b.join("f")).unwrap(), b"new");
+        assert_eq!(std::fs::read(a.join("f")).unwrap(), b"old");
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+}

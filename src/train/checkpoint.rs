@@ -16,7 +16,7 @@ use anyhow::{Context, bail, ensure};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 use super::state::{FORMAT_VERSION, RunState};
-use crate::fsutil::{sha256_hex, sync_dir, write_atomic};
+use crate::fsutil::{exchange_dirs, sha256_hex, sync_dir, write_atomic};
 use crate::optim::adam::AdamState;
 
 pub const MODEL_FILE: &str = "model.safetensors";
@@ -109,10 +109,15 @@ pub fn save(
         write_atomic(&tmp.join(STATE_FILE), serde_json::to_string_pretty(&state)?.as_bytes())?;
         let dest = root.join(&name);
         if dest.exists() {
-            // Same step saved before a crash: the new copy is complete, replace the old one.
-            std::fs::remove_dir_all(&dest)?;
+            // Same step saved before a crash: the new copy is complete and takes the old one's
+            // place in one exchange (removing the old one first could be cut short by a crash,
+            // leaving a checkpoint directory without its files); the old copy, now under the
+            // temporary name, goes below.
+            exchange_dirs(&tmp, &dest)?;
+            std::fs::remove_dir_all(&tmp)?;
+        } else {
+            std::fs::rename(&tmp, &dest)?;
         }
-        std::fs::rename(&tmp, &dest)?;
         sync_dir(&root);
         write_atomic(&root.join(LATEST), name.as_bytes())?;
         Ok::<PathBuf, anyhow::Error>(dest)
