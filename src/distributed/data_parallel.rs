@@ -196,25 +196,18 @@ impl DataParallel {
                 let mut mine = vec![0f32; part.len()];
                 part.reduce_scatter_add(self.comm.as_ref(), 0, &grad, &mut mine);
                 drop(grad);
-                if loss_scale.is_some() {
-                    // Each rank sees its shard only: the overflow flag travels with the loss.
-                    let overflow = !mine.iter().all(|g| g.is_finite());
-                    let mut sums = [loss, f32::from(u8::from(overflow))];
-                    self.comm.all_reduce_sum(&mut sums);
-                    if sums[1] > 0.0 {
-                        return (sums[0], false);
-                    }
-                    let shard = part.mine().next().expect("one segment");
-                    adam.update(cfg, lr, &mut params[shard.clone()], &mine);
-                    let all = part.all_gather(self.comm.as_ref(), 0, &params[shard]);
-                    params.copy_from_slice(&all);
-                    return (sums[0], true);
+                // Each rank sees its shard only: an overflow flag travels with the loss's sum.
+                let overflow = loss_scale.is_some() && !mine.iter().all(|g| g.is_finite());
+                let mut sums = [loss, f32::from(u8::from(overflow))];
+                self.comm.all_reduce_sum(&mut sums);
+                if sums[1] > 0.0 {
+                    return (sums[0], false);
                 }
                 let shard = part.mine().next().expect("one segment");
                 adam.update(cfg, lr, &mut params[shard.clone()], &mine);
                 let all = part.all_gather(self.comm.as_ref(), 0, &params[shard]);
                 params.copy_from_slice(&all);
-                (self.sum_loss(loss), true)
+                (sums[0], true)
             }
             ZeroStage::Two | ZeroStage::Three => {
                 panic!("ZeRO-{} reduces the gradient piece by piece (train::zero)", self.zero.number())

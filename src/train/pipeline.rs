@@ -247,12 +247,7 @@ impl Trainer {
     /// [`Trainer::first_non_finite`] of this stage's gradient.
     pub(super) fn first_non_finite_stage(&self, loss: f32, grad: &[f32]) -> Option<String> {
         let stage = self.stage.as_ref()?;
-        if !loss.is_finite() || grad.iter().all(|g| g.is_finite()) {
-            return self.first_non_finite(loss, &[]);
-        }
-        let mut full = vec![0f32; self.table.total];
-        full[stage.mine()].copy_from_slice(grad);
-        self.first_non_finite(loss, &full)
+        self.first_non_finite_of(loss, std::iter::once(stage.mine()), grad)
     }
 
     /// The batch's loss on every rank of the pipeline (only the last stage computes it).
@@ -270,7 +265,7 @@ impl Trainer {
         let (p, depth) = (stage.pipe.stages(), self.pieces.as_ref().map_or(0, |p| p.depth()));
         let mine = [stage.pipe.stage() as f32, stage.busy.as_secs_f32(), stage.idle.as_secs_f32()];
         let all = world.gather_to_root(&mine)?;
-        let m = self.state.train.micro_batches.min(self.dp.my_rows(self.state.train.batch).len()).max(1);
+        let m = micro_batches(self.dp.my_rows(self.state.train.batch).len(), self.state.train.micro_batches).len();
         let mut lines = vec![format!(
             "pipeline: {p} stages, {m} micro-batches; 1F1B with equal stages idles (P−1)/(M+P−1) = {:.1}% of a step",
             100.0 * bubble_theory(p, m)

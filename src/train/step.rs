@@ -284,6 +284,27 @@ impl Trainer {
         StepOutcome { loss, lr, anomaly, skipped, loss_scale }
     }
 
+    /// [`Trainer::first_non_finite`] of a part of the gradient: `values` are the flat vector's
+    /// `ranges`, in order (a ZeRO shard, a pipeline stage).
+    pub(super) fn first_non_finite_of(
+        &self,
+        loss: f32,
+        ranges: impl Iterator<Item = std::ops::Range<usize>>,
+        values: &[f32],
+    ) -> Option<String> {
+        if !loss.is_finite() || values.iter().all(|g| g.is_finite()) {
+            return self.first_non_finite(loss, &[]);
+        }
+        // Spread over a full-length vector (zeros elsewhere) to name the parameter.
+        let mut full = vec![0f32; self.table.total];
+        let mut at = 0;
+        for r in ranges {
+            full[r.clone()].copy_from_slice(&values[at..at + r.len()]);
+            at += r.len();
+        }
+        self.first_non_finite(loss, &full)
+    }
+
     /// The loss if it is not finite, else the first parameter whose gradient has a NaN or an
     /// infinity, by name.
     pub(super) fn first_non_finite(&self, loss: f32, grad: &[f32]) -> Option<String> {

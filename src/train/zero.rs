@@ -144,17 +144,7 @@ impl Trainer {
 
     /// [`Trainer::first_non_finite`] of this rank's gradient shard.
     pub(super) fn first_non_finite_shard(&self, loss: f32, shard: &[f32]) -> Option<String> {
-        if !loss.is_finite() || shard.iter().all(|g| g.is_finite()) {
-            return self.first_non_finite(loss, &[]);
-        }
-        // Spread the shard over a full-length vector (zeros elsewhere) to name the parameter.
-        let mut full = vec![0f32; self.table.total];
-        let mut at = 0;
-        for r in self.partition.mine() {
-            full[r.clone()].copy_from_slice(&shard[at..at + r.len()]);
-            at += r.len();
-        }
-        self.first_non_finite(loss, &full)
+        self.first_non_finite_of(loss, self.partition.mine(), shard)
     }
 
     /// [`Trainer::save`] under ZeRO-3: the shards gathered into the full layout on rank 0.
