@@ -23,6 +23,8 @@ pub const DEFAULT_CFG_SCALE: f64 = 2.0;
 pub const DEFAULT_CFG_INTERVAL: (f64, f64) = (0.3, 5.0);
 /// Default number of sampling steps (measured; see the README).
 pub const DEFAULT_STEPS: usize = 20;
+/// Default sampler (measured; see the README).
+pub const DEFAULT_SAMPLER: SamplerKind = SamplerKind::Euler;
 
 /// What one batch contributes to the figures: grid images and process rows, each with the
 /// position of its class in the figure.
@@ -169,7 +171,7 @@ pub fn run(opts: SampleOptions) -> anyhow::Result<SampleSummary> {
         if opts.progress { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
     );
     bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30.cyan/blue}] {pos}/{len} model calls, ETA {eta}")
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30.cyan/blue}] {pos}/{len} steps, ETA {eta}")
             .expect("static template"),
     );
     let start = std::time::Instant::now();

@@ -181,6 +181,8 @@ fn a_toml_recipe_trains_the_dit_family_with_flow_matching() {
         &["--sampler", "euler"][..],
         &["--sampler", "accelerated"],
         &["--sampler", "gen", "--gamma", "1.6", "--mu", "0.3"],
+        &["--sampler", "dpmpp-2m"],
+        &["--sampler", "heun"],
     ] {
         let out = format!("s-{}", sampler[1]);
         let mut args =
