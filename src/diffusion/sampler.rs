@@ -281,8 +281,23 @@ pub fn sample_batch(
         let (sigma, sigma_next) = (level.sigma(), next.sigma());
         let (sigma_p, eta) = chain.rule.noise_split(sigma, sigma_next);
         let gamma = chain.rule.gamma;
+        // DPM-Solver++(2M) steps with x̂_0 + c·(1 − σ'/σ)·(x̂_0 − x̂_0,prev) in place of x̂_0; h_prev = ∞
+        // (the step from σ = ∞) gives c = 0, and the last step (σ' = 0) stays first order.
+        let x0 = if chain.rule.solver == Solver::DpmPp2m {
+            let step = match &data_prev {
+                Some((prev, h_prev)) if sigma_next > 0.0 => {
+                    let c = (sigma / sigma_next).ln() / (2.0 * h_prev) * (1.0 - sigma_next / sigma);
+                    if c != 0.0 { x0.clone() * (1.0 + c) - prev.clone() * c } else { x0.clone() }
+                }
+                _ => x0.clone(),
+            };
+            data_prev = Some((x0, (sigma / sigma_next).ln()));
+            step
+        } else {
+            x0
+        };
         // x̃' = x̂0 + σ_p·ε̄ + σ(1−γ)(ε̂ − ε̂_prev) + η·z, then x' = a'·x̃'.
-        let mut x_next = x0.clone() * next.a;
+        let mut x_next = x0 * next.a;
         let eps_bar = match &eps_prev {
             Some(prev) if gamma != 1.0 => {
                 x_next = x_next + (eps.clone() - prev.clone()) * (next.a * sigma * (1.0 - gamma));
@@ -291,29 +306,16 @@ pub fn sample_batch(
             _ => eps.clone(),
         };
         x_next = x_next + eps_bar * (next.a * sigma_p);
-        let second_order = sigma.is_finite() && sigma_next > 0.0;
-        match chain.rule.solver {
-            Solver::First => {}
-            Solver::DpmPp2m => {
-                let h = (sigma / sigma_next).ln();
-                if let (true, Some((x0_prev, h_prev))) = (second_order, &data_prev) {
-                    // h_prev = ∞ (the step from σ = ∞) gives c = 0: first order.
-                    let c = h / (2.0 * h_prev);
-                    if c != 0.0 {
-                        x_next = x_next + (x0.clone() - x0_prev.clone()) * (next.a * c * (1.0 - sigma_next / sigma));
-                    }
-                }
-                data_prev = Some((x0.clone(), h));
-            }
-            Solver::Heun => {
-                // From (nearly) pure noise the correction's factor σ' − σ is huge and amplifies
-                // the f32 error of ε̂' − ε̂ (the cosine schedule's top σ is ~10⁴): Euler there.
-                if let (true, Some(tn)) = (second_order && sigma < HEUN_MAX_SIGMA, next_index) {
-                    let out = model.predict(x_next.clone(), levels_of(tn), y.clone());
-                    let (_, eps_next) = data_and_noise(next, prediction, x_next.clone(), out, chain.clip);
-                    x_next = x_next + (eps_next - eps.clone()) * (next.a * (sigma_next - sigma) / 2.0);
-                }
-            }
+        // Heun: the model again at the level reached, and the average slope. From (nearly) pure
+        // noise the factor σ' − σ is huge and amplifies the f32 error of ε̂' − ε̂ (the cosine
+        // schedule's top σ is ~10⁴): Euler there, and on the last step to clean data.
+        if let (Solver::Heun, Some(tn)) = (chain.rule.solver, next_index)
+            && sigma < HEUN_MAX_SIGMA
+            && sigma_next > 0.0
+        {
+            let out = model.predict(x_next.clone(), levels_of(tn), y.clone());
+            let (_, eps_next) = data_and_noise(next, prediction, x_next.clone(), out, chain.clip);
+            x_next = x_next + (eps_next - eps.clone()) * (next.a * (sigma_next - sigma) / 2.0);
         }
         if eta > 0.0 {
             let z = Tensor::<4>::from_data(TensorData::new(noise.noise(k + 1, n), dims), device);
@@ -469,16 +471,13 @@ mod tests {
                 .unwrap();
                 let top = schedule.levels[chain.indices[0]];
                 let mu = GaussianOracle::mean_of(3);
+                // In x: x_T = a·μ + sqrt(a²s² + b²)·(standardised), valid at a = 0 too.
+                let spread = (top.a * top.a * s * s + top.b * top.b).sqrt();
                 let out = x.into_data().try_to_vec::<f32>().unwrap();
                 let squared: f64 = out
                     .iter()
                     .zip(&start)
-                    .map(|(&o, &z)| {
-                        // In x: x_T = a·μ + sqrt(a²s² + b²)·(standardised), valid at a = 0 too.
-                        let spread = (top.a * top.a * s * s + top.b * top.b).sqrt();
-                        let exact = mu + s * (z as f64 - top.a * mu) / spread;
-                        (o as f64 - exact).powi(2)
-                    })
+                    .map(|(&o, &z)| (o as f64 - (mu + s * (z as f64 - top.a * mu) / spread)).powi(2))
                     .sum();
                 (squared / out.len() as f64).sqrt()
             };
