@@ -5,7 +5,7 @@
 #   bench/quality_table.sh [--presets "mnist-dits dit-s4"] [--minutes "5 10 15"]
 #                          [--samplers "euler:20:1.5|ddpm:20:1.5|euler:20:2:--cfg-interval 0,inf"]
 #                          [--per-class 200] [--out runs/quality] [--train-flags "..."]
-#                          [--threads 2]
+#                          [--threads 2] [--data DIR]
 #
 # Each sampler is NAME:STEPS:CFG[:MORE SAMPLE FLAGS], separated by "|".
 # Each run trains with `--minutes M` (the step count fixed from the run's own first steps on this
@@ -18,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 presets="mnist-dits dit-s4" minutes="5 10 15" samplers="euler:20:1.5|ddpm:20:1.5"
-per_class=200 out=runs/quality train_flags="" threads=2
+per_class=200 out=runs/quality train_flags="" threads=2 data=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --presets) presets=$2; shift 2 ;;
@@ -28,11 +28,15 @@ while [ $# -gt 0 ]; do
     --out) out=$2; shift 2 ;;
     --train-flags) train_flags=$2; shift 2 ;;
     --threads) threads=$2; shift 2 ;;
+    --data) data=$2; shift 2 ;;
     *) echo "error: unknown option $1" >&2; exit 2 ;;
   esac
 done
 cargo build --release -q
 dits=./target/release/dits
+# The data set trained on is the one judged (its own classifier, cached per data checksum).
+data_flag=()
+if [ -n "$data" ]; then data_flag=(--data "$data"); fi
 mkdir -p "$out/samples"
 table="$out/table.md"
 cpu="cores=$(nproc) cpu=\"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)\""
@@ -50,7 +54,7 @@ for preset in $presets; do
       rm -rf "$run"
       t0=$(date +%s.%N)
       # shellcheck disable=SC2086
-      $dits train --model "$preset" --out "$run" --minutes "$m" --no-progress --threads "$threads" $train_flags \
+      $dits train --model "$preset" --out "$run" --minutes "$m" --no-progress --threads "$threads" "${data_flag[@]}" $train_flags \
         > "$run.log" 2>&1
       python3 -c "print(round(($(date +%s.%N) - $t0) / 60, 1))" > "$run.minutes"
     fi
@@ -67,7 +71,7 @@ for preset in $presets; do
         line=$($dits sample --checkpoint "$run" --out "$samples" --per-class "$per_class" --sampler "$sampler" \
           --steps "$k" --cfg-scale "$cfg" --no-progress --threads "$threads" $extra)
         rate=$(echo "$line" | sed -E 's/.*\(([0-9.]+) images\/s\).*/\1/')
-        $dits eval "$samples" --json --no-progress --threads "$threads" > "$samples.json"
+        $dits eval "$samples" --json --no-progress --threads "$threads" "${data_flag[@]}" > "$samples.json"
         python3 - "$samples.json" "| $preset | $m | $steps | $trained | $sampler $extra | $k | $cfg" "$rate" \
           > "$samples.row" <<'PY'
 import json, sys

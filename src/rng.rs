@@ -22,6 +22,8 @@ pub enum Purpose {
     Bench = 5,
     /// The shifts of the judge classifier's training images (index = epoch).
     JudgeAugment = 6,
+    /// Which images of an unsplit data set are held out for testing (a fixed seed, index 0).
+    Holdout = 7,
 }
 
 /// The generator for `(seed, purpose, index)`.

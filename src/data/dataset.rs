@@ -1,6 +1,7 @@
-//! An image-classification data set in the MNIST directory layout: `train-images-idx3-ubyte`,
-//! `train-labels-idx1-ubyte`, `t10k-images-idx3-ubyte`, `t10k-labels-idx1-ubyte`, each gzipped
-//! (`.gz`) or raw. MNIST and Fashion-MNIST both ship this way.
+//! An image-classification data set in memory, and its oldest source, the MNIST directory layout:
+//! `train-images-idx3-ubyte`, `train-labels-idx1-ubyte`, `t10k-images-idx3-ubyte`,
+//! `t10k-labels-idx1-ubyte`, each gzipped (`.gz`) or raw. MNIST and Fashion-MNIST both ship this
+//! way; the other formats are read by [`super::source`].
 
 use std::path::{Path, PathBuf};
 
@@ -24,8 +25,8 @@ impl Split {
     }
 }
 
-/// Grayscale or multi-channel u8 images with integer class labels, held in memory (MNIST is
-/// 47 MB as bytes).
+/// Grayscale or colour u8 images with integer class labels and the classes' names, held in
+/// memory (MNIST is 47 MB as bytes).
 #[derive(Debug, Clone)]
 pub struct ImageDataset {
     /// `[n, channels, height, width]`, row-major.
@@ -34,6 +35,8 @@ pub struct ImageDataset {
     pub channels: usize,
     pub height: usize,
     pub width: usize,
+    /// Class names, index = label: folder names, CSV labels, `classes.txt`, or the ids.
+    pub classes: Vec<String>,
 }
 
 impl ImageDataset {
@@ -52,6 +55,16 @@ impl ImageDataset {
     pub fn image(&self, index: usize) -> &[u8] {
         let n = self.image_len();
         &self.pixels[index * n..(index + 1) * n]
+    }
+
+    /// The images at `rows`, in that order.
+    pub fn subset(&self, rows: &[usize]) -> Self {
+        Self {
+            pixels: rows.iter().flat_map(|&i| self.image(i).iter().copied()).collect(),
+            labels: rows.iter().map(|&i| self.labels[i]).collect(),
+            classes: self.classes.clone(),
+            ..*self
+        }
     }
 
     /// Load one split from `dir`, checking that images and labels agree and that every label is
@@ -73,14 +86,21 @@ impl ImageDataset {
         if let Some((i, &l)) = labels.data.iter().enumerate().find(|&(_, &l)| l as usize >= num_classes) {
             bail!("{}: label {l} at index {i} is outside the {num_classes} classes", labels_path.display());
         }
+        let count = labels.data.iter().max().map_or(0, |&m| m as usize + 1);
         Ok(Self {
             pixels: images.data,
             labels: labels.data,
             channels: 1,
             height: images.dims[1],
             width: images.dims[2],
+            classes: (0..count).map(|i| i.to_string()).collect(),
         })
     }
+}
+
+/// Whether `dir` holds MNIST-layout training images.
+pub fn idx_present(dir: &Path) -> bool {
+    find_file(dir, "train-images-idx3-ubyte").is_ok()
 }
 
 /// `name.gz` or `name` inside `dir`.

@@ -133,6 +133,7 @@ mod tests {
             channels: 1,
             height: 1,
             width: 2,
+            classes: (0..10).map(|i| i.to_string()).collect(),
         }
     }
 

@@ -1,8 +1,14 @@
-//! Data: IDX files → an in-memory data set → shuffled batches in [-1, 1].
+//! Data: files (IDX, image folders, CSV lists, CIFAR-10 batches) → an in-memory data set →
+//! shuffled batches in [-1, 1].
 
+pub mod cifar;
 pub mod dataset;
+pub mod decode;
+pub mod file_list;
 pub mod idx;
 pub mod loader;
+pub mod source;
 
 pub use dataset::{ImageDataset, Split, default_data_dir};
 pub use loader::{Batch, BatchLoader, Position};
+pub use source::{DataFormat, DataSource};

@@ -196,7 +196,7 @@ mod tests {
     fn shifted_images_move_and_fill_with_background() {
         let (h, w) = (6usize, 5usize);
         let pixels: Vec<u8> = (0..h * w).map(|i| (i * 8) as u8).collect();
-        let ds = ImageDataset { pixels, labels: vec![0], channels: 1, height: h, width: w };
+        let ds = ImageDataset { pixels, labels: vec![0], channels: 1, height: h, width: w, classes: vec!["0".into()] };
         let device = Device::flex();
         let mut rng = crate::rng::stream(3, crate::rng::Purpose::JudgeAugment, 0);
         let (dy, dx) = {

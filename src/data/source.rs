@@ -1,0 +1,431 @@
+//! Where a data set comes from: a path, its format (detected from the directory, or forced), the
+//! side images are resized to, and the share held out for testing when the format has no test
+//! split. A run stores this, so training, resume, sampling and eval all read the same images.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail, ensure};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rand::seq::SliceRandom;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::cifar;
+use super::dataset::{ImageDataset, Split, idx_present};
+use super::decode::{Pixels, decode};
+use super::file_list::{Entry, FileList, list_csv, list_folder, read_class_names, subdirectories};
+use crate::rng::{Purpose, stream};
+
+/// The data layouts `--data` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataFormat {
+    /// MNIST's IDX files (`train-images-idx3-ubyte[.gz]`, …).
+    Idx,
+    /// torchvision's `ImageFolder`: `DIR/<class>/*.png|jpg|jpeg`.
+    Folder,
+    /// A CSV of `file,label` rows.
+    Csv,
+    /// CIFAR-10's binary batches.
+    Cifar10,
+}
+
+/// The share of an unsplit data set held out as its test split unless told otherwise.
+pub const DEFAULT_VAL_FRACTION: f64 = 0.1;
+/// The hold-out is fixed by the data, not by the run's seed, so every run of a data set (and
+/// its judge) tests on the same images.
+const HOLDOUT_SEED: u64 = 0x5EED_0F_7E57;
+/// Images decoded before a progress bar is worth showing.
+const PROGRESS_FROM: usize = 2_000;
+
+/// A data set as a run names it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSource {
+    pub path: PathBuf,
+    pub format: DataFormat,
+    /// Resize (centre-cropping non-square images) to this side; `None` keeps the files' size.
+    #[serde(default)]
+    pub image_size: Option<usize>,
+    /// Held out for testing when the format has no test split.
+    #[serde(default = "default_val_fraction")]
+    pub val_fraction: f64,
+}
+
+fn default_val_fraction() -> f64 {
+    DEFAULT_VAL_FRACTION
+}
+
+impl DataSource {
+    /// `path` in `format`, detected when `None`.
+    pub fn new(
+        path: &Path,
+        format: Option<DataFormat>,
+        image_size: Option<usize>,
+        val_fraction: Option<f64>,
+    ) -> anyhow::Result<Self> {
+        let format = match format {
+            Some(f) => f,
+            None => detect(path)?,
+        };
+        let val_fraction = val_fraction.unwrap_or(DEFAULT_VAL_FRACTION);
+        ensure!(
+            val_fraction > 0.0 && val_fraction < 1.0,
+            "--val-fraction must lie strictly between 0 and 1, got {val_fraction}"
+        );
+        if let Some(s) = image_size {
+            ensure!(
+                (1..=super::decode::MAX_SIDE as usize).contains(&s),
+                "--image-size must be 1..={}, got {s}",
+                super::decode::MAX_SIDE
+            );
+            ensure!(
+                matches!(format, DataFormat::Folder | DataFormat::Csv),
+                "--image-size applies to image files (folder, csv); {format:?} data has a fixed size"
+            );
+        }
+        Ok(Self { path: path.to_path_buf(), format, image_size, val_fraction })
+    }
+
+    /// An IDX directory as every run before data sources named it.
+    pub fn idx(path: &Path) -> Self {
+        Self { path: path.to_path_buf(), format: DataFormat::Idx, image_size: None, val_fraction: DEFAULT_VAL_FRACTION }
+    }
+
+    /// One split, validated in full: every file decoded, one channel count, one size.
+    pub fn load(&self, split: Split) -> anyhow::Result<ImageDataset> {
+        self.load_with_progress(split, false)
+    }
+
+    /// [`Self::load`], with a progress bar on stderr while many image files decode.
+    pub fn load_with_progress(&self, split: Split, progress: bool) -> anyhow::Result<ImageDataset> {
+        let dir = &self.path;
+        match self.format {
+            DataFormat::Idx => {
+                let names = optional_names(&dir.join("classes.txt"))?;
+                let limit = names.as_ref().map_or(super::file_list::MAX_CLASSES, Vec::len);
+                let mut ds = ImageDataset::load(dir, split, limit)?;
+                ds.classes = match names {
+                    Some(names) => names,
+                    // A test split may lack the highest class: the training labels count them.
+                    None if split == Split::Test => ImageDataset::load(dir, Split::Train, limit)?.classes,
+                    None => ds.classes,
+                };
+                Ok(ds)
+            }
+            DataFormat::Cifar10 => {
+                ensure!(
+                    cifar::is_cifar_dir(dir),
+                    "{}: no {} (CIFAR-10 binary layout)",
+                    dir.display(),
+                    cifar::TRAIN_FILES[0]
+                );
+                let classes = cifar::class_names(dir)?;
+                let (mut pixels, mut labels) = (Vec::new(), Vec::new());
+                let has_test = dir.join(cifar::TEST_FILE).is_file();
+                let files: Vec<&str> = if split == Split::Test && has_test {
+                    vec![cifar::TEST_FILE]
+                } else {
+                    cifar::TRAIN_FILES.iter().copied().filter(|f| dir.join(f).is_file()).collect()
+                };
+                cifar::read_batches(dir, &files, classes.len(), &mut pixels, &mut labels)?;
+                let side = cifar::SIDE;
+                let ds = ImageDataset { pixels, labels, channels: 3, height: side, width: side, classes };
+                Ok(if has_test { ds } else { self.hold_out(ds, split) })
+            }
+            DataFormat::Folder | DataFormat::Csv => match (split, self.file_lists()?) {
+                (Split::Train, (train, Some(_))) => self.decode_all(&train, progress),
+                (Split::Test, (_, Some(test))) => self.decode_all(&test, progress),
+                (split, (all, None)) => Ok(self.hold_out(self.decode_all(&all, progress)?, split)),
+            },
+        }
+    }
+
+    /// The training list, and the test list where the layout has one.
+    fn file_lists(&self) -> anyhow::Result<(FileList, Option<FileList>)> {
+        let dir = &self.path;
+        match self.format {
+            DataFormat::Folder => match split_folders(dir)? {
+                Some((train, test)) => {
+                    let train = list_folder(&train, None)?;
+                    let test = list_folder(&test, Some(&train.classes))?;
+                    Ok((train, Some(test)))
+                }
+                None => Ok((list_folder(dir, None)?, None)),
+            },
+            DataFormat::Csv => {
+                let (train_csv, test_csv) = csv_files(dir)?;
+                let names = optional_names(&train_csv.parent().unwrap_or(Path::new(".")).join("classes.txt"))?;
+                let train = list_csv(&train_csv, names.as_deref())?;
+                let test = test_csv.map(|t| list_csv(&t, Some(&train.classes))).transpose()?;
+                Ok((train, test))
+            }
+            _ => unreachable!("only file formats have file lists"),
+        }
+    }
+
+    /// Every file of `list` decoded in parallel (in list order), checked to share one shape.
+    fn decode_all(&self, list: &FileList, progress: bool) -> anyhow::Result<ImageDataset> {
+        let bar = if progress && list.entries.len() >= PROGRESS_FROM {
+            ProgressBar::new(list.entries.len() as u64)
+        } else {
+            ProgressBar::with_draw_target(Some(list.entries.len() as u64), ProgressDrawTarget::hidden())
+        };
+        bar.set_style(
+            ProgressStyle::with_template("checking images {bar:30} {pos}/{len} {per_sec} ETA {eta}").expect("template"),
+        );
+        let size = self.image_size.map(|s| s as u32);
+        let decoded: Vec<Pixels> = list
+            .entries
+            .par_iter()
+            .map(|e| {
+                let bytes = std::fs::read(&e.path).with_context(|| format!("reading {}", e.describe()))?;
+                let pixels = decode(&bytes, size).with_context(|| e.describe())?;
+                bar.inc(1);
+                Ok(pixels)
+            })
+            .collect::<anyhow::Result<_>>()?;
+        bar.finish_and_clear();
+        let first = &decoded[0];
+        let shape = |p: &Pixels| (p.channels, p.height, p.width);
+        if let Some(i) = decoded.iter().position(|p| p.channels != first.channels) {
+            bail!(
+                "{} has {} channel(s) but {} has {}: a data set is all grayscale or all colour",
+                list.entries[0].describe(),
+                first.channels,
+                list.entries[i].describe(),
+                decoded[i].channels
+            );
+        }
+        if let Some(i) = decoded.iter().position(|p| shape(p) != shape(first)) {
+            bail!(
+                "{} is {}×{} but {} is {}×{}: give --image-size S to resize them all",
+                list.entries[0].describe(),
+                first.width,
+                first.height,
+                list.entries[i].describe(),
+                decoded[i].width,
+                decoded[i].height
+            );
+        }
+        ensure!(
+            first.width == first.height,
+            "{} is {}×{}: images must be square; give --image-size S to centre-crop and resize",
+            list.entries[0].describe(),
+            first.width,
+            first.height
+        );
+        let labels = list.entries.iter().map(|e: &Entry| e.label).collect();
+        let (channels, height, width) = shape(first);
+        let pixels = decoded.into_iter().flat_map(|p| p.data).collect();
+        Ok(ImageDataset { pixels, labels, channels, height, width, classes: list.classes.clone() })
+    }
+
+    /// The train or test part of an unsplit set: a fixed shuffle picks `val_fraction` of the
+    /// images (at least one) for testing; both parts keep the files' order.
+    fn hold_out(&self, ds: ImageDataset, split: Split) -> ImageDataset {
+        let n = ds.len();
+        let k = ((n as f64 * self.val_fraction).round() as usize).clamp(1, n.saturating_sub(1).max(1));
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut stream(HOLDOUT_SEED, Purpose::Holdout, 0));
+        let mut test = vec![false; n];
+        for &i in &order[..k] {
+            test[i] = true;
+        }
+        let keep: Vec<usize> = (0..n).filter(|&i| test[i] == (split == Split::Test)).collect();
+        ds.subset(&keep)
+    }
+}
+
+/// `DIR/train` and `DIR/test` (or `DIR/val`) when both hold class folders.
+fn split_folders(dir: &Path) -> anyhow::Result<Option<(PathBuf, PathBuf)>> {
+    let train = dir.join("train");
+    let test = ["test", "val"].iter().map(|t| dir.join(t)).find(|t| t.is_dir());
+    match test {
+        Some(test) if train.is_dir() && !subdirectories(&train)?.is_empty() => Ok(Some((train, test))),
+        _ => Ok(None),
+    }
+}
+
+/// The training CSV and the test CSV if there is one: `path` itself when it is a file; else
+/// `train.csv` (with `test.csv`) in the directory, else its only `.csv`.
+fn csv_files(path: &Path) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
+    if path.is_file() {
+        return Ok((path.to_path_buf(), None));
+    }
+    if path.join("train.csv").is_file() {
+        let test = path.join("test.csv");
+        return Ok((path.join("train.csv"), test.is_file().then_some(test)));
+    }
+    match csv_names(path)?.as_slice() {
+        [one] => Ok((path.join(one), None)),
+        [] => bail!("{}: no .csv file", path.display()),
+        many => {
+            bail!("{}: several .csv files ({}); name one with --data DIR/FILE.csv", path.display(), many.join(", "))
+        }
+    }
+}
+
+fn csv_names(dir: &Path) -> anyhow::Result<Vec<String>> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| !n.starts_with('.') && n.to_ascii_lowercase().ends_with(".csv"))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+fn optional_names(path: &Path) -> anyhow::Result<Option<Vec<String>>> {
+    path.is_file().then(|| read_class_names(path)).transpose()
+}
+
+/// The format of the data at `path`, from what it holds; two plausible formats are an error
+/// asking for `--format`.
+pub fn detect(path: &Path) -> anyhow::Result<DataFormat> {
+    ensure!(path.exists(), "data {} does not exist", path.display());
+    if path.is_file() {
+        ensure!(
+            path.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv")),
+            "--data {}: a file must be a .csv list of file,label rows",
+            path.display()
+        );
+        return Ok(DataFormat::Csv);
+    }
+    let mut found = Vec::new();
+    if idx_present(path) {
+        found.push(DataFormat::Idx);
+    }
+    if cifar::is_cifar_dir(path) {
+        found.push(DataFormat::Cifar10);
+    }
+    if path.join("train.csv").is_file() || !csv_names(path)?.is_empty() {
+        found.push(DataFormat::Csv);
+    }
+    if !subdirectories(path)?.is_empty()
+        && list_folder(split_folders(path)?.map_or(path.to_path_buf(), |s| s.0).as_path(), None).is_ok()
+    {
+        found.push(DataFormat::Folder);
+    }
+    match found.as_slice() {
+        [one] => Ok(*one),
+        [] => bail!(
+            "{}: no data set found: expected MNIST IDX files (train-images-idx3-ubyte[.gz], …), class folders \
+             (DIR/<class>/*.png|jpg), a file,label CSV, or CIFAR-10 batches (data_batch_1.bin, …)",
+            path.display()
+        ),
+        many => bail!(
+            "{}: holds data in several formats ({}); choose one with --format",
+            path.display(),
+            many.iter().map(|f| format!("{f:?}").to_lowercase()).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use image::{DynamicImage, GrayImage, Luma, Rgb, RgbImage};
+
+    use super::*;
+    use crate::data::idx::encode_idx;
+
+    fn gray(path: &Path, side: u32, value: u8) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        DynamicImage::ImageLuma8(GrayImage::from_pixel(side, side, Luma([value]))).save(path).unwrap();
+    }
+
+    fn source(path: &Path) -> DataSource {
+        DataSource::new(path, None, None, None).unwrap()
+    }
+
+    #[test]
+    fn formats_are_detected_and_ambiguity_asks_for_format() {
+        let d = tempfile::tempdir().unwrap();
+        gray(&d.path().join("folder/cat/1.png"), 2, 0);
+        assert_eq!(detect(&d.path().join("folder")).unwrap(), DataFormat::Folder);
+        std::fs::write(d.path().join("folder/list.csv"), "cat/1.png,0\n").unwrap();
+        let err = detect(&d.path().join("folder")).unwrap_err().to_string();
+        assert!(err.contains("csv, folder") && err.contains("--format"), "{err}");
+        assert_eq!(detect(&d.path().join("folder/list.csv")).unwrap(), DataFormat::Csv);
+        std::fs::create_dir(d.path().join("cifar")).unwrap();
+        std::fs::write(d.path().join("cifar/data_batch_1.bin"), [0u8; 3073]).unwrap();
+        assert_eq!(detect(&d.path().join("cifar")).unwrap(), DataFormat::Cifar10);
+        assert_eq!(detect(Path::new("data/mnist")).unwrap(), DataFormat::Idx);
+        let empty = tempfile::tempdir().unwrap();
+        assert!(detect(empty.path()).unwrap_err().to_string().contains("no data set found"));
+        assert!(detect(&d.path().join("absent")).unwrap_err().to_string().contains("does not exist"));
+    }
+
+    #[test]
+    fn an_unsplit_folder_holds_out_a_fixed_disjoint_share() {
+        let d = tempfile::tempdir().unwrap();
+        for i in 0..20u8 {
+            gray(&d.path().join(format!("{}/{i:02}.png", i % 2)), 2, i);
+        }
+        let s = source(d.path());
+        let (train, test) = (s.load(Split::Train).unwrap(), s.load(Split::Test).unwrap());
+        assert_eq!((train.len(), test.len()), (18, 2));
+        let mut all: Vec<u8> = train.pixels.iter().chain(&test.pixels).step_by(4).copied().collect();
+        all.sort();
+        assert_eq!(all, (0..20).collect::<Vec<u8>>());
+        assert_eq!(s.load(Split::Test).unwrap().pixels, test.pixels);
+        assert_eq!(train.classes, ["0", "1"]);
+        // The training part keeps the files' order (class by class).
+        let labels = &train.labels;
+        assert!(labels.windows(2).all(|w| w[0] <= w[1]), "{labels:?}");
+    }
+
+    #[test]
+    fn train_and_test_folders_are_the_splits() {
+        let d = tempfile::tempdir().unwrap();
+        gray(&d.path().join("train/a/1.png"), 4, 1);
+        gray(&d.path().join("train/b/1.png"), 4, 2);
+        gray(&d.path().join("test/b/1.png"), 4, 3);
+        let s = source(d.path());
+        assert_eq!(s.format, DataFormat::Folder);
+        let test = s.load(Split::Test).unwrap();
+        assert_eq!((test.len(), test.labels[0], test.classes.len()), (1, 1, 2));
+        assert_eq!(s.load(Split::Train).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn mixed_channels_and_sizes_are_errors_naming_two_files_and_image_size_resizes() {
+        let d = tempfile::tempdir().unwrap();
+        gray(&d.path().join("a/1.png"), 4, 1);
+        gray(&d.path().join("b/2.png"), 6, 1);
+        let err = source(d.path()).load(Split::Train).unwrap_err().to_string();
+        assert!(
+            err.contains("1.png is 4×4 but") && err.contains("2.png is 6×6") && err.contains("--image-size"),
+            "{err}"
+        );
+        let resized = DataSource::new(d.path(), None, Some(3), None).unwrap().load(Split::Train).unwrap();
+        assert_eq!((resized.height, resized.width, resized.channels), (3, 3, 1));
+        RgbImage::from_pixel(4, 4, Rgb([1, 2, 3])).save(d.path().join("b/2.png")).unwrap();
+        let err = source(d.path()).load(Split::Train).unwrap_err().to_string();
+        assert!(err.contains("1 channel(s) but") && err.contains("2.png has 3"), "{err}");
+        std::fs::write(d.path().join("b/2.png"), b"\x89PNG\r\n\x1a\ntruncated").unwrap();
+        let err = format!("{:#}", source(d.path()).load(Split::Train).unwrap_err());
+        assert!(err.contains("2.png"), "{err}");
+    }
+
+    #[test]
+    fn idx_splits_keep_the_training_class_list() {
+        let d = tempfile::tempdir().unwrap();
+        let write = |prefix: &str, labels: &[u8]| {
+            let n = labels.len() as u32;
+            std::fs::write(
+                d.path().join(format!("{prefix}-images-idx3-ubyte")),
+                encode_idx(&[n, 2, 2], &vec![0; 4 * n as usize]),
+            )
+            .unwrap();
+            std::fs::write(d.path().join(format!("{prefix}-labels-idx1-ubyte")), encode_idx(&[n], labels)).unwrap();
+        };
+        write("train", &[0, 4, 2]);
+        write("t10k", &[1]);
+        let s = source(d.path());
+        assert_eq!(s.load(Split::Test).unwrap().classes.len(), 5);
+        std::fs::write(d.path().join("classes.txt"), "a\nb\nc\nd\ne\nf\n").unwrap();
+        assert_eq!(s.load(Split::Train).unwrap().classes[5], "f");
+    }
+}
