@@ -154,7 +154,8 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
     train.label_dropout = 0.0;
     train.precision = opts.precision;
     let step_parts = train.micro_batches;
-    let mut trainer = Trainer::new(cfg.clone(), train, String::new(), &opts.device)?;
+    let mut trainer =
+        Trainer::new(cfg.clone(), train, crate::data::DataSource::idx(std::path::Path::new("")), &opts.device)?;
     let params = trainer.table().total;
     let train_step_ms = time(opts.warmup, opts.iters, || {
         trainer.step(&batch);

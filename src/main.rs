@@ -6,7 +6,6 @@ use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use dits::data::default_data_dir;
 use dits::device::{DeviceKind, init_threads};
 use dits::diffusion::SamplerKind;
 use dits::distributed::data_parallel::DEFAULT_BUCKET_MIB;
@@ -45,10 +44,10 @@ struct EvalArgs {
     /// Images per class drawn from a checkpoint (N = 2,000 for ten classes).
     #[arg(long, default_value_t = 200)]
     per_class: usize,
-    /// Data set the samples imitate (MNIST layout) [default: a checkpoint's own data, else the
-    /// shipped MNIST].
-    #[arg(long)]
-    data: Option<PathBuf>,
+    /// The data set the samples imitate [default: a checkpoint's own data, else the shipped
+    /// MNIST].
+    #[command(flatten)]
+    data: dits::data::DataArgs,
     /// Where the trained classifier is cached [default: $XDG_CACHE_HOME/dits or ~/.cache/dits].
     #[arg(long)]
     cache: Option<PathBuf>,
@@ -76,9 +75,8 @@ struct Common {
 
 #[derive(Args, Clone)]
 struct TrainArgs {
-    /// Data set directory in the MNIST layout [default: the shipped MNIST].
-    #[arg(long)]
-    data: Option<PathBuf>,
+    #[command(flatten)]
+    data: dits::data::DataArgs,
     /// Run directory for checkpoints, metrics.jsonl and loss.png.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -155,9 +153,9 @@ struct SampleArgs {
     /// Output directory for <class>_<index>.png, grid.png and process.png.
     #[arg(long)]
     out: PathBuf,
-    /// Comma-separated classes [default: all].
+    /// Comma-separated classes, by id or by name (as the data set names them) [default: all].
     #[arg(long, value_delimiter = ',')]
-    classes: Option<Vec<usize>>,
+    classes: Option<Vec<String>>,
     /// Images per class.
     #[arg(long, default_value_t = 10)]
     per_class: usize,
@@ -385,11 +383,11 @@ fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
     let device = dits::device::device(a.common.device)?;
     // A checkpoint is sampled first, with `dits sample`'s defaults, into a directory removed after.
     let mut drawn = None;
-    let mut data = a.data.clone();
+    let mut data = if a.data.data.is_some() || a.data.has_options() { Some(a.data.source()?) } else { None };
     let samples = if is_checkpoint(&a.samples) {
         let ckpt = dits::train::checkpoint::resolve(&a.samples)?;
         let state: dits::train::RunState = serde_json::from_slice(&std::fs::read(ckpt.join("state.json"))?)?;
-        data = data.or_else(|| Some(PathBuf::from(&state.data_dir)));
+        data = data.or_else(|| Some(state.data_source()));
         let dir = std::env::temp_dir().join(format!("dits-eval-{}", std::process::id()));
         let opts = dits::sample::SampleOptions {
             checkpoint: a.samples.clone(),
@@ -421,7 +419,10 @@ fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
     };
     let opts = dits::eval::EvalOptions {
         samples,
-        data_dir: data.unwrap_or_else(default_data_dir),
+        data: match data {
+            Some(d) => d,
+            None => a.data.source()?,
+        },
         cache_dir: a.cache.unwrap_or_else(dits::eval::default_cache_dir),
         seed: a.seed,
         progress,

@@ -39,6 +39,8 @@ pub struct LoadedModel {
     pub config: DitConfig,
     pub schedule: NoiseSchedule,
     pub description: String,
+    /// The classes' names, index = label (the ids where the file carries none).
+    pub class_names: Vec<String>,
 }
 
 /// Which weights of a checkpoint to sample with.
@@ -68,6 +70,7 @@ pub fn load_model(path: &Path, which: WeightsKind, preset: &str, device: &Device
             model,
             schedule: NoiseSchedule::new(state.train.schedule, state.train.timesteps),
             description: format!("{} (step {}, {file})", dir.display(), state.step),
+            class_names: state.class_names(),
             config: state.model,
         });
     }
@@ -85,9 +88,29 @@ pub fn load_model(path: &Path, which: WeightsKind, preset: &str, device: &Device
         Some(s) => (s.model.clone(), NoiseSchedule::new(s.train.schedule, s.train.timesteps)),
         None => (DitConfig::preset(preset)?, NoiseSchedule::ddpm()),
     };
+    let class_names = match &state {
+        Some(s) => s.class_names(),
+        None => (0..config.classes).map(|i| i.to_string()).collect(),
+    };
     let mut model = DitNet::new(&config, device, 0);
     weights::load_weights_file(&mut model, path)?;
-    Ok(LoadedModel { model, config, schedule, description: path.display().to_string() })
+    Ok(LoadedModel { model, config, schedule, description: path.display().to_string(), class_names })
+}
+
+/// The label of `class`, given by name or by id.
+pub fn class_id(class: &str, names: &[String]) -> anyhow::Result<usize> {
+    if let Some(i) = names.iter().position(|n| n == class) {
+        return Ok(i);
+    }
+    match class.parse::<usize>() {
+        Ok(i) if i < names.len() => Ok(i),
+        Ok(i) => bail!("class {i} is outside the model's {} classes (0..{})", names.len(), names.len() - 1),
+        Err(_) => {
+            let shown: Vec<&str> = names.iter().take(12).map(String::as_str).collect();
+            let more = if names.len() > shown.len() { ", …" } else { "" };
+            bail!("unknown class {class:?}: the model's classes are {}{more}", shown.join(", "))
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -95,7 +118,8 @@ pub struct SampleOptions {
     pub checkpoint: PathBuf,
     pub out: PathBuf,
     /// None: every class.
-    pub classes: Option<Vec<usize>>,
+    /// Class ids or names (as the checkpoint names them); `None` for all.
+    pub classes: Option<Vec<String>>,
     pub per_class: usize,
     pub sampler: SamplerKind,
     /// DDIM's η, the generalised sampler's γ and μ.
@@ -142,13 +166,10 @@ pub fn run(opts: SampleOptions) -> anyhow::Result<SampleSummary> {
         denoiser = denoiser.within(&loaded.schedule.sigmas(), lo, hi)?;
     }
     let classes = match &opts.classes {
-        Some(c) => c.clone(),
+        Some(c) => c.iter().map(|c| class_id(c, &loaded.class_names)).collect::<anyhow::Result<Vec<_>>>()?,
         None => (0..cfg.classes).collect(),
     };
     ensure!(!classes.is_empty(), "--classes is empty");
-    if let Some(&bad) = classes.iter().find(|&&c| c >= cfg.classes) {
-        bail!("class {bad} is outside the model's {} classes (0..{})", cfg.classes, cfg.classes - 1);
-    }
     let steps = opts.steps.unwrap_or(DEFAULT_STEPS.min(loaded.schedule.timesteps()));
     let rule = StepRule::of(opts.sampler, opts.eta, opts.gamma, opts.mu)?;
     let chain = Chain::trailing(&loaded.schedule, steps, rule, opts.clip)?;

@@ -22,7 +22,7 @@ fn options_stopping(data: &Path, run: &Path, steps: u64, stop_after: Option<u64>
         Start::Resume(ResumeFlags { train: steps, ..Default::default() })
     } else {
         Start::New {
-            data_dir: data.to_path_buf(),
+            data: dits::data::DataSource::idx(data),
             // The default recipe: label dropout (hence a null label) and a decaying learning rate.
             model: DitConfig { null_class: true, ..DitConfig::mnist_dits() },
             train,
@@ -50,7 +50,9 @@ fn overfits_one_small_batch() {
     train.lr_decay = dits::train::LrDecay::None;
     train.label_dropout = 0.0;
     train.lr = 1e-3;
-    let mut trainer = Trainer::new(DitConfig::mnist_dits(), train, String::new(), &Device::flex()).unwrap();
+    let mut trainer =
+        Trainer::new(DitConfig::mnist_dits(), train, dits::data::DataSource::idx(Path::new("")), &Device::flex())
+            .unwrap();
     use rand::Rng;
     let mut rng = dits::rng::stream(1, dits::rng::Purpose::Bench, 0);
     let x0: Vec<f32> = (0..16 * 784).map(|_| rng.random_range(-1.0..1.0)).collect();
@@ -159,7 +161,8 @@ fn micro_batched_steps_equal_whole_batch_steps() {
         train.adam.eps = 1.0;
         train.lr = 0.1;
         let cfg = DitConfig { null_class: true, ..DitConfig::mnist_dits() };
-        let mut trainer = Trainer::new(cfg, train, String::new(), &Device::flex()).unwrap();
+        let mut trainer =
+            Trainer::new(cfg, train, dits::data::DataSource::idx(Path::new("")), &Device::flex()).unwrap();
         let losses: Vec<f32> = (0..3).map(|_| trainer.step_on(&x0, &labels, &t, eps.clone()).loss).collect();
         (losses, trainer.params().to_vec())
     };

@@ -11,4 +11,4 @@ pub mod source;
 
 pub use dataset::{ImageDataset, Split, default_data_dir};
 pub use loader::{Batch, BatchLoader, Position};
-pub use source::{DataFormat, DataSource};
+pub use source::{DataArgs, DataFormat, DataSource};

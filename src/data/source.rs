@@ -237,6 +237,37 @@ impl DataSource {
     }
 }
 
+/// The command-line flags that name a data set (`dits train`, `dits eval`).
+#[derive(Debug, Clone, Default, PartialEq, clap::Args)]
+pub struct DataArgs {
+    /// Data set: a directory of MNIST IDX files, class folders or CIFAR-10 batches, or a
+    /// file,label CSV [default: the shipped MNIST].
+    #[arg(long, value_name = "PATH")]
+    pub data: Option<PathBuf>,
+    /// The data's format, when the directory holds more than one.
+    #[arg(long, value_enum)]
+    pub format: Option<DataFormat>,
+    /// Resize image files to S×S (centre-cropping non-square ones; antialiased bilinear).
+    #[arg(long, value_name = "S")]
+    pub image_size: Option<usize>,
+    /// Share of the images held out for testing when the data has no test split.
+    #[arg(long, value_name = "F")]
+    pub val_fraction: Option<f64>,
+}
+
+impl DataArgs {
+    /// The data set these flags name (the shipped MNIST without `--data`).
+    pub fn source(&self) -> anyhow::Result<DataSource> {
+        let path = self.data.clone().unwrap_or_else(super::default_data_dir);
+        DataSource::new(&path, self.format, self.image_size, self.val_fraction)
+    }
+
+    /// Whether any flag besides `--data` was given.
+    pub fn has_options(&self) -> bool {
+        self.format.is_some() || self.image_size.is_some() || self.val_fraction.is_some()
+    }
+}
+
 /// `DIR/train` and `DIR/test` (or `DIR/val`) when both hold class folders.
 fn split_folders(dir: &Path) -> anyhow::Result<Option<(PathBuf, PathBuf)>> {
     let train = dir.join("train");

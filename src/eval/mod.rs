@@ -23,7 +23,7 @@ use fid::{FeatureStats, frechet_distance};
 #[derive(Debug, Clone)]
 pub struct EvalOptions {
     pub samples: PathBuf,
-    pub data_dir: PathBuf,
+    pub data: crate::data::DataSource,
     /// Where trained classifiers are kept, one per data set checksum.
     pub cache_dir: PathBuf,
     pub seed: u64,
@@ -92,9 +92,9 @@ struct ClassifierInfo {
 
 /// `dits eval`.
 pub fn run(opts: &EvalOptions) -> anyhow::Result<EvalReport> {
-    let train = ImageDataset::load(&opts.data_dir, Split::Train, 256)?;
-    let test = ImageDataset::load(&opts.data_dir, Split::Test, 256)?;
-    let classes = train.labels.iter().max().map_or(0, |&m| m as usize + 1);
+    let train = opts.data.load_with_progress(Split::Train, opts.progress)?;
+    let test = opts.data.load_with_progress(Split::Test, opts.progress)?;
+    let classes = train.classes.len();
     let samples = samples::read_dir(&opts.samples, classes, [train.channels, train.height, train.width])?;
     let (model, info, path) = classifier_for(&train, &test, classes, opts)?;
     let dims = [train.channels, train.height, train.width];
@@ -289,7 +289,7 @@ fn classifier_for(
     let cfg = ClassifierTraining { seed: opts.seed, ..ClassifierTraining::default() };
     tracing::info!(
         "training the evaluation classifier on {} ({} images, once per data set)",
-        opts.data_dir.display(),
+        opts.data.path.display(),
         train.len()
     );
     let bar = ProgressBar::with_draw_target(

@@ -4,6 +4,8 @@ use std::path::Path;
 
 use anyhow::{Context, bail, ensure};
 
+use crate::data::decode::decode;
+
 /// Images as `[n, C, H, W]` values in [-1, 1], and each one's intended class.
 pub struct SampleSet {
     pub images: Vec<f32>,
@@ -41,19 +43,25 @@ pub fn read_dir(dir: &Path, classes: usize, shape: [usize; 3]) -> anyhow::Result
         files.len()
     );
     let [c, h, w] = shape;
-    ensure!(c == 1, "only grayscale data sets are supported, this one has {c} channels");
-    let mut images = Vec::with_capacity(files.len() * h * w);
+    let mut images = Vec::with_capacity(files.len() * c * h * w);
     let mut labels = Vec::with_capacity(files.len());
     for (name, class) in files {
         let path = dir.join(&name);
         if class >= classes {
             bail!("{}: class {class} is outside the data set's {classes} classes", path.display());
         }
-        let img = image::open(&path).with_context(|| format!("{}: not a readable PNG", path.display()))?.into_luma8();
-        if (img.width() as usize, img.height() as usize) != (w, h) {
-            bail!("{}: {}×{} pixels, the data set's images are {w}×{h}", path.display(), img.width(), img.height());
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let img = decode(&bytes, None).with_context(|| format!("{}: not a readable PNG", path.display()))?;
+        if (img.channels, img.height, img.width) != (c, h, w) {
+            bail!(
+                "{}: {}×{}×{} pixels, the data set's images are {c}×{h}×{w}",
+                path.display(),
+                img.channels,
+                img.height,
+                img.width
+            );
         }
-        images.extend(img.as_raw().iter().map(|&p| p as f32 / 127.5 - 1.0));
+        images.extend(img.data.iter().map(|&p| p as f32 / 127.5 - 1.0));
         labels.push(class);
     }
     Ok(SampleSet { images, labels })

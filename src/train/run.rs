@@ -106,7 +106,7 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
         if resuming && run_dir.is_dir() {
             run_lock = Some(lock_run_dir(run_dir)?);
         }
-        let Resolved { trainer, data } = start::resolve(&opts.start, run_dir, &opts.device)?;
+        let Resolved { trainer, data } = start::resolve(&opts.start, run_dir, &opts.device, opts.progress)?;
         lead_data = Some(data);
         Ok(trainer)
     });

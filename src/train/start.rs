@@ -15,14 +15,14 @@ use super::recipe::{ModelOverrides, RecipeFile, TrainOverrides};
 use super::run_dir::ensure_no_run;
 use super::state::RunState;
 use super::step::Trainer;
-use crate::data::{BatchLoader, ImageDataset, Split, default_data_dir, loader::batches_per_epoch};
+use crate::data::{BatchLoader, DataArgs, DataSource, ImageDataset, Split, loader::batches_per_epoch};
 use crate::model::DitConfig;
 
 /// How a run starts.
 #[derive(Debug, Clone)]
 pub enum Start {
-    /// A new run of `model` on the data in `data_dir`.
-    New { data_dir: PathBuf, model: DitConfig, train: TrainConfig, length: Length },
+    /// A new run of `model` on `data`; the model's image shape and class count follow the data.
+    New { data: DataSource, model: DitConfig, train: TrainConfig, length: Length },
     /// The run in the run directory, continued from its latest checkpoint.
     Resume(ResumeFlags),
 }
@@ -33,7 +33,7 @@ pub enum Start {
 pub struct ResumeFlags {
     /// `--out`, which must name the run being resumed.
     pub out: Option<PathBuf>,
-    pub data: Option<PathBuf>,
+    pub data: DataArgs,
     pub model: ModelOverrides,
     pub train: TrainOverrides,
 }
@@ -42,7 +42,7 @@ impl Start {
     /// A new run from the recipe's three sources, each overriding the one before: the defaults,
     /// the TOML file `config`, the flags.
     pub fn new_run(
-        data: Option<PathBuf>,
+        data: DataArgs,
         config: Option<&Path>,
         model: ModelOverrides,
         train: TrainOverrides,
@@ -57,7 +57,7 @@ impl Start {
         let train = overrides.apply(TrainConfig::default())?;
         let mut model = model.or(file.model).resolve()?;
         model.null_class = train.label_dropout > 0.0;
-        Ok(Start::New { data_dir: data.unwrap_or_else(default_data_dir), model, train, length })
+        Ok(Start::New { data: data.source()?, model, train, length })
     }
 }
 
@@ -68,12 +68,15 @@ pub(super) struct Resolved {
 }
 
 /// Rank 0's side of a start: the trainer of `start` in `run_dir`, checked once.
-pub(super) fn resolve(start: &Start, run_dir: &Path, device: &Device) -> anyhow::Result<Resolved> {
+pub(super) fn resolve(start: &Start, run_dir: &Path, device: &Device, progress: bool) -> anyhow::Result<Resolved> {
     match start {
-        Start::New { data_dir, model, train, length } => {
+        Start::New { data: source, model, train, length } => {
             ensure_no_run(run_dir)?;
-            let mut trainer = Trainer::new(model.clone(), train.clone(), data_dir.display().to_string(), device)?;
-            let data = open_data(&trainer.state)?;
+            let ds = source.load_with_progress(Split::Train, progress)?;
+            let model = fit_to_data(model, &ds, source)?;
+            let mut trainer = Trainer::new(model, train.clone(), source.clone(), device)?;
+            trainer.state.class_names = ds.classes.clone();
+            let data = checked_data(ds, &trainer.state)?;
             trainer.state.train.total_steps = length.steps(data.1);
             trainer.state.budget = length.budget();
             Ok(Resolved { trainer, data })
@@ -111,8 +114,11 @@ fn resumed_settings(
     if let Some(out) = &flags.out {
         ensure!(out == run_dir, "--out {} differs from --resume {}", out.display(), run_dir.display());
     }
-    if flags.data.as_ref().is_some_and(|d| d.display().to_string() != saved.data_dir) {
-        bail!("--data differs from the run being resumed ({}); a resumed run keeps its data", saved.data_dir);
+    if flags.data.data.as_ref().is_some_and(|d| d.display().to_string() != saved.data_dir) || flags.data.has_options() {
+        bail!(
+            "--data and its options differ from the run being resumed ({}); a resumed run keeps its data",
+            saved.data_dir
+        );
     }
     let o = &flags.train;
     let fixed = TrainOverrides {
@@ -140,8 +146,28 @@ fn resumed_settings(
 /// The training split of a run's data, checked against its model and batch, with the number of
 /// steps in an epoch.
 pub(super) fn open_data(state: &RunState) -> anyhow::Result<(Arc<ImageDataset>, u64)> {
+    checked_data(state.data_source().load(Split::Train)?, state)
+}
+
+/// The model `model` shaped for the data: its channels, image side and class count are the
+/// data's (the sizes of the preset and flags stay).
+fn fit_to_data(model: &DitConfig, ds: &ImageDataset, source: &DataSource) -> anyhow::Result<DitConfig> {
+    let fitted = DitConfig { channels: ds.channels, image_size: ds.height, classes: ds.classes.len(), ..model.clone() };
+    fitted.validate().map_err(|e| {
+        anyhow::anyhow!("{}: images are {}×{}×{}: {e}", source.path.display(), ds.channels, ds.height, ds.width)
+    })?;
+    Ok(fitted)
+}
+
+fn checked_data(ds: ImageDataset, state: &RunState) -> anyhow::Result<(Arc<ImageDataset>, u64)> {
     let (dir, cfg) = (Path::new(&state.data_dir), &state.model);
-    let ds = ImageDataset::load(dir, Split::Train, cfg.classes)?;
+    ensure!(
+        ds.classes.len() <= cfg.classes,
+        "{}: {} classes, the model has {}",
+        dir.display(),
+        ds.classes.len(),
+        cfg.classes
+    );
     ensure!(
         ds.height == cfg.image_size && ds.width == cfg.image_size && ds.channels == cfg.channels,
         "{}: images are {}×{}×{}, the model expects {}×{}×{}",

@@ -8,6 +8,7 @@ use super::budget::TimeBudget;
 use super::config::TrainConfig;
 use super::params::ParamTable;
 use super::precision::LossScale;
+use crate::data::DataSource;
 use crate::model::DitConfig;
 
 /// The version of `state.json` this build writes and reads.
@@ -37,6 +38,13 @@ pub struct RunState {
     /// Training wall-clock seconds so far (for throughput across resumes).
     pub elapsed_s: f64,
     pub data_dir: String,
+    /// The data set in full (format, resize, hold-out); `None` in checkpoints written before
+    /// dits read other formats, which trained on IDX files in `data_dir`.
+    #[serde(default)]
+    pub data: Option<DataSource>,
+    /// The classes' names, index = label (empty in older checkpoints: the label ids).
+    #[serde(default)]
+    pub class_names: Vec<String>,
     /// Parameter layout of the flat optimizer vectors.
     pub params: ParamTable,
     /// The run's time budget (`--minutes`), `None` for a length in steps or epochs.
@@ -50,7 +58,21 @@ pub struct RunState {
 }
 
 impl RunState {
-    pub fn new(model: DitConfig, train: TrainConfig, params: ParamTable, data_dir: String) -> Self {
+    /// The run's data set.
+    pub fn data_source(&self) -> DataSource {
+        self.data.clone().unwrap_or_else(|| DataSource::idx(std::path::Path::new(&self.data_dir)))
+    }
+
+    /// The name of each class (the ids where the checkpoint has none).
+    pub fn class_names(&self) -> Vec<String> {
+        if self.class_names.len() == self.model.classes {
+            self.class_names.clone()
+        } else {
+            (0..self.model.classes).map(|i| i.to_string()).collect()
+        }
+    }
+
+    pub fn new(model: DitConfig, train: TrainConfig, params: ParamTable, data: DataSource) -> Self {
         let rng_seed = train.seed;
         let loss_scale = train.precision.scales_loss().then(|| LossScale::new(train.loss_scale_power));
         Self {
@@ -63,7 +85,9 @@ impl RunState {
             rng_seed,
             rng_scheme: RNG_SCHEME.to_string(),
             elapsed_s: 0.0,
-            data_dir,
+            data_dir: data.path.display().to_string(),
+            class_names: Vec::new(),
+            data: Some(data),
             params,
             loss_scale,
             budget: None,

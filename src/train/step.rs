@@ -18,7 +18,7 @@ use super::pipeline::Stage;
 use super::sequence_parallel::shard_loss;
 use super::state::RunState;
 use super::tp_layout::TpLayout;
-use crate::data::Batch;
+use crate::data::{Batch, DataSource};
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::distributed::data_parallel::{DataParallel, ZeroStage};
 use crate::distributed::partition::Partition;
@@ -86,7 +86,7 @@ pub struct StepOutcome {
 
 impl Trainer {
     /// A fresh model, initialised from the run's seed. `device` gets autodiff.
-    pub fn new(model_cfg: DitConfig, train: TrainConfig, data_dir: String, device: &Device) -> anyhow::Result<Self> {
+    pub fn new(model_cfg: DitConfig, train: TrainConfig, data: DataSource, device: &Device) -> anyhow::Result<Self> {
         model_cfg.validate()?;
         train.validate()?;
         ensure!(
@@ -99,7 +99,7 @@ impl Trainer {
         let params = table.read_values(&model);
         let adam = AdamState::new(table.total);
         let ema = params.clone();
-        let state = RunState::new(model_cfg, train, table.clone(), data_dir);
+        let state = RunState::new(model_cfg, train, table.clone(), data);
         Ok(Self::assemble(device, model, table, params, adam, ema, state))
     }
 
