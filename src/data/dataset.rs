@@ -98,6 +98,13 @@ impl ImageDataset {
     }
 }
 
+/// The class count of an IDX data set: one past the highest training label (a test split may
+/// lack the highest class). Reads the labels file only.
+pub fn idx_class_count(dir: &Path) -> anyhow::Result<usize> {
+    let labels = read_idx_file(&find_file(dir, "train-labels-idx1-ubyte")?, 1)?;
+    Ok(labels.data.iter().max().map_or(0, |&m| m as usize + 1))
+}
+
 /// Whether `dir` holds MNIST-layout training images.
 pub fn idx_present(dir: &Path) -> bool {
     find_file(dir, "train-images-idx3-ubyte").is_ok()

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::cifar;
-use super::dataset::{ImageDataset, Split, idx_present};
+use super::dataset::{ImageDataset, Split, idx_class_count, idx_present};
 use super::decode::{Pixels, decode};
 use super::file_list::{Entry, FileList, list_csv, list_folder, read_class_names, subdirectories};
 use crate::rng::{Purpose, stream};
@@ -99,6 +99,19 @@ impl DataSource {
 
     /// [`Self::load`], with a progress bar on stderr while many image files decode.
     pub fn load_with_progress(&self, split: Split, progress: bool) -> anyhow::Result<ImageDataset> {
+        let ds = self.read(split, progress)?;
+        ensure!(!ds.is_empty(), "{}: the {split:?} split holds no images", self.path.display());
+        if let Some((i, &l)) = ds.labels.iter().enumerate().find(|&(_, &l)| l as usize >= ds.classes.len()) {
+            bail!(
+                "{}: image {i} of the {split:?} split has label {l}, outside the {} classes",
+                self.path.display(),
+                ds.classes.len()
+            );
+        }
+        Ok(ds)
+    }
+
+    fn read(&self, split: Split, progress: bool) -> anyhow::Result<ImageDataset> {
         let dir = &self.path;
         match self.format {
             DataFormat::Idx => {
@@ -107,9 +120,7 @@ impl DataSource {
                 let mut ds = ImageDataset::load(dir, split, limit)?;
                 ds.classes = match names {
                     Some(names) => names,
-                    // A test split may lack the highest class: the training labels count them.
-                    None if split == Split::Test => ImageDataset::load(dir, Split::Train, limit)?.classes,
-                    None => ds.classes,
+                    None => (0..idx_class_count(dir)?).map(|i| i.to_string()).collect(),
                 };
                 Ok(ds)
             }
@@ -186,7 +197,7 @@ impl DataSource {
             })
             .collect::<anyhow::Result<_>>()?;
         bar.finish_and_clear();
-        let first = &decoded[0];
+        let Some(first) = decoded.first() else { bail!("{}: no images", self.path.display()) };
         let shape = |p: &Pixels| (p.channels, p.height, p.width);
         if let Some(i) = decoded.iter().position(|p| p.channels != first.channels) {
             bail!(
@@ -456,6 +467,10 @@ mod tests {
         write("t10k", &[1]);
         let s = source(d.path());
         assert_eq!(s.load(Split::Test).unwrap().classes.len(), 5);
+        write("t10k", &[5]);
+        let err = s.load(Split::Test).unwrap_err().to_string();
+        assert!(err.contains("label 5, outside the 5 classes"), "{err}");
+        write("t10k", &[1]);
         std::fs::write(d.path().join("classes.txt"), "a\nb\nc\nd\ne\nf\n").unwrap();
         assert_eq!(s.load(Split::Train).unwrap().classes[5], "f");
     }
