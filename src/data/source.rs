@@ -319,6 +319,26 @@ fn csv_names(dir: &Path) -> anyhow::Result<Vec<String>> {
     Ok(names)
 }
 
+/// Whether the directory's CSV (as [`csv_files`] picks it) names an existing file in one of its
+/// first rows.
+fn csv_lists_files(dir: &Path) -> bool {
+    let Ok((csv_path, _)) = csv_files(dir) else { return false };
+    let Ok(mut reader) = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_path(&csv_path) else {
+        return false;
+    };
+    let base = csv_path.parent().unwrap_or(Path::new("."));
+    reader.records().take(2).filter_map(Result::ok).any(|r| r.get(0).is_some_and(|f| base.join(f.trim()).is_file()))
+}
+
+/// Whether any subfolder holds an image file (a class folder, or `train/<class>/`).
+fn holds_images(dir: &Path) -> bool {
+    walkdir::WalkDir::new(dir)
+        .min_depth(2)
+        .into_iter()
+        .filter_map(Result::ok)
+        .any(|e| e.file_type().is_file() && super::file_list::is_image_name(e.path()))
+}
+
 fn optional_names(path: &Path) -> anyhow::Result<Option<Vec<String>>> {
     path.is_file().then(|| read_class_names(path)).transpose()
 }
@@ -342,12 +362,11 @@ pub fn detect(path: &Path) -> anyhow::Result<DataFormat> {
     if cifar::is_cifar_dir(path) {
         found.push(DataFormat::Cifar10);
     }
-    if path.join("train.csv").is_file() || !csv_names(path)?.is_empty() {
+    // A CSV that lists files makes the directory a CSV data set, even though the files it lists
+    // usually sit in subfolders; a stray metadata CSV beside class folders does not.
+    if csv_lists_files(path) {
         found.push(DataFormat::Csv);
-    }
-    if !subdirectories(path)?.is_empty()
-        && list_folder(split_folders(path)?.map_or(path.to_path_buf(), |s| s.0).as_path(), None).is_ok()
-    {
+    } else if holds_images(path) {
         found.push(DataFormat::Folder);
     }
     match found.as_slice() {
@@ -386,10 +405,19 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         gray(&d.path().join("folder/cat/1.png"), 2, 0);
         assert_eq!(detect(&d.path().join("folder")).unwrap(), DataFormat::Folder);
-        std::fs::write(d.path().join("folder/list.csv"), "cat/1.png,0\n").unwrap();
+        // A metadata CSV beside class folders leaves them a folder; a CSV listing files is a list.
+        std::fs::write(d.path().join("folder/notes.csv"), "id,comment\n1,fine\n").unwrap();
+        assert_eq!(detect(&d.path().join("folder")).unwrap(), DataFormat::Folder);
+        std::fs::write(d.path().join("folder/notes.csv"), "cat/1.png,0\n").unwrap();
+        assert_eq!(detect(&d.path().join("folder")).unwrap(), DataFormat::Csv);
+        assert_eq!(detect(&d.path().join("folder/notes.csv")).unwrap(), DataFormat::Csv);
+        // IDX files beside class folders: two formats, so --format decides.
+        for f in ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"] {
+            std::fs::write(d.path().join("folder").join(f), b"").unwrap();
+        }
+        std::fs::remove_file(d.path().join("folder/notes.csv")).unwrap();
         let err = detect(&d.path().join("folder")).unwrap_err().to_string();
-        assert!(err.contains("csv, folder") && err.contains("--format"), "{err}");
-        assert_eq!(detect(&d.path().join("folder/list.csv")).unwrap(), DataFormat::Csv);
+        assert!(err.contains("idx, folder") && err.contains("--format"), "{err}");
         std::fs::create_dir(d.path().join("cifar")).unwrap();
         std::fs::write(d.path().join("cifar/data_batch_1.bin"), [0u8; 3073]).unwrap();
         assert_eq!(detect(&d.path().join("cifar")).unwrap(), DataFormat::Cifar10);
