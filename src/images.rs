@@ -1,7 +1,9 @@
-//! Model tensors in [-1, 1] to 8-bit images, and image grids.
+//! Model tensors in [-1, 1] to 8-bit images, and image grids (their rows labelled with class
+//! names in the embedded DejaVu Sans, so a grid reads the same on every machine).
 
 use std::path::Path;
 
+use ab_glyph::{Font, FontRef, PxScale, ScaleFont, point};
 use anyhow::{Context, ensure};
 use image::{DynamicImage, GrayImage, RgbImage};
 
@@ -64,6 +66,49 @@ pub fn grid(rows: &[Vec<FloatImage>], pad: usize) -> anyhow::Result<FloatImage> 
     Ok(FloatImage { channels: c, height: gh, width: gw, data })
 }
 
+/// `grid` (rows `pitch` pixels apart, starting `pad` below the top) with a margin on the left
+/// holding each row's name, white on black, vertically centred on its row.
+pub fn label_rows(grid: &FloatImage, names: &[String], pitch: usize, pad: usize) -> FloatImage {
+    let font = FontRef::try_from_slice(dejavu::sans::regular()).expect("the embedded font parses");
+    let px = (pitch as f32 * 0.5).clamp(9.0, 20.0);
+    let scaled = font.as_scaled(PxScale::from(px));
+    let advance = |s: &str| s.chars().map(|c| scaled.h_advance(font.glyph_id(c))).sum::<f32>();
+    let margin = names.iter().map(|n| advance(n)).fold(0f32, f32::max).ceil() as usize + 3 * pad.max(2);
+    let (c, h, w) = (grid.channels, grid.height, grid.width + margin);
+    let mut data = vec![-1.0f32; c * h * w];
+    for ch in 0..c {
+        for y in 0..grid.height {
+            let src = &grid.data[ch * grid.height * grid.width + y * grid.width..][..grid.width];
+            data[ch * h * w + y * w + margin..][..grid.width].copy_from_slice(src);
+        }
+    }
+    // Text height from the font's ascent and descent, centred on the row's images.
+    let text_h = scaled.ascent() - scaled.descent();
+    for (r, name) in names.iter().enumerate() {
+        let row_mid = (pad + r * pitch) as f32 + (pitch - pad) as f32 / 2.0;
+        let baseline = row_mid - text_h / 2.0 + scaled.ascent();
+        let mut x = pad.max(2) as f32;
+        for ch_char in name.chars() {
+            let id = font.glyph_id(ch_char);
+            if let Some(outline) = font.outline_glyph(id.with_scale_and_position(px, point(x, baseline))) {
+                let b = outline.px_bounds();
+                outline.draw(|gx, gy, coverage| {
+                    let (px_x, px_y) = (b.min.x as i64 + gx as i64, b.min.y as i64 + gy as i64);
+                    if px_x < 0 || px_y < 0 || px_x as usize >= margin || px_y as usize >= h {
+                        return;
+                    }
+                    for plane in 0..c {
+                        let v = &mut data[plane * h * w + px_y as usize * w + px_x as usize];
+                        *v = v.max(coverage.clamp(0.0, 1.0) * 2.0 - 1.0);
+                    }
+                });
+            }
+            x += scaled.h_advance(id);
+        }
+    }
+    FloatImage { channels: c, height: h, width: w, data }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,5 +122,27 @@ mod tests {
         assert_eq!(g.data[g.width + 1], 1.0); // first image
         assert_eq!(g.data[0], -1.0); // padding
         assert_eq!(g.data[4 * g.width + 1], 0.0); // second row
+    }
+
+    #[test]
+    fn row_labels_are_drawn_in_a_left_margin_beside_their_rows() {
+        let img = |v: f32| FloatImage { channels: 3, height: 28, width: 28, data: vec![v; 3 * 28 * 28] };
+        let g = grid(&[vec![img(0.0)], vec![img(0.0)]], 2).unwrap();
+        let names = vec!["cat".to_string(), "ankle boot".to_string()];
+        let l = label_rows(&g, &names, 30, 2);
+        let margin = l.width - g.width;
+        assert!(margin > 30 && l.height == g.height, "{margin}");
+        // The grid is unchanged to the right of the margin.
+        assert_eq!(l.data[margin + 5 * l.width + 5], g.data[5 * g.width + 5]);
+        // Ink in each row's part of the margin, and in no other part of it.
+        let ink = |y0: usize, y1: usize| (y0..y1).any(|y| (0..margin).any(|x| l.data[y * l.width + x] > 0.0));
+        assert!(ink(2, 30) && ink(32, 60));
+        assert!(!ink(0, 1) && !ink(61, 62));
+        // The longer name reaches further right.
+        let reach = |y0: usize, y1: usize| {
+            let inked = |x: usize| (y0..y1).any(|y| l.data[y * l.width + x] > 0.0);
+            (0..margin).filter(|&x| inked(x)).max().unwrap()
+        };
+        assert!(reach(32, 60) > reach(2, 30) + 10);
     }
 }

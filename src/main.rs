@@ -77,6 +77,8 @@ struct Common {
 struct TrainArgs {
     #[command(flatten)]
     data: dits::data::DataArgs,
+    #[command(flatten)]
+    loader: dits::data::loader::LoaderArgs,
     /// Run directory for checkpoints, metrics.jsonl and loss.png.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -298,6 +300,7 @@ fn with_defaults(cmd: clap::Command) -> clap::Command {
 
 fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
     let threads = init_threads(a.common.threads)?;
+    anyhow::ensure!(a.loader.decode_threads > 0, "--decode-threads must be at least 1");
     let spec = WorldSpec {
         dist: a.dist.dist,
         ranks: a.dist.ranks,
@@ -324,6 +327,7 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
         device,
         grid,
         detect_anomaly: a.detect_anomaly,
+        loader: a.loader,
     })?;
     if s.rank == 0 {
         let ranks = if s.ranks > 1 { format!("{} ranks × ", s.ranks) } else { String::new() };

@@ -24,6 +24,8 @@ pub enum Purpose {
     JudgeAugment = 6,
     /// Which images of an unsplit data set are held out for testing (a fixed seed, index 0).
     Holdout = 7,
+    /// Which training images `--hflip` mirrors in one epoch (index = epoch).
+    Flip = 8,
 }
 
 /// The generator for `(seed, purpose, index)`.

@@ -1,5 +1,5 @@
-//! `dits sample`: images for chosen classes to `<class>_<index>.png`, a grid (a row per class)
-//! and the denoising process (a row per class, columns from noise to image).
+//! `dits sample`: images for chosen classes to `<class>_<index>.png`, a grid (a row per class,
+//! named) and the denoising process (a row per class, columns from noise to image).
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use crate::diffusion::guidance::Guided;
 use crate::diffusion::sampler::{Chain, Clip, ImageNoise, SamplerKind, StepRule, sample_batch};
 use crate::diffusion::schedule::NoiseSchedule;
-use crate::images::{FloatImage, grid};
+use crate::images::{FloatImage, grid, label_rows};
 use crate::model::{DitConfig, DitNet, weights};
 use crate::train::checkpoint;
 
@@ -255,8 +255,12 @@ pub fn run(opts: SampleOptions) -> anyhow::Result<SampleSummary> {
     }
     bar.finish_and_clear();
     let elapsed = start.elapsed().as_secs_f64();
-    grid(&finals, 2)?.save_png(&opts.out.join("grid.png"))?;
-    grid(&process, 2)?.save_png(&opts.out.join("process.png"))?;
+    // Rows named after their classes (the ids where the data has no names).
+    let names: Vec<String> =
+        classes.iter().map(|&c| loaded.class_names.get(c).cloned().unwrap_or_else(|| c.to_string())).collect();
+    let pitch = shape[1] + 2;
+    label_rows(&grid(&finals, 2)?, &names, pitch, 2).save_png(&opts.out.join("grid.png"))?;
+    label_rows(&grid(&process, 2)?, &names, pitch, 2).save_png(&opts.out.join("process.png"))?;
     Ok(SampleSummary { images: jobs.len(), images_per_s: jobs.len() as f64 / elapsed.max(1e-9), out: opts.out })
 }
 

@@ -1,13 +1,17 @@
 //! Your own images, end to end: the same images as IDX files, as an image folder and as a CSV
 //! give identical training batches; a coloured set trains, samples in colour and is judged;
-//! CIFAR-10 files load to their pixels and train; hostile data is one `error:` line before
-//! anything is written.
+//! CIFAR-10 files load to their pixels and train; a set streamed from its files trains what the
+//! same set in memory trains, resumes exactly and runs on several processes; hostile data is one
+//! `error:` line before anything is written.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use dits::data::ImageStore;
 use dits::data::idx::encode_idx;
-use dits::data::loader::{Position, epoch_order, make_batch};
+use dits::data::loader::{Epoch, Position, epoch_order, make_batch};
 use dits::data::{DataSource, ImageDataset, Split};
 use image::{GrayImage, RgbImage};
 
@@ -55,13 +59,14 @@ fn write_idx(dir: &Path, prefix: &str, ds: &ImageDataset) {
 
 /// The first batches of two epochs, as the trainer's loader builds them.
 fn batches(ds: &ImageDataset, seed: u64) -> Vec<(Vec<f32>, Vec<u8>)> {
+    let store = ImageStore::Memory(ds.clone());
     (0..2)
         .flat_map(|epoch| {
             let order = epoch_order(ds.len(), seed, epoch);
             (0..3).map(move |index| (order.clone(), Position { epoch, index }))
         })
         .map(|(order, pos)| {
-            let b = make_batch(ds, &order, 32, pos);
+            let b = make_batch(&store, &Epoch { order, flips: None }, 32, pos).unwrap();
             (b.images, b.labels)
         })
         .collect()
@@ -280,4 +285,55 @@ fn hostile_data_is_one_error_line_naming_the_file_before_anything_is_written() {
     RgbImage::new(30, 30).save(&gray).unwrap();
     assert!(error_line(&train("set")).contains("--image-size"));
     assert!(!dir.join("run").exists());
+}
+
+/// The weights and moving average a run wrote at `step`.
+fn weights(run: &Path, step: u64) -> (Vec<u8>, Vec<u8>) {
+    let at = |f: &str| std::fs::read(run.join(format!("checkpoints/step-{step:08}/{f}.safetensors"))).unwrap();
+    (at("model"), at("ema"))
+}
+
+#[test]
+fn a_streamed_folder_trains_as_in_memory_with_flips_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    common::write_toy_folder(&dir.join("data"), 40);
+    let train = |out: &str, extra: &[&str]| {
+        let flags = ["--steps", "7", "--batch", "8", "--hflip", "--checkpoint-every", "1", "--threads", "1"];
+        let args = common::train_args(out, &[&flags[..], &["--no-progress", "--log-every", "1"], extra].concat());
+        ok(&dits(&args.iter().map(String::as_str).collect::<Vec<_>>(), dir))
+    };
+    let memory = train("memory", &[]);
+    assert!(memory.contains("images in memory"), "{memory}");
+    let streamed = train("streamed", &["--data-memory", "0", "--decode-threads", "3"]);
+    assert!(streamed.contains("40 image files streamed, decoded on 3 threads"), "{streamed}");
+    assert_eq!(weights(&dir.join("streamed"), 7), weights(&dir.join("memory"), 7));
+
+    // Stopped within the first epoch (5 batches of 8), resumed with another thread count.
+    train("resumed", &["--data-memory", "0", "--decode-threads", "1", "--stop-after", "3"]);
+    let resume = ["train", "--resume", "resumed", "--data-memory", "0", "--decode-threads", "2", "--threads", "1"];
+    ok(&dits(&[&resume[..], &["--no-progress"]].concat(), dir));
+    assert_eq!(weights(&dir.join("resumed"), 7), weights(&dir.join("memory"), 7));
+
+    // The flips are real: without them the run differs.
+    let plain = ["train", "--data", "data", "--out", "plain", "--steps", "7", "--batch", "8", "--threads", "1"];
+    ok(&dits(&[&plain[..], &["--checkpoint-every", "1", "--no-progress"]].concat(), dir));
+    assert_ne!(weights(&dir.join("plain"), 7).0, weights(&dir.join("memory"), 7).0);
+}
+
+#[test]
+fn a_streamed_file_broken_before_a_resume_is_found_by_its_check_and_the_checkpoint_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    common::write_toy_folder(&dir.join("data"), 16);
+    let args = common::train_args("run", &["--steps", "2", "--batch", "16", "--data-memory", "0", "--no-progress"]);
+    ok(&dits(&args.iter().map(String::as_str).collect::<Vec<_>>(), dir));
+    std::fs::write(dir.join("data/train/3/0003.png"), b"gone").unwrap();
+    let resume = dits(&["train", "--resume", "run", "--steps", "4", "--data-memory", "0", "--no-progress"], dir);
+    // The resumed run checks every file again before its first step (a file breaking during
+    // the run is the loader's unit test).
+    let line = error_line(&resume);
+    assert!(line.contains("3/0003.png"), "{line}");
+    assert!(dir.join("run/checkpoints/step-00000002/model.safetensors").is_file());
+    assert!(!dir.join("run/checkpoints/step-00000003").exists());
 }

@@ -516,3 +516,22 @@ fn ulysses_rank() {
     assert!(dy <= 1e-5 && dx <= 1e-5 && dp <= 1e-5, "Ulysses block differs from the single-rank block");
     println!("ulysses rank ok");
 }
+
+/// An image folder, streamed from its files on every rank and mirrored by `--hflip`, trains on
+/// two ranks what it trains on one, and the run resumes on one process.
+#[test]
+fn a_streamed_image_folder_on_two_ranks_equals_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    common::write_toy_folder(&dir.join("data"), 40);
+    let streamed = ["--hflip", "--data-memory", "0", "--decode-threads", "2"];
+    dits(dir, &with(train_args("one", 4), &[&streamed[..], &["--micro-batches", "2"]].concat()));
+    let text = mpirun(dir, 2, &with(train_args("two", 4), &[&streamed[..], &["--micro-batches", "1"]].concat()));
+    assert!(text.contains("2 ranks") && text.contains("40 image files streamed"), "{text}");
+    for step in [2, 4] {
+        let d = assert_same_checkpoint(dir, "one", "two", step);
+        eprintln!("folder, 2 ranks, step {step}: max |Δ| = {d}");
+    }
+    dits(dir, &["train".into(), "--resume".into(), "two".into(), "--steps".into(), "6".into(), "--no-progress".into()]);
+    assert!(dir.join("two/checkpoints/step-00000006/model.safetensors").is_file());
+}

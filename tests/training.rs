@@ -38,6 +38,7 @@ fn options_stopping(data: &Path, run: &Path, steps: u64, stop_after: Option<u64>
         device: Device::flex(),
         grid: Default::default(),
         detect_anomaly: false,
+        loader: Default::default(),
     }
 }
 

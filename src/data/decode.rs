@@ -139,4 +139,39 @@ mod tests {
         let same = decode(&png(DynamicImage::ImageLuma8(ImageBuffer::from_pixel(4, 4, Luma([9u8])))), Some(4)).unwrap();
         assert_eq!(same.data, vec![9; 16]);
     }
+
+    /// The fuzz target's property (fuzz/fuzz_targets/image.rs) on seeded mutations of real
+    /// files, run with the tests: truncations, flipped bytes and overwritten runs of a PNG and
+    /// a JPEG are errors or well-formed images, never panics.
+    #[test]
+    fn damaged_png_and_jpeg_files_are_errors_or_well_formed_images() {
+        use rand::{Rng, SeedableRng};
+        let rgb = ImageBuffer::from_fn(12, 9, |x, y| Rgb([(x * 20) as u8, (y * 25) as u8, 90]));
+        let mut jpeg = Vec::new();
+        DynamicImage::ImageRgb8(rgb.clone()).write_to(&mut Cursor::new(&mut jpeg), image::ImageFormat::Jpeg).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(19);
+        for file in [png(DynamicImage::ImageRgb8(rgb)), jpeg] {
+            for _ in 0..300 {
+                let mut bytes = file.clone();
+                match rng.random_range(0..3) {
+                    0 => bytes.truncate(rng.random_range(0..bytes.len())),
+                    1 => (0..4).for_each(|_| {
+                        let i = rng.random_range(0..bytes.len());
+                        bytes[i] ^= 1 << rng.random_range(0..8);
+                    }),
+                    _ => {
+                        let i = rng.random_range(0..bytes.len());
+                        let end = (i + rng.random_range(1..32)).min(bytes.len());
+                        bytes[i..end].fill(rng.random());
+                    }
+                }
+                for size in [None, Some(5)] {
+                    if let Ok(p) = decode(&bytes, size) {
+                        assert_eq!(p.data.len(), p.channels * p.height * p.width);
+                        assert!(p.channels == 1 || p.channels == 3);
+                    }
+                }
+            }
+        }
+    }
 }

@@ -14,6 +14,7 @@ use super::cifar;
 use super::dataset::{ImageDataset, Split, idx_class_count, idx_present};
 use super::decode::{Pixels, decode};
 use super::file_list::{Entry, FileList, list_csv, list_folder, read_class_names, subdirectories};
+use super::store::{ImageStore, StreamedFiles};
 use crate::rng::{Purpose, stream};
 
 /// The data layouts `--data` reads.
@@ -92,26 +93,44 @@ impl DataSource {
         Self { path: path.to_path_buf(), format: DataFormat::Idx, image_size: None, val_fraction: DEFAULT_VAL_FRACTION }
     }
 
-    /// One split, validated in full: every file decoded, one channel count, one size.
+    /// One split in memory, validated in full: every file decoded, one channel count, one size.
     pub fn load(&self, split: Split) -> anyhow::Result<ImageDataset> {
         self.load_with_progress(split, false)
     }
 
     /// [`Self::load`], with a progress bar on stderr while many image files decode.
     pub fn load_with_progress(&self, split: Split, progress: bool) -> anyhow::Result<ImageDataset> {
-        let ds = self.read(split, progress)?;
-        ensure!(!ds.is_empty(), "{}: the {split:?} split holds no images", self.path.display());
-        if let Some((i, &l)) = ds.labels.iter().enumerate().find(|&(_, &l)| l as usize >= ds.classes.len()) {
-            bail!(
-                "{}: image {i} of the {split:?} split has label {l}, outside the {} classes",
-                self.path.display(),
-                ds.classes.len()
-            );
+        match self.open(split, progress, u64::MAX)? {
+            ImageStore::Memory(ds) => Ok(ds),
+            ImageStore::Files(_) => unreachable!("no limit: every set fits"),
         }
-        Ok(ds)
     }
 
-    fn read(&self, split: Split, progress: bool) -> anyhow::Result<ImageDataset> {
+    /// One split, validated in full as [`Self::load`] validates it, kept in memory when its
+    /// decoded pixels take at most `memory_limit` bytes; a larger set of image files is kept as
+    /// its file list, to be decoded again batch by batch.
+    pub fn open(&self, split: Split, progress: bool, memory_limit: u64) -> anyhow::Result<ImageStore> {
+        let store = match self.format {
+            DataFormat::Idx | DataFormat::Cifar10 => ImageStore::Memory(self.read_whole(split)?),
+            DataFormat::Folder | DataFormat::Csv => {
+                let (list, rows) = self.split_list(split)?;
+                self.check_files(list, &rows, progress, memory_limit)?
+            }
+        };
+        ensure!(!store.is_empty(), "{}: the {split:?} split holds no images", self.path.display());
+        let classes = store.classes().len();
+        if let Some(i) = (0..store.len()).find(|&i| store.label(i) as usize >= classes) {
+            bail!(
+                "{}: image {i} of the {split:?} split has label {}, outside the {classes} classes",
+                self.path.display(),
+                store.label(i)
+            );
+        }
+        Ok(store)
+    }
+
+    /// A split of the formats held in one or a few binary files.
+    fn read_whole(&self, split: Split) -> anyhow::Result<ImageDataset> {
         let dir = &self.path;
         match self.format {
             DataFormat::Idx => {
@@ -142,14 +161,27 @@ impl DataSource {
                 cifar::read_batches(dir, &files, classes.len(), &mut pixels, &mut labels)?;
                 let side = cifar::SIDE;
                 let ds = ImageDataset { pixels, labels, channels: 3, height: side, width: side, classes };
-                Ok(if has_test { ds } else { self.hold_out(ds, split) })
+                Ok(if has_test { ds } else { ds.subset(&self.split_rows(ds.len(), split)) })
             }
-            DataFormat::Folder | DataFormat::Csv => match (split, self.file_lists()?) {
-                (Split::Train, (train, Some(_))) => self.decode_all(&train, progress),
-                (Split::Test, (_, Some(test))) => self.decode_all(&test, progress),
-                (split, (all, None)) => Ok(self.hold_out(self.decode_all(&all, progress)?, split)),
-            },
+            DataFormat::Folder | DataFormat::Csv => unreachable!("file formats are read by check_files"),
         }
+    }
+
+    /// The files to check for one split of a file format, and the rows among them that make the
+    /// split: a split of its own, or the whole unsplit set (both parts are checked together).
+    fn split_list(&self, split: Split) -> anyhow::Result<(FileList, Vec<usize>)> {
+        let all = |list: FileList| {
+            let n = list.entries.len();
+            (list, (0..n).collect())
+        };
+        Ok(match (split, self.file_lists()?) {
+            (Split::Train, (train, Some(_))) => all(train),
+            (Split::Test, (_, Some(test))) => all(test),
+            (split, (list, None)) => {
+                let rows = self.split_rows(list.entries.len(), split);
+                (list, rows)
+            }
+        })
     }
 
     /// The training list, and the test list where the layout has one.
@@ -175,8 +207,15 @@ impl DataSource {
         }
     }
 
-    /// Every file of `list` decoded in parallel (in list order), checked to share one shape.
-    fn decode_all(&self, list: &FileList, progress: bool) -> anyhow::Result<ImageDataset> {
+    /// Every file of `list` decoded in parallel and checked to share one shape; the images at
+    /// `rows` make the split, their pixels kept when they fit in `memory_limit` bytes.
+    fn check_files(
+        &self,
+        list: FileList,
+        rows: &[usize],
+        progress: bool,
+        memory_limit: u64,
+    ) -> anyhow::Result<ImageStore> {
         let bar = if progress && list.entries.len() >= PROGRESS_FROM {
             ProgressBar::new(list.entries.len() as u64)
         } else {
@@ -186,56 +225,78 @@ impl DataSource {
             ProgressStyle::with_template("checking images {bar:30} {pos}/{len} {per_sec} ETA {eta}").expect("template"),
         );
         let size = self.image_size.map(|s| s as u32);
-        let decoded: Vec<Pixels> = list
+        let read = |e: &Entry| -> anyhow::Result<Pixels> {
+            let bytes = std::fs::read(&e.path).with_context(|| format!("reading {}", e.describe()))?;
+            decode(&bytes, size).with_context(|| e.describe())
+        };
+        let Some(first_entry) = list.entries.first() else { bail!("{}: no images", self.path.display()) };
+        let first = read(first_entry)?;
+        let shape = |p: &Pixels| (p.channels, p.height, p.width);
+        let keep = (rows.len() as u64).saturating_mul(first.data.len() as u64) <= memory_limit;
+        let mut in_split = vec![false; list.entries.len()];
+        rows.iter().for_each(|&i| in_split[i] = true);
+        // Each file's shape, and its pixels when kept: a streamed set is checked in memory
+        // bounded by the decoding threads, not by the set.
+        let decoded: Vec<((usize, usize, usize), Option<Vec<u8>>)> = list
             .entries
             .par_iter()
-            .map(|e| {
-                let bytes = std::fs::read(&e.path).with_context(|| format!("reading {}", e.describe()))?;
-                let pixels = decode(&bytes, size).with_context(|| e.describe())?;
+            .zip(&in_split)
+            .map(|(e, &wanted)| {
+                let pixels = read(e)?;
                 bar.inc(1);
-                Ok(pixels)
+                Ok((shape(&pixels), (keep && wanted).then_some(pixels.data)))
             })
             .collect::<anyhow::Result<_>>()?;
         bar.finish_and_clear();
-        let Some(first) = decoded.first() else { bail!("{}: no images", self.path.display()) };
-        let shape = |p: &Pixels| (p.channels, p.height, p.width);
-        if let Some(i) = decoded.iter().position(|p| p.channels != first.channels) {
+        let describe = |i: usize| list.entries[i].describe();
+        if let Some(i) = decoded.iter().position(|(s, _)| s.0 != first.channels) {
             bail!(
                 "{} has {} channel(s) but {} has {}: a data set is all grayscale or all colour",
-                list.entries[0].describe(),
+                describe(0),
                 first.channels,
-                list.entries[i].describe(),
-                decoded[i].channels
+                describe(i),
+                decoded[i].0.0
             );
         }
-        if let Some(i) = decoded.iter().position(|p| shape(p) != shape(first)) {
+        if let Some(i) = decoded.iter().position(|(s, _)| *s != shape(&first)) {
             bail!(
                 "{} is {}×{} but {} is {}×{}: give --image-size S to resize them all",
-                list.entries[0].describe(),
+                describe(0),
                 first.width,
                 first.height,
-                list.entries[i].describe(),
-                decoded[i].width,
-                decoded[i].height
+                describe(i),
+                decoded[i].0.2,
+                decoded[i].0.1
             );
         }
         ensure!(
             first.width == first.height,
             "{} is {}×{}: images must be square; give --image-size S to centre-crop and resize",
-            list.entries[0].describe(),
+            describe(0),
             first.width,
             first.height
         );
-        let labels = list.entries.iter().map(|e: &Entry| e.label).collect();
-        let (channels, height, width) = shape(first);
-        let pixels = decoded.into_iter().flat_map(|p| p.data).collect();
-        Ok(ImageDataset { pixels, labels, channels, height, width, classes: list.classes.clone() })
+        let (channels, side) = (first.channels, first.height);
+        let entries: Vec<Entry> = rows.iter().map(|&i| list.entries[i].clone()).collect();
+        if !keep {
+            return Ok(ImageStore::Files(StreamedFiles { entries, size, channels, side, classes: list.classes }));
+        }
+        let labels = entries.iter().map(|e| e.label).collect();
+        let mut decoded = decoded;
+        let pixels = rows.iter().flat_map(|&i| decoded[i].1.take().expect("kept")).collect();
+        Ok(ImageStore::Memory(ImageDataset {
+            pixels,
+            labels,
+            channels,
+            height: side,
+            width: side,
+            classes: list.classes,
+        }))
     }
 
-    /// The train or test part of an unsplit set: a fixed shuffle picks `val_fraction` of the
-    /// images (at least one) for testing; both parts keep the files' order.
-    fn hold_out(&self, ds: ImageDataset, split: Split) -> ImageDataset {
-        let n = ds.len();
+    /// The rows of `split` in an unsplit set of `n`: a fixed shuffle picks `val_fraction` of the
+    /// images (at least one) for testing; both parts keep the set's order.
+    fn split_rows(&self, n: usize, split: Split) -> Vec<usize> {
         let k = ((n as f64 * self.val_fraction).round() as usize).clamp(1, n.saturating_sub(1).max(1));
         let mut order: Vec<usize> = (0..n).collect();
         order.shuffle(&mut stream(HOLDOUT_SEED, Purpose::Holdout, 0));
@@ -243,8 +304,7 @@ impl DataSource {
         for &i in &order[..k] {
             test[i] = true;
         }
-        let keep: Vec<usize> = (0..n).filter(|&i| test[i] == (split == Split::Test)).collect();
-        ds.subset(&keep)
+        (0..n).filter(|&i| test[i] == (split == Split::Test)).collect()
     }
 }
 
@@ -457,6 +517,31 @@ mod tests {
         let test = s.load(Split::Test).unwrap();
         assert_eq!((test.len(), test.labels[0], test.classes.len()), (1, 1, 2));
         assert_eq!(s.load(Split::Train).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_set_over_the_memory_limit_is_its_checked_file_list_with_the_same_images() {
+        let d = tempfile::tempdir().unwrap();
+        for i in 0..12u8 {
+            gray(&d.path().join(format!("{}/{i:02}.png", ["a", "b", "c"][i as usize % 3])), 5, 10 * i);
+        }
+        let s = DataSource::new(d.path(), None, Some(4), Some(0.25)).unwrap();
+        for split in [Split::Train, Split::Test] {
+            let memory = s.open(split, false, u64::MAX).unwrap();
+            let files = s.open(split, false, 0).unwrap();
+            assert!(!memory.streams() && files.streams());
+            assert_eq!((files.len(), files.shape(), files.classes()), (memory.len(), (1, 4, 4), memory.classes()));
+            for i in 0..memory.len() {
+                let (mut a, mut b) = (vec![0u8; 16], vec![0u8; 16]);
+                memory.read(i, &mut a).unwrap();
+                files.read(i, &mut b).unwrap();
+                assert_eq!((a, memory.label(i)), (b, files.label(i)));
+            }
+        }
+        // Streaming still checks every file first, the held-out part included.
+        std::fs::write(d.path().join("a/00.png"), b"\x89PNG\r\n\x1a\ntruncated").unwrap();
+        let err = format!("{:#}", s.open(Split::Train, false, 0).unwrap_err());
+        assert!(err.contains("00.png"), "{err}");
     }
 
     #[test]

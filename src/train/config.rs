@@ -127,6 +127,11 @@ pub struct TrainConfig {
     /// also learns the unconditional prediction (classifier-free guidance). 0: never.
     #[serde(default)]
     pub label_dropout: f64,
+    /// Mirror training images left-right at random (half of them, drawn per epoch and image),
+    /// as smalldiffusion trains its Fashion-MNIST DiT. Off for digits, whose mirror images are
+    /// not digits.
+    #[serde(default)]
+    pub hflip: bool,
     /// Decay of the weights' moving average (see [`super::ema`]); 0 keeps the raw weights.
     pub ema_decay: f64,
     pub checkpoint_every: u64,
@@ -174,6 +179,7 @@ impl Default for TrainConfig {
             warmup_steps: 200,
             lr_decay: LrDecay::Cosine,
             label_dropout: 0.1,
+            hflip: false,
             ema_decay: 0.999,
             checkpoint_every: 500,
             log_every: 50,

@@ -145,6 +145,10 @@ pub struct TrainOverrides {
     /// classifier-free guidance at sampling time.
     #[arg(long, allow_negative_numbers = true)]
     pub label_dropout: Option<f64>,
+    /// Random horizontal flips of the training images (`--hflip`, or `--hflip false`), drawn
+    /// per epoch and image from the seed.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub hflip: Option<bool>,
     /// Decay of the weights' moving average used for sampling.
     #[arg(long, allow_negative_numbers = true)]
     pub ema_decay: Option<f64>,
@@ -198,6 +202,7 @@ impl TrainOverrides {
             ("warmup_steps", d.warmup_steps.to_string()),
             ("lr_decay", value_name(d.lr_decay)),
             ("label_dropout", d.label_dropout.to_string()),
+            ("hflip", d.hflip.to_string()),
             ("ema_decay", d.ema_decay.to_string()),
             ("schedule", d.schedule.name().to_string()),
             ("timestep_sampling", sampling),
@@ -238,6 +243,7 @@ impl TrainOverrides {
             warmup_steps: self.warmup_steps.or(base.warmup_steps),
             lr_decay: self.lr_decay.or(base.lr_decay),
             label_dropout: self.label_dropout.or(base.label_dropout),
+            hflip: self.hflip.or(base.hflip),
             ema_decay: self.ema_decay.or(base.ema_decay),
             schedule: self.schedule.or(base.schedule),
             timestep_sampling: self.timestep_sampling.or(base.timestep_sampling),
@@ -258,6 +264,7 @@ impl TrainOverrides {
         t.warmup_steps = self.warmup_steps.unwrap_or(t.warmup_steps);
         t.lr_decay = self.lr_decay.unwrap_or(t.lr_decay);
         t.label_dropout = self.label_dropout.unwrap_or(t.label_dropout);
+        t.hflip = self.hflip.unwrap_or(t.hflip);
         t.ema_decay = self.ema_decay.unwrap_or(t.ema_decay);
         if let Some(name) = &self.schedule {
             t.schedule = ScheduleKind::from_name(name)?;

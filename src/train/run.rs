@@ -17,7 +17,8 @@ use super::start::{self, Resolved, Start};
 use super::step::Trainer;
 use super::stop::{catch_stop_signals, stop_requested};
 use crate::collective::on_every_rank;
-use crate::data::{BatchLoader, ImageDataset, Position};
+use crate::data::loader::{BatchSpec, LoaderArgs, LoaderStats};
+use crate::data::{BatchLoader, ImageStore, Position};
 use crate::distributed::grid::Grid;
 
 /// Everything a rank needs to take part in a run.
@@ -36,6 +37,8 @@ pub struct TrainOptions {
     pub grid: Grid,
     /// Check each step's loss and gradients for NaN/Inf and name the first parameter affected.
     pub detect_anomaly: bool,
+    /// Where the training images are held, and how many threads decode streamed ones.
+    pub loader: LoaderArgs,
 }
 
 /// What a finished run reports.
@@ -88,7 +91,7 @@ impl std::error::Error for Interrupted {}
 
 /// The training split and how many steps make an epoch.
 struct Epochs {
-    data: Arc<ImageDataset>,
+    data: Arc<ImageStore>,
     per_epoch: u64,
 }
 
@@ -106,7 +109,8 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
         if resuming && run_dir.is_dir() {
             run_lock = Some(lock_run_dir(run_dir)?);
         }
-        let Resolved { trainer, data } = start::resolve(&opts.start, run_dir, &opts.device, opts.progress)?;
+        let Resolved { trainer, data } =
+            start::resolve(&opts.start, run_dir, &opts.device, opts.progress, opts.loader.memory_limit())?;
         lead_data = Some(data);
         Ok(trainer)
     });
@@ -118,7 +122,7 @@ pub fn run(opts: TrainOptions) -> anyhow::Result<TrainSummary> {
     let state = &trainer.state;
     let (data, per_epoch) = match lead_data {
         Some(data) => data,
-        None => start::open_data(state)?,
+        None => start::open_data(state, opts.loader.memory_limit())?,
     };
     let _run_lock = match (grid.is_lead(), run_lock) {
         (false, _) => None,
@@ -186,7 +190,9 @@ fn train_loop(mut trainer: Trainer, opts: &TrainOptions, epochs: Epochs, stop: u
         .map(|_| Calibration::new(trainer.state.step, trainer.state.train.warmup_steps));
     let start_step = trainer.state.step;
     let position = Position { epoch: start_step / per_epoch, index: start_step % per_epoch };
-    let mut loader = BatchLoader::new(data, batch, trainer.state.train.seed, position);
+    let spec = BatchSpec { batch, seed: trainer.state.train.seed, hflip: trainer.state.train.hflip };
+    let streamed = data.streams().then(|| data.len());
+    let mut loader = BatchLoader::new(data, spec, opts.loader.decode_threads, position);
     let bar = progress_bar(opts.progress && lead, start_step, total);
     let (log_every, ckpt_every) = (trainer.state.train.log_every, trainer.state.train.checkpoint_every);
     let run_start = Instant::now();
@@ -224,7 +230,16 @@ fn train_loop(mut trainer: Trainer, opts: &TrainOptions, epochs: Epochs, stop: u
     catch_stop_signals();
     let mut interrupted = false;
     while trainer.state.step < stop && !interrupted {
-        let b = loader.next_batch();
+        let b = match loader.next_batch() {
+            Ok(b) => b,
+            Err(e) => {
+                bar.abandon();
+                return Err(e.context(format!(
+                    "reading the batch of step {}: training stopped, the last checkpoint is kept",
+                    trainer.state.step + 1
+                )));
+            }
+        };
         let out = trainer.step(&b);
         if let Some(anomaly) = &out.anomaly {
             bar.abandon();
@@ -314,6 +329,9 @@ fn train_loop(mut trainer: Trainer, opts: &TrainOptions, epochs: Epochs, stop: u
     }
     let elapsed = run_start.elapsed().as_secs_f64();
     let rank = grid.world.rank();
+    if lead {
+        report_loader(&loader.stats(), batch, elapsed, streamed);
+    }
     if grid.world.size() > 1 {
         let c = grid.comm_stats();
         let steps = (trainer.state.step - start_step).max(1);
@@ -346,6 +364,33 @@ fn train_loop(mut trainer: Trainer, opts: &TrainOptions, epochs: Epochs, stop: u
         ranks: grid.world.size(),
         interrupted,
     })
+}
+
+/// Whether the loader kept up: what it can build per second against what training took, and
+/// how long training waited for it.
+fn report_loader(s: &LoaderStats, batch: usize, elapsed: f64, streamed: Option<usize>) {
+    if s.batches == 0 || elapsed <= 0.0 {
+        return;
+    }
+    let images = (s.batches as usize * batch) as f64;
+    let source = match streamed {
+        Some(n) => format!("{n} image files streamed, decoded on {} threads", s.decode_threads),
+        None => "images in memory".to_string(),
+    };
+    let waited = 100.0 * s.wait_s / elapsed;
+    tracing::info!(
+        "data ({source}): the loader builds {:.0} images/s, training took {:.0} images/s; training waited {:.1} s \
+         for batches ({waited:.1}% of the run)",
+        images / s.build_s.max(1e-9),
+        images / elapsed,
+        s.wait_s
+    );
+    if waited > 5.0 {
+        tracing::warn!(
+            "the data loader is the bottleneck: give it more --decode-threads, or a --data-memory large enough \
+             to hold the decoded set"
+        );
+    }
 }
 
 fn progress_bar(visible: bool, start: u64, total: u64) -> ProgressBar {

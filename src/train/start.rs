@@ -15,7 +15,7 @@ use super::recipe::{ModelOverrides, RecipeFile, TrainOverrides};
 use super::run_dir::ensure_no_run;
 use super::state::RunState;
 use super::step::Trainer;
-use crate::data::{BatchLoader, DataArgs, DataSource, ImageDataset, Split, loader::batches_per_epoch};
+use crate::data::{BatchLoader, DataArgs, DataSource, ImageStore, Split, loader::batches_per_epoch};
 use crate::model::DitConfig;
 
 /// How a run starts.
@@ -64,18 +64,25 @@ impl Start {
 /// A run resolved on rank 0: its trainer, and its data with the steps in an epoch.
 pub(super) struct Resolved {
     pub trainer: Trainer,
-    pub data: (Arc<ImageDataset>, u64),
+    pub data: (Arc<ImageStore>, u64),
 }
 
-/// Rank 0's side of a start: the trainer of `start` in `run_dir`, checked once.
-pub(super) fn resolve(start: &Start, run_dir: &Path, device: &Device, progress: bool) -> anyhow::Result<Resolved> {
+/// Rank 0's side of a start: the trainer of `start` in `run_dir`, checked once; training images
+/// beyond `memory_limit` decoded bytes stream from their files.
+pub(super) fn resolve(
+    start: &Start,
+    run_dir: &Path,
+    device: &Device,
+    progress: bool,
+    memory_limit: u64,
+) -> anyhow::Result<Resolved> {
     match start {
         Start::New { data: source, model, train, length } => {
             ensure_no_run(run_dir)?;
-            let ds = source.load_with_progress(Split::Train, progress)?;
+            let ds = source.open(Split::Train, progress, memory_limit)?;
             let model = fit_to_data(model, &ds, source)?;
             let mut trainer = Trainer::new(model, train.clone(), source.clone(), device)?;
-            trainer.state.class_names = ds.classes.clone();
+            trainer.state.class_names = ds.classes().to_vec();
             let data = checked_data(ds, &trainer.state)?;
             trainer.state.train.total_steps = length.steps(data.1);
             trainer.state.budget = length.budget();
@@ -87,7 +94,7 @@ pub(super) fn resolve(start: &Start, run_dir: &Path, device: &Device, progress: 
             let (train, length) = resumed_settings(&ckpt.state, run_dir, flags)?;
             let mut trainer = Trainer::from_checkpoint(ckpt, &dir, device)?;
             trainer.state.train = train;
-            let data = open_data(&trainer.state)?;
+            let data = open_data(&trainer.state, memory_limit)?;
             if let Some(length) = length {
                 // A new budget counts the run's whole training time, this session's first steps
                 // fixing the count anew.
@@ -145,36 +152,35 @@ fn resumed_settings(
 
 /// The training split of a run's data, checked against its model and batch, with the number of
 /// steps in an epoch.
-pub(super) fn open_data(state: &RunState) -> anyhow::Result<(Arc<ImageDataset>, u64)> {
-    checked_data(state.data_source().load(Split::Train)?, state)
+pub(super) fn open_data(state: &RunState, memory_limit: u64) -> anyhow::Result<(Arc<ImageStore>, u64)> {
+    checked_data(state.data_source().open(Split::Train, false, memory_limit)?, state)
 }
 
 /// The model `model` shaped for the data: its channels, image side and class count are the
 /// data's (the sizes of the preset and flags stay).
-fn fit_to_data(model: &DitConfig, ds: &ImageDataset, source: &DataSource) -> anyhow::Result<DitConfig> {
-    let fitted = DitConfig { channels: ds.channels, image_size: ds.height, classes: ds.classes.len(), ..model.clone() };
-    fitted.validate().map_err(|e| {
-        anyhow::anyhow!("{}: images are {}×{}×{}: {e}", source.path.display(), ds.channels, ds.height, ds.width)
-    })?;
+fn fit_to_data(model: &DitConfig, ds: &ImageStore, source: &DataSource) -> anyhow::Result<DitConfig> {
+    let (channels, height, width) = ds.shape();
+    let fitted = DitConfig { channels, image_size: height, classes: ds.classes().len(), ..model.clone() };
+    fitted
+        .validate()
+        .map_err(|e| anyhow::anyhow!("{}: images are {channels}×{height}×{width}: {e}", source.path.display()))?;
     Ok(fitted)
 }
 
-fn checked_data(ds: ImageDataset, state: &RunState) -> anyhow::Result<(Arc<ImageDataset>, u64)> {
+fn checked_data(ds: ImageStore, state: &RunState) -> anyhow::Result<(Arc<ImageStore>, u64)> {
     let (dir, cfg) = (Path::new(&state.data_dir), &state.model);
     ensure!(
-        ds.classes.len() <= cfg.classes,
+        ds.classes().len() <= cfg.classes,
         "{}: {} classes, the model has {}",
         dir.display(),
-        ds.classes.len(),
+        ds.classes().len(),
         cfg.classes
     );
+    let (channels, height, width) = ds.shape();
     ensure!(
-        ds.height == cfg.image_size && ds.width == cfg.image_size && ds.channels == cfg.channels,
-        "{}: images are {}×{}×{}, the model expects {}×{}×{}",
+        height == cfg.image_size && width == cfg.image_size && channels == cfg.channels,
+        "{}: images are {channels}×{height}×{width}, the model expects {}×{}×{}",
         dir.display(),
-        ds.channels,
-        ds.height,
-        ds.width,
         cfg.channels,
         cfg.image_size,
         cfg.image_size

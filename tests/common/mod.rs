@@ -5,29 +5,54 @@ use std::path::Path;
 
 use dits::data::idx::encode_idx;
 
-/// Write a small MNIST-layout data set of `n` 28×28 images (raw IDX, both splits): a bright
-/// square whose position depends on the label, plus seeded speckle (other speckle in the test
-/// split, so that its images are not copies of the training images).
-pub fn write_toy_dataset(dir: &Path, n: u32) {
-    std::fs::create_dir_all(dir).unwrap();
+/// `n` toy 28×28 images of a split and their labels: a bright square whose position depends on
+/// the label, plus seeded speckle (other speckle in the test split, so that its images are not
+/// copies of the training images).
+pub fn toy_images(n: u32, split: &str) -> (Vec<u8>, Vec<u8>) {
     let mut state = 12345u32;
-    for split in ["train", "t10k"] {
-        let mut pixels = Vec::with_capacity(n as usize * 784);
-        let mut labels = Vec::with_capacity(n as usize);
-        for i in 0..n {
-            let label = (i % 10) as u8;
-            labels.push(label);
-            for y in 0..28u32 {
-                for x in 0..28u32 {
-                    state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                    let (cx, cy) = (4 + 2 * label as u32, 6 + label as u32);
-                    let on = x.abs_diff(cx) < 4 && y.abs_diff(cy) < 4;
-                    pixels.push(if on { 230 } else { (state >> 28) as u8 });
-                }
+    if split != "train" {
+        // The speckle the test split had when both splits were drawn from one generator.
+        for _ in 0..n * 784 {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        }
+    }
+    let mut pixels = Vec::with_capacity(n as usize * 784);
+    let mut labels = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let label = (i % 10) as u8;
+        labels.push(label);
+        for y in 0..28u32 {
+            for x in 0..28u32 {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                let (cx, cy) = (4 + 2 * label as u32, 6 + label as u32);
+                let on = x.abs_diff(cx) < 4 && y.abs_diff(cy) < 4;
+                pixels.push(if on { 230 } else { (state >> 28) as u8 });
             }
         }
-        std::fs::write(dir.join(format!("{split}-images-idx3-ubyte")), encode_idx(&[n, 28, 28], &pixels)).unwrap();
-        std::fs::write(dir.join(format!("{split}-labels-idx1-ubyte")), encode_idx(&[n], &labels)).unwrap();
+    }
+    (pixels, labels)
+}
+
+/// Write a small MNIST-layout data set of `n` [`toy_images`] (raw IDX, both splits).
+pub fn write_toy_dataset(dir: &Path, n: u32) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (split, prefix) in [("train", "train"), ("test", "t10k")] {
+        let (pixels, labels) = toy_images(n, split);
+        std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), encode_idx(&[n, 28, 28], &pixels)).unwrap();
+        std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), encode_idx(&[n], &labels)).unwrap();
+    }
+}
+
+/// The same images as an image folder: `dir/train/<label>/NNNN.png` and `dir/test/…`.
+pub fn write_toy_folder(dir: &Path, n: u32) {
+    for split in ["train", "test"] {
+        let (pixels, labels) = toy_images(n, split);
+        for (i, &label) in labels.iter().enumerate() {
+            let path = dir.join(format!("{split}/{label}/{i:04}.png"));
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            let image = image::GrayImage::from_raw(28, 28, pixels[i * 784..(i + 1) * 784].to_vec()).unwrap();
+            image.save(path).unwrap();
+        }
     }
 }
 
