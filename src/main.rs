@@ -44,8 +44,8 @@ struct EvalArgs {
     /// Images per class drawn from a checkpoint (N = 2,000 for ten classes).
     #[arg(long, default_value_t = 200)]
     per_class: usize,
-    /// The data set the samples imitate [default: a checkpoint's own data, else the shipped
-    /// MNIST].
+    /// The data set the samples imitate [default: a checkpoint's own data, or the data named
+    /// in the samples.json `dits sample` wrote, else the shipped MNIST].
     #[command(flatten)]
     data: dits::data::DataArgs,
     /// Where the trained classifier is cached [default: $XDG_CACHE_HOME/dits or ~/.cache/dits].
@@ -419,6 +419,10 @@ fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
         drawn = Some(TempDir(dir.clone()));
         dir
     } else {
+        // Samples of `dits sample` name their model's data.
+        if data.is_none() {
+            data = dits::sample::SamplesRecord::read(&a.samples)?.and_then(|r| r.data);
+        }
         a.samples.clone()
     };
     let opts = dits::eval::EvalOptions {

@@ -1,5 +1,6 @@
 //! `dits sample`: images for chosen classes to `<class>_<index>.png`, a grid (a row per class,
-//! named) and the denoising process (a row per class, columns from noise to image).
+//! named) and the denoising process (a row per class, columns from noise to image), with a record
+//! of the model and its data for `dits eval`.
 
 use std::path::{Path, PathBuf};
 
@@ -7,7 +8,9 @@ use anyhow::{Context, bail, ensure};
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 
+use crate::data::DataSource;
 use crate::diffusion::guidance::Guided;
 use crate::diffusion::sampler::{Chain, Clip, ImageNoise, SamplerKind, StepRule, sample_batch};
 use crate::diffusion::schedule::NoiseSchedule;
@@ -41,6 +44,32 @@ pub struct LoadedModel {
     pub description: String,
     /// The classes' names, index = label (the ids where the file carries none).
     pub class_names: Vec<String>,
+    /// The data the model was trained on, where its checkpoint says.
+    pub data: Option<DataSource>,
+}
+
+/// What `dits sample` records beside its images, so that `dits eval DIR` judges them against
+/// the data their model learned.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplesRecord {
+    pub model: String,
+    pub data: Option<DataSource>,
+    pub class_names: Vec<String>,
+}
+
+/// The record's file name in a samples directory.
+pub const RECORD_FILE: &str = "samples.json";
+
+impl SamplesRecord {
+    /// The record of the samples in `dir`, if `dits sample` wrote one there.
+    pub fn read(dir: &Path) -> anyhow::Result<Option<Self>> {
+        let path = dir.join(RECORD_FILE);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_slice(&bytes).map(Some).with_context(|| format!("{}: not a samples record", path.display()))
+    }
 }
 
 /// Which weights of a checkpoint to sample with.
@@ -71,6 +100,7 @@ pub fn load_model(path: &Path, which: WeightsKind, preset: &str, device: &Device
             schedule: NoiseSchedule::new(state.train.schedule, state.train.timesteps),
             description: format!("{} (step {}, {file})", dir.display(), state.step),
             class_names: state.class_names(),
+            data: Some(state.data_source()),
             config: state.model,
         });
     }
@@ -94,7 +124,8 @@ pub fn load_model(path: &Path, which: WeightsKind, preset: &str, device: &Device
     };
     let mut model = DitNet::new(&config, device, 0);
     weights::load_weights_file(&mut model, path)?;
-    Ok(LoadedModel { model, config, schedule, description: path.display().to_string(), class_names })
+    let data = state.as_ref().map(|s| s.data_source());
+    Ok(LoadedModel { model, config, schedule, description: path.display().to_string(), class_names, data })
 }
 
 /// The label of `class`, given by name or by id.
@@ -261,6 +292,9 @@ pub fn run(opts: SampleOptions) -> anyhow::Result<SampleSummary> {
     let pitch = shape[1] + 2;
     label_rows(&grid(&finals, 2)?, &names, pitch, 2).save_png(&opts.out.join("grid.png"))?;
     label_rows(&grid(&process, 2)?, &names, pitch, 2).save_png(&opts.out.join("process.png"))?;
+    let record = SamplesRecord { model: loaded.description.clone(), data: loaded.data.clone(), class_names: loaded.class_names.clone() };
+    let json = serde_json::to_vec_pretty(&record).expect("a record serialises");
+    crate::fsutil::write_atomic(&opts.out.join(RECORD_FILE), &json)?;
     Ok(SampleSummary { images: jobs.len(), images_per_s: jobs.len() as f64 / elapsed.max(1e-9), out: opts.out })
 }
 

@@ -211,6 +211,9 @@ fn a_colour_folder_trains_samples_in_colour_by_class_name_and_is_judged() {
     let text =
         ok(&dits(&["eval", "run", "--per-class", "2", "--cache", "cache", "--no-progress", "--threads", "2"], dir));
     assert!(text.contains("accuracy") && text.contains("FID-CNN"), "{text}");
+    // The samples directory records its model's data: judged on the colour set, not MNIST.
+    let text = ok(&dits(&["eval", "s", "--cache", "cache", "--no-progress", "--threads", "2"], dir));
+    assert!(text.contains("4 samples") && text.contains("FID-CNN"), "{text}");
 }
 
 #[test]
