@@ -292,7 +292,11 @@ pub fn run(opts: SampleOptions) -> anyhow::Result<SampleSummary> {
     let pitch = shape[1] + 2;
     label_rows(&grid(&finals, 2)?, &names, pitch, 2).save_png(&opts.out.join("grid.png"))?;
     label_rows(&grid(&process, 2)?, &names, pitch, 2).save_png(&opts.out.join("process.png"))?;
-    let record = SamplesRecord { model: loaded.description.clone(), data: loaded.data.clone(), class_names: loaded.class_names.clone() };
+    let record = SamplesRecord {
+        model: loaded.description.clone(),
+        data: loaded.data.clone(),
+        class_names: loaded.class_names.clone(),
+    };
     let json = serde_json::to_vec_pretty(&record).expect("a record serialises");
     crate::fsutil::write_atomic(&opts.out.join(RECORD_FILE), &json)?;
     Ok(SampleSummary { images: jobs.len(), images_per_s: jobs.len() as f64 / elapsed.max(1e-9), out: opts.out })

@@ -14,10 +14,13 @@ use safetensors::SafeTensors;
 /// The run under test: 4 steps of a global batch of 7 (split 4 + 3 over two ranks, 3 + 2 + 2
 /// over three), no label dropout, full learning rate from the first step (no warm-up), so that
 /// the weights move well beyond the tolerance (up to 5e-4 a step).
+/// The learning rate of [`train_args`].
+const LR: f32 = 5e-4;
+
 fn train_args(out: &str, steps: u64) -> Vec<String> {
     let steps = steps.to_string();
     let recipe = ["--steps", &steps, "--batch", "7", "--checkpoint-every", "2", "--label-dropout", "0"];
-    let rest = ["--warmup-steps", "0", "--lr", "5e-4", "--threads", "1", "--no-progress", "--log-every", "1"];
+    let rest = ["--warmup-steps", "0", "--lr", &LR.to_string(), "--threads", "1", "--no-progress", "--log-every", "1"];
     common::train_args(out, &[&recipe[..], &rest].concat())
 }
 
@@ -54,36 +57,86 @@ fn with(mut args: Vec<String>, extra: &[&str]) -> Vec<String> {
     args
 }
 
-/// Largest absolute difference between two safetensors files with the same tensors.
-fn max_diff(a: &Path, b: &Path) -> f32 {
-    let (a, b) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
-    let (a, b) = (SafeTensors::deserialize(&a).unwrap(), SafeTensors::deserialize(&b).unwrap());
-    let mut names = a.names();
+/// The tensors of a safetensors file, by name, as floats.
+fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = file.names().into_iter().map(str::to_string).collect();
     names.sort();
-    let mut names_b = b.names();
-    names_b.sort();
-    assert_eq!(names, names_b, "different tensors");
     let floats = |t: safetensors::tensor::TensorView| -> Vec<f32> {
         t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
     };
+    names.into_iter().map(|n| (n.clone(), floats(file.tensor(&n).unwrap()))).collect()
+}
+
+/// The element-wise differences of two files with the same tensors, with each tensor's values
+/// in `a`.
+fn differences(a: &Path, b: &Path) -> Vec<(String, Vec<f32>, Vec<f32>)> {
+    let (a, b) = (tensors(a), tensors(b));
+    let names = |t: &[(String, Vec<f32>)]| t.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&a), names(&b), "different tensors");
+    a.into_iter()
+        .zip(b)
+        .map(|((name, x), (_, y))| {
+            assert_eq!(x.len(), y.len(), "{name}: different sizes");
+            let d = x.iter().zip(&y).map(|(p, q)| (p - q).abs()).collect();
+            (name, d, x)
+        })
+        .collect()
+}
+
+fn max_of(v: &[f32]) -> f32 {
+    v.iter().fold(0f32, |m, x| m.max(x.abs()))
+}
+
+fn checkpoint_file(dir: &Path, run: &str, step: u64, file: &str) -> std::path::PathBuf {
+    dir.join(run).join(format!("checkpoints/step-{step:08}/{file}.safetensors"))
+}
+
+/// Two runs that compute the same sums in the same order: their checkpoints at `step` (weights,
+/// moving average and Adam's moments) are equal within 1e-5. Returns the largest difference.
+fn assert_same_checkpoint(dir: &Path, a: &str, b: &str, step: u64) -> f32 {
     let mut worst = 0f32;
-    for name in names {
-        let (x, y) = (floats(a.tensor(name).unwrap()), floats(b.tensor(name).unwrap()));
-        assert_eq!(x.len(), y.len(), "{name}: different sizes");
-        worst = x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(worst, f32::max);
+    for file in ["model", "ema", "optimizer"] {
+        let diffs = differences(&checkpoint_file(dir, a, step, file), &checkpoint_file(dir, b, step, file));
+        let d = diffs.iter().map(|(_, d, _)| max_of(d)).fold(0f32, f32::max);
+        assert!(d <= 1e-5, "{a} vs {b}, {file}: max |Δ| = {d}");
+        worst = worst.max(d);
     }
     worst
 }
 
-/// Checkpoint files of two runs at `step` are equal within 1e-5 (weights, moving average and
-/// Adam's moments); returns the largest difference seen.
-fn assert_same_checkpoint(dir: &Path, a: &str, b: &str, step: u64) -> f32 {
-    let ckpt = |run: &str, file: &str| dir.join(run).join(format!("checkpoints/step-{step:08}/{file}.safetensors"));
+/// Two runs of the same steps whose sums are grouped differently (split over tensor or sequence
+/// ranks, computed piece by piece, the batch cut another way): equal up to float rounding.
+///
+/// Adam's moments carry the gradients themselves, so they must agree to rounding: within 1e-5 of
+/// each tensor's largest value. The weights must agree within 1e-5 too, except where Adam
+/// amplifies the rounding: its step is `lr·m̂/(√v̂ + ε)`, and an element whose gradient happens to
+/// be near ε = 1e-8 turns a rounding difference of 1e-10 in it into a difference of a good part
+/// of `lr` in the step (seen on 5 of 16,384 elements of a query projection after one step). Those
+/// may be at most one element in a thousand, and each within the 2·lr a step can move it.
+/// Returns the largest difference of the moments relative to their scale.
+fn assert_equivalent_checkpoint(dir: &Path, a: &str, b: &str, step: u64) -> f32 {
+    let path = |run: &str, file: &str| checkpoint_file(dir, run, step, file);
     let mut worst = 0f32;
-    for file in ["model", "ema", "optimizer"] {
-        let d = max_diff(&ckpt(a, file), &ckpt(b, file));
-        assert!(d <= 1e-5, "{a} vs {b}, {file}: max |Δ| = {d}");
-        worst = worst.max(d);
+    for (name, d, values) in differences(&path(a, "optimizer"), &path(b, "optimizer")) {
+        let rel = max_of(&d) / max_of(&values).max(f32::MIN_POSITIVE);
+        assert!(rel <= 1e-5, "{a} vs {b}, Adam's {name}: max |Δ| = {rel} of its largest value");
+        worst = worst.max(rel);
+    }
+    let moved_bound = 2.0 * LR * step as f32;
+    for file in ["model", "ema"] {
+        let diffs = differences(&path(a, file), &path(b, file));
+        let total: usize = diffs.iter().map(|(_, d, _)| d.len()).sum();
+        let apart = diffs.iter().map(|(_, d, _)| d.iter().filter(|&&x| x > 1e-5).count()).sum::<usize>();
+        let (largest, at) = diffs
+            .iter()
+            .map(|(n, d, _)| (max_of(d), n))
+            .fold((0f32, ""), |m, (d, n)| if d > m.0 { (d, n.as_str()) } else { m });
+        assert!(
+            apart * 1000 <= total && largest <= moved_bound,
+            "{a} vs {b}, {file}: {apart} of {total} elements differ by more than 1e-5, the most {largest} ({at})"
+        );
     }
     worst
 }
@@ -129,9 +182,12 @@ fn two_and_three_ranks_equal_one_rank_with_the_same_global_batch() {
 }
 
 /// ZeRO-2 (gradients reduce-scattered piece by piece) and ZeRO-3 (weights gathered block by
-/// block, blocks recomputed in the backward) give the one-process weights, moving average and
-/// optimizer state, for both families; a ZeRO-3 checkpoint resumes on one process and a
-/// one-process checkpoint on ZeRO-2 ranks.
+/// block, blocks recomputed in the backward) on two and three ranks give the weights, moving
+/// average and optimizer state of the same stage on one process with the same micro-batches,
+/// for both families, and the one-process run of the whole graph up to rounding (burn orders a
+/// backward by each node's depth from the graph's leaves, and a piece's inputs are leaves of
+/// its own graph, so a gradient with several terms may sum them in another order); a ZeRO-3
+/// checkpoint resumes on one process and a one-process checkpoint on ZeRO-2 ranks.
 #[test]
 fn zero_two_and_three_equal_one_rank() {
     let tmp = tempfile::tempdir().unwrap();
@@ -140,15 +196,19 @@ fn zero_two_and_three_equal_one_rank() {
     for (family, model) in FAMILIES {
         let args = |name: &str, parts: &str| family_args(name, model, parts);
         for (ranks, parts) in [(2, "2"), (3, "3")] {
-            let reference = format!("{family}-one-{parts}");
-            dits(dir, &args(&reference, parts));
+            let whole = format!("{family}-one-{parts}");
+            dits(dir, &args(&whole, parts));
             for zero in ["2", "3"] {
+                let one = format!("{family}-zero{zero}-one-{parts}");
+                mpirun(dir, 1, &with(args(&one, parts), &["--zero", zero]));
                 let name = format!("{family}-zero{zero}-{ranks}");
                 let text = mpirun(dir, ranks, &with(args(&name, "1"), &["--zero", zero]));
                 assert!(text.contains(&format!("ZeRO-{zero}")), "{text}");
                 for step in [2, 4] {
-                    let d = assert_same_checkpoint(dir, &reference, &name, step);
+                    let d = assert_same_checkpoint(dir, &one, &name, step);
                     eprintln!("{family}, {ranks} ranks, ZeRO-{zero}, step {step}: max |Δ| = {d}");
+                    let d = assert_equivalent_checkpoint(dir, &whole, &name, step);
+                    eprintln!("{family}, {ranks} ranks, ZeRO-{zero} vs the whole graph, step {step}: moments {d:e}");
                 }
             }
         }
@@ -161,10 +221,10 @@ fn zero_two_and_three_equal_one_rank() {
     dits(dir, &resume("zero3-then-one"));
     dits(dir, &with(mnist("one-then-zero2"), &["--stop-after", "2"]));
     mpirun(dir, 2, &with(resume("one-then-zero2"), &["--zero", "2"]));
-    let d = assert_same_checkpoint(dir, "uninterrupted", "zero3-then-one", 4);
-    eprintln!("ZeRO-3 on 3 ranks → one process: max |Δ| = {d}");
-    let d = assert_same_checkpoint(dir, "uninterrupted", "one-then-zero2", 4);
-    eprintln!("one process → ZeRO-2 on 2 ranks: max |Δ| = {d}");
+    let d = assert_equivalent_checkpoint(dir, "uninterrupted", "zero3-then-one", 4);
+    eprintln!("ZeRO-3 on 3 ranks → one process: moments within {d:e}");
+    let d = assert_equivalent_checkpoint(dir, "uninterrupted", "one-then-zero2", 4);
+    eprintln!("one process → ZeRO-2 on 2 ranks: moments within {d:e}");
     // Not with tensor or sequence parallelism: one error line per rank.
     let err = mpirun_fails(dir, 2, &with(mnist("zero3-tp"), &["--zero", "3", "--tp", "2"]));
     assert!(err.contains("does not combine with --tp or --sp"), "{err}");
@@ -196,8 +256,8 @@ fn pipeline_stages_equal_one_rank() {
             assert!(text.contains(&format!("{stages} pipeline stages")), "{text}");
             assert!(text.contains("(P−1)/(M+P−1)"), "{text}");
             for step in [2, 4] {
-                let d = assert_same_checkpoint(dir, &reference, &name, step);
-                eprintln!("{family}, {ranks} ranks, --pp {stages} {extra:?}, step {step}: max |Δ| = {d}");
+                let d = assert_equivalent_checkpoint(dir, &reference, &name, step);
+                eprintln!("{family}, {ranks} ranks, --pp {stages} {extra:?}, step {step}: moments within {d:e}");
             }
         }
     }
@@ -209,8 +269,8 @@ fn pipeline_stages_equal_one_rank() {
     dits(dir, &with(mnist("one-then-pp"), &["--stop-after", "2"]));
     mpirun(dir, 3, &with(resume("one-then-pp"), &["--pp", "3"]));
     for run in ["pp-then-one", "one-then-pp"] {
-        let d = assert_same_checkpoint(dir, "uninterrupted", run, 4);
-        eprintln!("{run}: max |Δ| = {d}");
+        let d = assert_equivalent_checkpoint(dir, "uninterrupted", run, 4);
+        eprintln!("{run}: moments within {d:e}");
     }
     // More stages than blocks (mnist-dits has 3), and layouts a pipeline does not combine with.
     let err = mpirun_fails(dir, 4, &with(mnist("pp4"), &["--pp", "4"]));
@@ -262,7 +322,11 @@ fn resume_works_for_any_world_size() {
         };
         // Two ranks again: the same shards, bit for bit. One or three ranks split the later
         // batches differently, which changes the rounding of the sums only.
-        let d = assert_same_checkpoint(dir, "reference", name, 4);
+        let d = if ranks_after == 2 {
+            assert_same_checkpoint(dir, "reference", name, 4)
+        } else {
+            assert_equivalent_checkpoint(dir, "reference", name, 4)
+        };
         eprintln!("resumed {name}: max |Δ| = {d}");
     }
 }
@@ -302,7 +366,7 @@ fn mpirun_fails(dir: &Path, ranks: usize, args: &[String]) -> String {
 
 /// Megatron tensor parallelism, for both families (mnist-dits' folded attention split by heads,
 /// and the DiT paper's packed qkv): TP=2, DP=2 × TP=2 and ZeRO-1 over DP with TP=2 give the
-/// one-process weights, moving average and Adam state within 1e-5, and write the same files.
+/// one-process weights, moving average and Adam state up to rounding ([`assert_equivalent_checkpoint`]).
 #[test]
 fn tensor_parallel_grids_equal_one_rank() {
     let tmp = tempfile::tempdir().unwrap();
@@ -321,13 +385,13 @@ fn tensor_parallel_grids_equal_one_rank() {
         let zero = format!("{family}-dp2-tp2-zero1");
         mpirun(dir, 4, &with(args(&zero, "1"), &["--tp", "2", "--zero", "1"]));
         for step in [2, 4] {
-            let d = assert_same_checkpoint(dir, &one, &tp2, step);
-            eprintln!("{family}, TP=2, step {step}: max |Δ| = {d}");
+            let d = assert_equivalent_checkpoint(dir, &one, &tp2, step);
+            eprintln!("{family}, TP=2, step {step}: moments within {d:e}");
             // DP=2 splits the batch 4 + 3, as two micro-batches of one process do.
-            let d = assert_same_checkpoint(dir, &halves, &grid, step);
-            eprintln!("{family}, DP=2 × TP=2, step {step}: max |Δ| = {d}");
-            let d = assert_same_checkpoint(dir, &halves, &zero, step);
-            eprintln!("{family}, DP=2 × TP=2, ZeRO-1, step {step}: max |Δ| = {d}");
+            let d = assert_equivalent_checkpoint(dir, &halves, &grid, step);
+            eprintln!("{family}, DP=2 × TP=2, step {step}: moments within {d:e}");
+            let d = assert_equivalent_checkpoint(dir, &halves, &zero, step);
+            eprintln!("{family}, DP=2 × TP=2, ZeRO-1, step {step}: moments within {d:e}");
         }
     }
 }
@@ -341,12 +405,12 @@ fn a_grid_over_tcp_equals_one_rank() {
     dits(dir, &with(train_args("halves", 4), &["--micro-batches", "2"]));
     let tcp = with(train_args("tcp", 4), &["--micro-batches", "1", "--tp", "2"]);
     mpirun_over(dir, 4, &tcp, "tcp,self");
-    let d = assert_same_checkpoint(dir, "halves", "tcp", 4);
-    eprintln!("DP=2 × TP=2 over TCP: max |Δ| = {d}");
+    let d = assert_equivalent_checkpoint(dir, "halves", "tcp", 4);
+    eprintln!("DP=2 × TP=2 over TCP: moments within {d:e}");
 }
 
 /// Checkpoints are always in the one-process layout: a TP=2 run continues on one process, and
-/// a one-process run continues on DP=2 × TP=2.
+/// a one-process run continues on DP=2 × TP=2 with its batches cut as before.
 #[test]
 fn tensor_parallel_runs_resume_on_another_grid() {
     let tmp = tempfile::tempdir().unwrap();
@@ -357,12 +421,14 @@ fn tensor_parallel_runs_resume_on_another_grid() {
     let resume = |name: &str| vec!["train".into(), "--resume".into(), name.into(), "--threads".into(), "1".into()];
     mpirun(dir, 2, &with(args("tp2-then-one", "2"), &["--tp", "2", "--stop-after", "2"]));
     dits(dir, &resume("tp2-then-one"));
-    let d = assert_same_checkpoint(dir, "reference", "tp2-then-one", 4);
-    eprintln!("TP=2 → one process: max |Δ| = {d}");
-    dits(dir, &with(args("one-then-grid", "1"), &["--stop-after", "2"]));
-    mpirun(dir, 4, &with(resume("one-then-grid"), &["--tp", "2"]));
-    let d = assert_same_checkpoint(dir, "reference", "one-then-grid", 4);
-    eprintln!("one process → DP=2 × TP=2: max |Δ| = {d}");
+    let d = assert_equivalent_checkpoint(dir, "reference", "tp2-then-one", 4);
+    eprintln!("TP=2 → one process: moments within {d:e}");
+    // The same cut of every batch as the reference: two micro-batches on one process, then one
+    // per data-parallel rank (--micro-batches may change on resume).
+    dits(dir, &with(args("one-then-grid", "2"), &["--stop-after", "2"]));
+    mpirun(dir, 4, &with(resume("one-then-grid"), &["--tp", "2", "--micro-batches", "1"]));
+    let d = assert_equivalent_checkpoint(dir, "reference", "one-then-grid", 4);
+    eprintln!("one process → DP=2 × TP=2: moments within {d:e}");
 }
 
 /// A tensor-parallel group that does not divide the world, or the model's heads, is one error
@@ -382,7 +448,7 @@ fn a_wrong_tensor_parallel_size_is_an_error_on_every_rank() {
 
 /// DeepSpeed-Ulysses in training (dit-s2: 196 tokens and 6 heads, over 2 ranks): SP=2,
 /// DP=2 × SP=2 and TP=2 × SP=2 give the one-process weights, moving average and Adam state
-/// within 1e-5, and so does mnist-dits with 196 tokens; an SP=2 run resumes on one process; a group that does not divide the tokens
+/// up to rounding, and so does mnist-dits with 196 tokens; an SP=2 run resumes on one process; a group that does not divide the tokens
 /// and heads is an error on every rank that names them.
 #[test]
 fn sequence_parallel_grids_equal_one_rank() {
@@ -405,33 +471,33 @@ fn sequence_parallel_grids_equal_one_rank() {
     mpirun(dir, 2, &with(args("sp2-then-one", "1"), &["--sp", "2", "--stop-after", "2"]));
     dits(dir, &resume("sp2-then-one"));
     for step in [2, 4] {
-        let d = assert_same_checkpoint(dir, "one", "sp2", step);
-        eprintln!("SP=2, step {step}: max |Δ| = {d}");
-        let d = assert_same_checkpoint(dir, "halves", "dp2-sp2", step);
-        eprintln!("DP=2 × SP=2, step {step}: max |Δ| = {d}");
+        let d = assert_equivalent_checkpoint(dir, "one", "sp2", step);
+        eprintln!("SP=2, step {step}: moments within {d:e}");
+        let d = assert_equivalent_checkpoint(dir, "halves", "dp2-sp2", step);
+        eprintln!("DP=2 × SP=2, step {step}: moments within {d:e}");
     }
-    let d = assert_same_checkpoint(dir, "one-then-one", "sp2-then-one", 4);
-    eprintln!("SP=2 → one process: max |Δ| = {d}");
+    let d = assert_equivalent_checkpoint(dir, "one-then-one", "sp2-then-one", 4);
+    eprintln!("SP=2 → one process: moments within {d:e}");
     // TP=2 × SP=2 on 4 ranks, with 4 heads (2 per tensor-parallel rank, exchanged over 2).
     let four_heads = |name: &str| with(args(name, "1"), &["--heads", "4"]);
     dits(dir, &four_heads("one-4-heads"));
     let text = mpirun(dir, 4, &with(four_heads("tp2-sp2"), &["--tp", "2", "--sp", "2"]));
     assert!(text.contains("1 data-parallel × 2 sequence-parallel × 2 tensor-parallel"), "{text}");
-    let d = assert_same_checkpoint(dir, "one-4-heads", "tp2-sp2", 4);
-    eprintln!("TP=2 × SP=2: max |Δ| = {d}");
+    let d = assert_equivalent_checkpoint(dir, "one-4-heads", "tp2-sp2", 4);
+    eprintln!("TP=2 × SP=2: moments within {d:e}");
     // mnist-dits with patches of 2 (196 tokens, 4 heads): its blocks run unfolded on the shard.
     let mnist = |name: &str| with(train_args(name, 4), &["--patch", "2", "--micro-batches", "1"]);
     dits(dir, &mnist("mnist-one"));
     mpirun(dir, 2, &with(mnist("mnist-sp2"), &["--sp", "2"]));
-    let d = assert_same_checkpoint(dir, "mnist-one", "mnist-sp2", 4);
-    eprintln!("mnist-dits, patch 2, SP=2: max |Δ| = {d}");
+    let d = assert_equivalent_checkpoint(dir, "mnist-one", "mnist-sp2", 4);
+    eprintln!("mnist-dits, patch 2, SP=2: moments within {d:e}");
     // SP=4: 49 tokens a rank, shards that start and end inside a row of 14 patches.
     mpirun(dir, 4, &with(mnist("mnist-sp4"), &["--sp", "4"]));
-    let d = assert_same_checkpoint(dir, "mnist-one", "mnist-sp4", 4);
-    eprintln!("mnist-dits, patch 2, SP=4: max |Δ| = {d}");
+    let d = assert_equivalent_checkpoint(dir, "mnist-one", "mnist-sp4", 4);
+    eprintln!("mnist-dits, patch 2, SP=4: moments within {d:e}");
     mpirun(dir, 4, &with(mnist("mnist-tp2-sp2"), &["--tp", "2", "--sp", "2"]));
-    let d = assert_same_checkpoint(dir, "mnist-one", "mnist-tp2-sp2", 4);
-    eprintln!("mnist-dits, patch 2, TP=2 × SP=2: max |Δ| = {d}");
+    let d = assert_equivalent_checkpoint(dir, "mnist-one", "mnist-tp2-sp2", 4);
+    eprintln!("mnist-dits, patch 2, TP=2 × SP=2: moments within {d:e}");
     let bad = with(train_args("bad-tokens", 2), &["--model", "dit-s4", "--depth", "1", "--sp", "2"]);
     let err = mpirun_fails(dir, 2, &bad);
     assert_eq!(err.matches("49 tokens and 6 heads").count(), 2, "{err}");

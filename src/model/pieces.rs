@@ -135,7 +135,7 @@ mod tests {
             let (a, b) =
                 (whole.into_data().try_to_vec::<f32>().unwrap(), pieces.into_data().try_to_vec::<f32>().unwrap());
             let worst = a.iter().zip(&b).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
-            assert!(worst < 1e-5, "{:?}: the pieces differ by {worst}", cfg.family);
+            assert_eq!(worst, 0.0, "{:?}: the pieces differ by {worst}", cfg.family);
         }
     }
 

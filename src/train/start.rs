@@ -134,18 +134,22 @@ fn resumed_settings(
         minutes: None,
         checkpoint_every: None,
         log_every: None,
+        // How each rank cuts its batch changes the rounding of the sums only, not the step, and
+        // a run moved to more or fewer ranks often needs another cut.
+        micro_batches: None,
         ..o.clone()
     };
     let mut train = fixed.apply(saved.train.clone())?;
     if train != saved.train {
         bail!(
-            "a resumed run keeps its settings (only --steps/--epochs, --checkpoint-every and --log-every may change): \
+            "a resumed run keeps its settings (only --steps/--epochs, --micro-batches, --checkpoint-every and --log-every may change): \
              a flag differs from the run in {}",
             run_dir.display()
         );
     }
     train.checkpoint_every = o.checkpoint_every.unwrap_or(train.checkpoint_every);
     train.log_every = o.log_every.unwrap_or(train.log_every);
+    train.micro_batches = o.micro_batches.unwrap_or(train.micro_batches);
     train.validate()?;
     Ok((train, Length::from_flags(o.steps, o.epochs, o.minutes)?))
 }
