@@ -3,25 +3,9 @@
 
 mod common;
 
+use common::{dits, fails_with, ok};
+
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn dits(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dits")).args(args).current_dir(cwd).output().expect("running dits")
-}
-
-fn ok(out: &Output) -> String {
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "dits failed:\n{text}");
-    text
-}
-
-fn fails_with(out: &Output, needle: &str) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure, got success");
-    let line = err.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("no error line in:\n{err}"));
-    assert!(line.contains(needle), "error line {line:?} lacks {needle:?}");
-}
 
 #[test]
 fn train_resume_sample_on_the_shipped_mnist() {

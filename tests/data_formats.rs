@@ -6,8 +6,9 @@
 
 mod common;
 
+use common::{dits, error_line, ok};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use dits::data::ImageStore;
 use dits::data::idx::encode_idx;
@@ -17,24 +18,6 @@ use image::{GrayImage, RgbImage};
 
 const FASHION: [&str; 10] =
     ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"];
-
-fn dits(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dits")).args(args).current_dir(cwd).output().expect("running dits")
-}
-
-fn ok(out: &Output) -> String {
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "dits failed:\n{text}");
-    text
-}
-
-fn error_line(out: &Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure, got success:\n{err}");
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(lines.len(), 1, "one error line expected in:\n{err}");
-    lines[0].to_string()
-}
 
 /// Fashion-MNIST from `../shared` where it is (CI), else the shipped MNIST: the first `n` images
 /// of a split.

@@ -4,14 +4,12 @@
 
 mod common;
 
+use common::dits;
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use dits::data::{ImageDataset, Split};
-
-fn dits(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dits")).args(args).current_dir(cwd).output().expect("running dits")
-}
 
 /// Save test image `i` of `ds` as `<name>.png` in `dir`.
 fn save(ds: &ImageDataset, i: usize, dir: &Path, name: &str) {

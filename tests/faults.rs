@@ -4,27 +4,14 @@
 
 mod common;
 
+use common::{dits, fails_with};
+
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output};
 
 use dits::data::idx::encode_idx;
 use dits::train::checkpoint;
-
-fn dits(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dits")).args(args).current_dir(cwd).output().expect("running dits")
-}
-
-/// Fails with exactly one `error:` line containing `needle` (and no panic).
-fn fails_with(out: &Output, needle: &str) -> String {
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "expected a failure, got success:\n{err}");
-    assert!(!err.contains("panicked"), "a panic instead of an error:\n{err}");
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(lines.len(), 1, "expected one error line:\n{err}");
-    assert!(lines[0].contains(needle), "error line {:?} lacks {needle:?}", lines[0]);
-    lines[0].to_string()
-}
 
 fn succeeds(out: &Output) {
     assert!(out.status.success(), "dits failed:\n{}", String::from_utf8_lossy(&out.stderr));

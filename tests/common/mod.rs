@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::Path;
+use std::process::{Command, Output};
 
 use dits::data::idx::encode_idx;
 
@@ -60,4 +61,33 @@ pub fn write_toy_folder(dir: &Path, n: u32) {
 /// `flags` after: the command line every multi-step test starts from.
 pub fn train_args(out: &str, flags: &[&str]) -> Vec<String> {
     ["train", "--data", "data", "--out", out].iter().chain(flags).map(|s| s.to_string()).collect()
+}
+
+/// `dits ARGS` run in `cwd`, its output kept.
+pub fn dits(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dits")).args(args).current_dir(cwd).output().expect("running dits")
+}
+
+/// The output (stdout, then stderr) of a run that must succeed.
+pub fn ok(out: &Output) -> String {
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "dits failed:\n{text}");
+    text
+}
+
+/// The one `error:` line of a run that must fail, and fail without a panic.
+pub fn error_line(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected a failure, got success:\n{err}");
+    assert!(!err.contains("panicked"), "a panic instead of an error:\n{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "expected one error line:\n{err}");
+    lines[0].to_string()
+}
+
+/// [`error_line`], which must contain `needle`.
+pub fn fails_with(out: &Output, needle: &str) -> String {
+    let line = error_line(out);
+    assert!(line.contains(needle), "error line {line:?} lacks {needle:?}");
+    line
 }
