@@ -35,7 +35,10 @@ pub enum DataFormat {
 pub const DEFAULT_VAL_FRACTION: f64 = 0.1;
 /// The hold-out is fixed by the data, not by the run's seed, so every run of a data set (and
 /// its judge) tests on the same images.
-const HOLDOUT_SEED: u64 = 0x5EED_0F_7E57;
+const HOLDOUT_SEED: u64 = 0x005E_ED0F_7E57;
+
+/// An image's channels, height and width.
+type Shape = (usize, usize, usize);
 /// Images decoded before a progress bar is worth showing.
 const PROGRESS_FROM: usize = 2_000;
 
@@ -237,7 +240,7 @@ impl DataSource {
         rows.iter().for_each(|&i| in_split[i] = true);
         // Each file's shape, and its pixels when kept: a streamed set is checked in memory
         // bounded by the decoding threads, not by the set.
-        let decoded: Vec<((usize, usize, usize), Option<Vec<u8>>)> = list
+        let decoded: Vec<(Shape, Option<Vec<u8>>)> = list
             .entries
             .par_iter()
             .zip(&in_split)
