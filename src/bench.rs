@@ -7,6 +7,8 @@ use burn::prelude::*;
 use rand::Rng;
 
 use crate::data::Batch;
+use crate::kernels::attention::{self, AttnDims, Engine};
+use crate::kernels::peak::{self, Peak};
 use crate::model::{DitConfig, DitNet};
 use crate::profile::{self, Region};
 use crate::rng::standard_normal;
@@ -41,6 +43,55 @@ pub struct BenchResult {
     pub profile: Option<StepProfile>,
     /// The throughput as FLOP rates.
     pub achieved: Achieved,
+    /// The machine's measured FMA peak (CPU only).
+    pub peak: Option<Peak>,
+    /// The attention products at the model's shapes on each engine this CPU runs (CPU only).
+    pub attention: Vec<EngineRate>,
+}
+
+/// The CPU's model name (Linux: `/proc/cpuinfo`), so that every figure names its machine.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| format!("unknown {} CPU", std::env::consts::ARCH))
+}
+
+/// One attention engine's rate on the model's per-head products, forward and backward.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineRate {
+    pub engine: Engine,
+    pub gflops: f64,
+    /// Whether the kernels use this engine on this CPU.
+    pub chosen: bool,
+}
+
+/// The attention forward and backward of one batch of `cfg` at `batch`, unfolded (the per-head
+/// products every attention call is made of), timed on each engine this CPU runs.
+fn attention_engines(cfg: &DitConfig, batch: usize, warmup: usize, iters: usize) -> Vec<EngineRate> {
+    let d = AttnDims { batch, seq: cfg.tokens(), heads: cfg.heads, head_dim: cfg.head_dim };
+    let mut rng = stream(0, Purpose::Bench, 1);
+    let qkv = standard_normal(&mut rng, d.batch * d.seq * d.row());
+    let grad_out = standard_normal(&mut rng, d.batch * d.seq * d.inner());
+    // Four products of s·s·d multiply-adds per head and image forward and backward (scores and
+    // output; then the gradients of the scores, values, queries and keys: six), two FLOPs each.
+    let flops = 2.0 * 6.0 * (d.batch * d.heads * d.seq * d.seq * d.head_dim) as f64;
+    let scale = 1.0 / (d.head_dim as f32).sqrt();
+    Engine::available()
+        .into_iter()
+        .map(|engine| {
+            let ms = time(warmup, iters, || {
+                let (_, probs) = attention::forward(&qkv, d, scale, true, engine);
+                std::hint::black_box(attention::backward(&qkv, &probs.unwrap(), &grad_out, d, scale, engine));
+            });
+            EngineRate { engine, gflops: flops / (ms.median / 1e3) / 1e9, chosen: engine == Engine::best() }
+        })
+        .collect()
 }
 
 /// Throughput as FLOP rates, counted by the FLOP model ([`crate::model::flops`]): a training
@@ -192,7 +243,12 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
     });
     let train_samples_per_s = b as f64 / (train_step_ms.median / 1e3);
     let sample_images_per_s = b as f64 / (forward_ms.median / 1e3);
+    let on_cpu = opts.device == Device::flex();
+    let peak = on_cpu.then(|| peak::measure(0.5));
+    let attention = if on_cpu { attention_engines(cfg, b, opts.warmup, opts.iters) } else { Vec::new() };
     Ok(BenchResult {
+        peak,
+        attention,
         achieved: Achieved::of(&opts.model, train_samples_per_s, sample_images_per_s),
         train_samples_per_s,
         sample_images_per_s,

@@ -525,6 +525,25 @@ fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
         f.executed_flops / 1e6,
         dits::memory::peak_rss_bytes().map_or("unknown".into(), |b| format!("{} MiB", b >> 20))
     );
+    if let Some(peak) = r.peak {
+        println!(
+            "cpu: {}; FMA peak {:.1} GFLOP/s measured ({} threads, {}): train {:.0}%, sampling {:.0}% of it",
+            dits::bench::cpu_model(),
+            peak.gflops,
+            peak.threads,
+            peak.isa,
+            100.0 * f.train_gflops / peak.gflops,
+            100.0 * f.sample_gflops / peak.gflops
+        );
+    }
+    if !r.attention.is_empty() {
+        let rates: Vec<String> = r
+            .attention
+            .iter()
+            .map(|e| format!("{:?} {:.1}{}", e.engine, e.gflops, if e.chosen { " (used)" } else { "" }))
+            .collect();
+        println!("attention products, forward+backward, GFLOP/s by engine: {}", rates.join(", "));
+    }
     if let Some(p) = &r.profile {
         print!("{p}");
     }

@@ -16,6 +16,7 @@ use super::buffer::{self, assume_init, uninit_filled};
 use super::gemm::{Order, product};
 use super::simd::{softmax_columns, softmax_columns_backward};
 use super::tile::{self, Strided};
+use super::tile_avx2;
 use super::transpose::transpose;
 
 /// Sizes of one attention call.
@@ -42,18 +43,38 @@ impl AttnDims {
 /// keeps both cores busy at these sizes.
 const ONE_THREAD: gemm::Parallelism = gemm::Parallelism::None;
 
-/// What computes the per-head products: AVX-512 register tiles where the CPU has them,
-/// otherwise gemm (also the reference the tiles are tested against).
+/// What computes the per-head products: register tiles for AVX-512 or for AVX2 + FMA, where the
+/// CPU has them, otherwise gemm (also the reference the tiles are tested against).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
     Tiles,
+    Avx2Tiles,
     Gemm,
 }
 
 impl Engine {
     /// The fastest engine this CPU runs.
     pub fn best() -> Self {
-        if tile::available() { Engine::Tiles } else { Engine::Gemm }
+        if tile::available() {
+            Engine::Tiles
+        } else if tile_avx2::available() {
+            Engine::Avx2Tiles
+        } else {
+            Engine::Gemm
+        }
+    }
+
+    /// Every engine this CPU runs, fastest first.
+    pub fn available() -> Vec<Self> {
+        let mut engines = Vec::new();
+        if tile::available() {
+            engines.push(Engine::Tiles);
+        }
+        if tile_avx2::available() {
+            engines.push(Engine::Avx2Tiles);
+        }
+        engines.push(Engine::Gemm);
+        engines
     }
 
     /// `dst[r, j] (+)= Σₓ L(r, x) · rhs[x, j]` for one head (see [`tile::broadcast_product`]).
@@ -73,10 +94,13 @@ impl Engine {
         rhs_rs: usize,
         accumulate: bool,
     ) {
-        // SAFETY: the caller's contract; `Tiles` is only chosen when available.
+        // SAFETY: the caller's contract; the tiles are only chosen when available.
         unsafe {
             match self {
                 Engine::Tiles => tile::broadcast_product(rows, n, xs, dst, dst_rs, lhs, rhs, rhs_rs, accumulate),
+                Engine::Avx2Tiles => {
+                    tile_avx2::broadcast_product(rows, n, xs, dst, dst_rs, lhs, rhs, rhs_rs, accumulate)
+                }
                 Engine::Gemm => {
                     // Head-dim-wide results go to gemm transposed: their left operand is then
                     // unit-stride and 16-aligned, and is neither packed nor padded.
@@ -401,19 +425,24 @@ fn backward_into(
 mod tests {
     use super::*;
 
+    /// The register-tile engines this CPU runs (each is compared with gemm).
+    fn tile_engines() -> Vec<Engine> {
+        let engines: Vec<Engine> = Engine::available().into_iter().filter(|&e| e != Engine::Gemm).collect();
+        if engines.is_empty() {
+            eprintln!("neither AVX-512 nor AVX2 + FMA: only the gemm engine runs on this CPU");
+        }
+        engines
+    }
+
     fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
         let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
         a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale
     }
 
     /// The register tiles compute what gemm computes, forward and backward (the composed-op
-    /// test in `kernels` covers whichever engine the CPU picks; this one covers both).
+    /// test in `kernels` covers whichever engine the CPU picks; this one covers every engine).
     #[test]
     fn tiles_and_gemm_agree() {
-        if Engine::best() != Engine::Tiles {
-            eprintln!("no AVX-512: only the gemm engine runs on this CPU");
-            return;
-        }
         for d in [
             AttnDims { batch: 2, seq: 49, heads: 4, head_dim: 64 },
             AttnDims { batch: 3, seq: 10, heads: 3, head_dim: 20 },
@@ -428,20 +457,19 @@ mod tests {
                 let grad = backward(&qkv, &probs, &grad_out, d, 0.3, engine);
                 (out, probs, grad)
             };
-            let (tiles, gemm) = (run(Engine::Tiles), run(Engine::Gemm));
-            assert!(max_rel_diff(&tiles.0, &gemm.0) < 1e-5, "{d:?}: outputs differ");
-            assert!(max_rel_diff(&tiles.1, &gemm.1) < 1e-5, "{d:?}: probabilities differ");
-            assert!(max_rel_diff(&tiles.2, &gemm.2) < 1e-5, "{d:?}: gradients differ");
+            let gemm = run(Engine::Gemm);
+            for engine in tile_engines() {
+                let tiles = run(engine);
+                assert!(max_rel_diff(&tiles.0, &gemm.0) < 1e-5, "{engine:?} {d:?}: outputs differ");
+                assert!(max_rel_diff(&tiles.1, &gemm.1) < 1e-5, "{engine:?} {d:?}: probabilities differ");
+                assert!(max_rel_diff(&tiles.2, &gemm.2) < 1e-5, "{engine:?} {d:?}: gradients differ");
+            }
         }
     }
 
     /// The same for the folded attention, whose products also accumulate (gemm with `read_dst`).
     #[test]
     fn folded_tiles_and_gemm_agree() {
-        if Engine::best() != Engine::Tiles {
-            eprintln!("no AVX-512: only the gemm engine runs on this CPU");
-            return;
-        }
         for d in [
             FoldedDims { batch: 2, seq: 49, heads: 4, width: 64 },
             FoldedDims { batch: 3, seq: 10, heads: 3, width: 20 },
@@ -456,13 +484,16 @@ mod tests {
                 let (gqv, gk) = folded_backward(&qv, &keys, &probs, &grad_out, d, 0.3, engine);
                 (out, probs, gqv, gk)
             };
-            let (tiles, gemm) = (run(Engine::Tiles), run(Engine::Gemm));
-            assert!(max_rel_diff(&tiles.0, &gemm.0) < 1e-5, "{d:?}: outputs differ");
-            assert!(max_rel_diff(&tiles.1, &gemm.1) < 1e-5, "{d:?}: probabilities differ");
-            assert!(max_rel_diff(&tiles.2, &gemm.2) < 1e-5, "{d:?}: qv gradients differ");
-            assert!(max_rel_diff(&tiles.3, &gemm.3) < 1e-5, "{d:?}: key gradients differ");
-            // Without kept probabilities the output is the same.
-            assert_eq!(folded_forward(&qv, &keys, d, 0.3, false, Engine::Tiles).0, tiles.0);
+            let gemm = run(Engine::Gemm);
+            for engine in tile_engines() {
+                let tiles = run(engine);
+                assert!(max_rel_diff(&tiles.0, &gemm.0) < 1e-5, "{engine:?} {d:?}: outputs differ");
+                assert!(max_rel_diff(&tiles.1, &gemm.1) < 1e-5, "{engine:?} {d:?}: probabilities differ");
+                assert!(max_rel_diff(&tiles.2, &gemm.2) < 1e-5, "{engine:?} {d:?}: qv gradients differ");
+                assert!(max_rel_diff(&tiles.3, &gemm.3) < 1e-5, "{engine:?} {d:?}: key gradients differ");
+                // Without kept probabilities the output is the same.
+                assert_eq!(folded_forward(&qv, &keys, d, 0.3, false, engine).0, tiles.0);
+            }
         }
     }
 }

@@ -52,9 +52,11 @@ pub mod buffer;
 pub mod gemm;
 pub mod linear;
 pub mod norm;
+pub mod peak;
 pub mod residual;
 pub mod simd;
 pub mod tile;
+pub mod tile_avx2;
 pub mod transpose;
 
 use burn::backend::tensor::FloatTensor;

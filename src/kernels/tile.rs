@@ -201,44 +201,53 @@ unsafe fn tile<const ROWS: usize, const V: usize>(
     }
 }
 
+/// A register-tiled product with [`broadcast_product`]'s contract (for the shared test).
+#[cfg(test)]
+pub(crate) type Product = unsafe fn(usize, usize, usize, *mut f32, usize, Strided, *const f32, usize, bool);
+
+/// Every tile shape (full and partial row tiles, each register count, masked columns, more
+/// columns than one tile) of `product` against a plain triple loop, with a transposed (strided)
+/// left operand, writing and then accumulating.
+#[cfg(test)]
+pub(crate) fn assert_matches_the_definition(product: Product) {
+    for &(rows, n, xs) in &[(49, 49, 64), (49, 64, 49), (9, 100, 5), (3, 7, 1), (15, 33, 17), (7, 8, 3), (6, 196, 9)] {
+        let value = |i: usize| ((i * 7919) % 101) as f32 / 50.0 - 1.0;
+        // L stored transposed: element (r, x) at x·rows + r.
+        let l: Vec<f32> = (0..xs * rows).map(value).collect();
+        let rhs_rs = n + 3;
+        let rhs: Vec<f32> = (0..xs * rhs_rs).map(|i| value(i + 13)).collect();
+        let dst_rs = n + 5;
+        let mut dst = vec![f32::NAN; rows * dst_rs];
+        let lhs = Strided { ptr: l.as_ptr(), row_stride: 1, x_stride: rows };
+        // SAFETY: the operands cover the strided ranges; `dst` is a buffer of its own.
+        unsafe { product(rows, n, xs, dst.as_mut_ptr(), dst_rs, lhs, rhs.as_ptr(), rhs_rs, false) };
+        let want = |r: usize, j: usize| -> f32 { (0..xs).map(|x| l[x * rows + r] * rhs[x * rhs_rs + j]).sum() };
+        let check = |dst: &[f32], times: f32| {
+            for r in 0..rows {
+                for j in 0..n {
+                    let (got, want) = (dst[r * dst_rs + j], times * want(r, j));
+                    assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "({rows},{n},{xs}) at ({r},{j})");
+                }
+                // Columns past n are untouched.
+                assert!(dst[r * dst_rs + n..(r + 1) * dst_rs].iter().all(|v| v.is_nan()));
+            }
+        };
+        check(&dst, 1.0);
+        // Accumulating the same product again doubles it.
+        // SAFETY: as above.
+        unsafe { product(rows, n, xs, dst.as_mut_ptr(), dst_rs, lhs, rhs.as_ptr(), rhs_rs, true) };
+        check(&dst, 2.0);
+    }
+}
+
 #[cfg(all(test, target_arch = "x86_64", not(fuzzing)))]
 mod tests {
-    use super::*;
-
-    /// Every tile shape (full and partial row tiles, 1–4 registers, masked columns, more than
-    /// 64 columns) against a plain triple loop, with a transposed (strided) left operand,
-    /// writing and then accumulating.
     #[test]
     fn matches_the_definition() {
-        if !available() {
+        if !super::available() {
             eprintln!("no AVX-512: the tiled products are not used on this CPU");
             return;
         }
-        for &(rows, n, xs) in &[(49, 49, 64), (49, 64, 49), (9, 100, 5), (3, 7, 1), (15, 33, 17)] {
-            let value = |i: usize| ((i * 7919) % 101) as f32 / 50.0 - 1.0;
-            // L stored transposed: element (r, x) at x·rows + r.
-            let l: Vec<f32> = (0..xs * rows).map(value).collect();
-            let rhs_rs = n + 3;
-            let rhs: Vec<f32> = (0..xs * rhs_rs).map(|i| value(i + 13)).collect();
-            let dst_rs = n + 5;
-            let mut dst = vec![f32::NAN; rows * dst_rs];
-            let lhs = Strided { ptr: l.as_ptr(), row_stride: 1, x_stride: rows };
-            unsafe { broadcast_product(rows, n, xs, dst.as_mut_ptr(), dst_rs, lhs, rhs.as_ptr(), rhs_rs, false) };
-            let want = |r: usize, j: usize| -> f32 { (0..xs).map(|x| l[x * rows + r] * rhs[x * rhs_rs + j]).sum() };
-            let check = |dst: &[f32], times: f32| {
-                for r in 0..rows {
-                    for j in 0..n {
-                        let (got, want) = (dst[r * dst_rs + j], times * want(r, j));
-                        assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "({rows},{n},{xs}) at ({r},{j})");
-                    }
-                    // Columns past n are untouched.
-                    assert!(dst[r * dst_rs + n..(r + 1) * dst_rs].iter().all(|v| v.is_nan()));
-                }
-            };
-            check(&dst, 1.0);
-            // Accumulating the same product again doubles it.
-            unsafe { broadcast_product(rows, n, xs, dst.as_mut_ptr(), dst_rs, lhs, rhs.as_ptr(), rhs_rs, true) };
-            check(&dst, 2.0);
-        }
+        super::assert_matches_the_definition(super::broadcast_product);
     }
 }

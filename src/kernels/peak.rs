@@ -1,0 +1,130 @@
+//! The machine's measured FMA peak: what `dits bench` states its GFLOP/s against.
+//!
+//! Every thread of the pool runs a chain-free loop of fused multiply-adds in the widest vectors
+//! the CPU has (AVX-512, else AVX2 + FMA, else scalar), with more independent accumulators than
+//! an FMA's latency times its ports, so nothing waits but the FMA units. The figure is the
+//! ceiling the kernels are measured against, not a datasheet number: it includes whatever clock
+//! the cores hold while every one of them runs vector code.
+
+use std::time::Instant;
+
+/// The probe's result.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Peak {
+    pub gflops: f64,
+    pub threads: usize,
+    /// The instructions measured: "AVX-512", "AVX2+FMA" or "scalar".
+    pub isa: &'static str,
+}
+
+/// Iterations of the inner loop per call: about 10 ms on one core.
+const ITERS: u64 = 2_000_000;
+
+/// Runs the probe for about `seconds` on every thread of the rayon pool.
+pub fn measure(seconds: f64) -> Peak {
+    let (isa, flops_per_iter, run): (&'static str, f64, fn(u64) -> f32) = pick();
+    let threads = rayon::current_num_threads();
+    // One warm-up call per thread (clocks ramp up), then repeated calls until the time is up.
+    rayon::broadcast(|_| std::hint::black_box(run(ITERS / 10)));
+    let start = Instant::now();
+    let calls: u64 = rayon::broadcast(|_| {
+        let mut calls = 0u64;
+        while start.elapsed().as_secs_f64() < seconds {
+            std::hint::black_box(run(std::hint::black_box(ITERS)));
+            calls += 1;
+        }
+        calls
+    })
+    .into_iter()
+    .sum();
+    let elapsed = start.elapsed().as_secs_f64();
+    Peak { gflops: calls as f64 * ITERS as f64 * flops_per_iter / elapsed / 1e9, threads, isa }
+}
+
+/// The widest probe this CPU runs, with its FLOPs per loop iteration.
+fn pick() -> (&'static str, f64, fn(u64) -> f32) {
+    #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked).
+            return ("AVX-512", (ACC * 16 * 2) as f64, |n| unsafe { x86::avx512(n) });
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA (checked).
+            return ("AVX2+FMA", (ACC * 8 * 2) as f64, |n| unsafe { x86::avx2(n) });
+        }
+    }
+    ("scalar", (ACC * 2) as f64, scalar)
+}
+
+/// Independent accumulators: more than FMA latency (4 cycles) × ports (2) on current cores, and
+/// few enough to stay in AVX2's 16 registers.
+const ACC: usize = 12;
+
+fn scalar(n: u64) -> f32 {
+    let (a, b) = (std::hint::black_box(0.999_f32), std::hint::black_box(1e-7_f32));
+    let mut acc = [1f32; ACC];
+    for _ in 0..n {
+        for v in &mut acc {
+            *v = v.mul_add(a, b);
+        }
+    }
+    acc.iter().sum()
+}
+
+#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::ACC;
+
+    #[target_feature(enable = "avx512f")]
+    pub fn avx512(n: u64) -> f32 {
+        let (a, b) = (_mm512_set1_ps(std::hint::black_box(0.999)), _mm512_set1_ps(std::hint::black_box(1e-7)));
+        let mut acc = [_mm512_set1_ps(1.0); ACC];
+        for _ in 0..n {
+            for v in &mut acc {
+                *v = _mm512_fmadd_ps(*v, a, b);
+            }
+        }
+        acc.iter().map(|&v| _mm512_reduce_add_ps(v)).sum()
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub fn avx2(n: u64) -> f32 {
+        let (a, b) = (_mm256_set1_ps(std::hint::black_box(0.999)), _mm256_set1_ps(std::hint::black_box(1e-7)));
+        let mut acc = [_mm256_set1_ps(1.0); ACC];
+        for _ in 0..n {
+            for v in &mut acc {
+                *v = _mm256_fmadd_ps(*v, a, b);
+            }
+        }
+        let mut lanes = [0f32; 8];
+        let sum = acc.iter().fold(_mm256_setzero_ps(), |s, &v| _mm256_add_ps(s, v));
+        // SAFETY: `lanes` holds 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
+        lanes.iter().sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The probe measures something positive and names what it ran; every variant the CPU runs
+    /// computes the same recurrence (so none is optimised away into a different loop).
+    #[test]
+    fn the_probe_runs_and_its_variants_agree() {
+        let p = measure(0.05);
+        assert!(p.gflops > 0.0 && p.gflops.is_finite(), "{p:?}");
+        assert!(p.threads >= 1);
+        let (_, _, run) = pick();
+        let (wide, narrow) = (run(1000), scalar(1000));
+        let lanes = match p.isa {
+            "AVX-512" => 16.0,
+            "AVX2+FMA" => 8.0,
+            _ => 1.0,
+        };
+        assert!((wide - lanes * narrow).abs() <= 1e-3 * wide.abs(), "{wide} vs {lanes} × {narrow}");
+    }
+}

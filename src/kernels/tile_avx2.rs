@@ -1,0 +1,207 @@
+//! The register tiles of [`super::tile`] for CPUs with AVX2 and FMA but no AVX-512 (AMD before
+//! Zen 4, Intel client CPUs): the same products, `C[r, 0..n] = Σₓ L(r, x) · R[x, 0..n]`, with
+//! the same contract, sized for sixteen 8-lane registers.
+//!
+//! A tile is six rows of `C` by two registers (16 columns): 12 accumulators, 2 registers for the
+//! row of `R` and 1 for the broadcast scalar of `L`, 15 of the 16. Each step of `x` is 2 loads of
+//! `R`, 6 broadcasts and 12 FMAs, so the two FMA ports, not the loads, set the pace. (Four rows
+//! by three registers also fit, 12 + 3 + 1 = 16, but a 64-wide head splits into 24 + 24 + 16
+//! columns, the last block a third empty.)
+
+#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
+use std::arch::x86_64::*;
+
+use super::tile::Strided;
+
+/// Rows of `C` per register tile.
+const TILE_ROWS: usize = 6;
+/// Columns of `C` per tile: two 8-lane registers.
+const TILE_COLS: usize = 16;
+
+/// Whether [`broadcast_product`] can run on this CPU.
+pub fn available() -> bool {
+    #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    // As in `tile`: fuzz builds leave the vector code out.
+    #[cfg(not(all(target_arch = "x86_64", not(fuzzing))))]
+    {
+        false
+    }
+}
+
+/// `dst[r·dst_rs + j] = Σ_{x<xs} L(r, x) · rhs[x·rhs_rs + j]` for `r < rows`, `j < n`; with
+/// `accumulate`, `dst += …` instead.
+///
+/// # Safety
+/// [`available`] must be true; the pointers must cover the strided ranges (only the `n` columns
+/// of `rhs` and `dst` are touched: a last partial register is loaded and stored masked), and
+/// `dst` must not overlap the operands.
+#[allow(clippy::too_many_arguments)]
+#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn broadcast_product(
+    rows: usize,
+    n: usize,
+    xs: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: Strided,
+    rhs: *const f32,
+    rhs_rs: usize,
+    accumulate: bool,
+) {
+    // SAFETY: the caller's contract; the column blocks and row tiles below stay inside it.
+    unsafe {
+        let mut col = 0;
+        while col < n {
+            let width = (n - col).min(TILE_COLS);
+            let registers = width.div_ceil(8);
+            let last = Last::new(width - 8 * (registers - 1));
+            let mut row = 0;
+            while row < rows {
+                let tile_rows = (rows - row).min(TILE_ROWS);
+                let l = Strided { ptr: lhs.ptr.add(row * lhs.row_stride), ..lhs };
+                let (c, r) = (dst.add(row * dst_rs + col), rhs.add(col));
+                macro_rules! by_rows {
+                    ($v:literal) => {
+                        match tile_rows {
+                            1 => tile::<1, $v>(xs, c, dst_rs, l, r, rhs_rs, last, accumulate),
+                            2 => tile::<2, $v>(xs, c, dst_rs, l, r, rhs_rs, last, accumulate),
+                            3 => tile::<3, $v>(xs, c, dst_rs, l, r, rhs_rs, last, accumulate),
+                            4 => tile::<4, $v>(xs, c, dst_rs, l, r, rhs_rs, last, accumulate),
+                            5 => tile::<5, $v>(xs, c, dst_rs, l, r, rhs_rs, last, accumulate),
+                            _ => tile::<6, $v>(xs, c, dst_rs, l, r, rhs_rs, last, accumulate),
+                        }
+                    };
+                }
+                if registers == 2 {
+                    by_rows!(2)
+                } else {
+                    by_rows!(1)
+                }
+                row += tile_rows;
+            }
+            col += width;
+        }
+    }
+}
+
+/// Off x86-64 [`available`] is false and this is never called.
+///
+/// # Safety
+/// Never to be called.
+#[allow(clippy::too_many_arguments)]
+#[cfg(not(all(target_arch = "x86_64", not(fuzzing))))]
+pub unsafe fn broadcast_product(
+    _: usize,
+    _: usize,
+    _: usize,
+    _: *mut f32,
+    _: usize,
+    _: Strided,
+    _: *const f32,
+    _: usize,
+    _: bool,
+) {
+    unreachable!("AVX2 tiled products need AVX2 and FMA (tile_avx2::available() is false)")
+}
+
+/// The tile's last register: all 8 lanes, or the first few (AVX2 has no mask registers: a lane
+/// mask vector for `vmaskmovps`).
+#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
+#[derive(Clone, Copy)]
+struct Last {
+    full: bool,
+    mask: __m256i,
+}
+
+#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
+impl Last {
+    #[target_feature(enable = "avx2")]
+    fn new(lanes: usize) -> Self {
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        Last { full: lanes == 8, mask }
+    }
+
+    /// # Safety
+    /// `p` covers the lanes in use.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn load(self, p: *const f32) -> __m256 {
+        // SAFETY: the caller's; masked lanes are not read.
+        unsafe { if self.full { _mm256_loadu_ps(p) } else { _mm256_maskload_ps(p, self.mask) } }
+    }
+
+    /// # Safety
+    /// `p` covers the lanes in use.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn store(self, p: *mut f32, v: __m256) {
+        // SAFETY: the caller's; masked lanes are not written.
+        unsafe { if self.full { _mm256_storeu_ps(p, v) } else { _mm256_maskstore_ps(p, self.mask, v) } }
+    }
+}
+
+/// One `ROWS × 8·V` tile of `C` over the whole `x` range, in registers.
+#[allow(clippy::too_many_arguments)]
+#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn tile<const ROWS: usize, const V: usize>(
+    xs: usize,
+    c: *mut f32,
+    c_rs: usize,
+    l: Strided,
+    r: *const f32,
+    r_rs: usize,
+    last: Last,
+    accumulate: bool,
+) {
+    // SAFETY: forwarded from `broadcast_product`; masked lanes are neither read nor written.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); V]; ROWS];
+        if accumulate {
+            for (i, acc_row) in acc.iter_mut().enumerate() {
+                for (v, a) in acc_row.iter_mut().enumerate() {
+                    let p = c.add(i * c_rs + 8 * v);
+                    *a = if v + 1 == V { last.load(p) } else { _mm256_loadu_ps(p) };
+                }
+            }
+        }
+        for x in 0..xs {
+            let r_row = r.add(x * r_rs);
+            let mut rv = [_mm256_setzero_ps(); V];
+            for (v, reg) in rv.iter_mut().enumerate() {
+                let p = r_row.add(8 * v);
+                *reg = if v + 1 == V { last.load(p) } else { _mm256_loadu_ps(p) };
+            }
+            let l_x = l.ptr.add(x * l.x_stride);
+            for (i, acc_row) in acc.iter_mut().enumerate() {
+                let b = _mm256_set1_ps(*l_x.add(i * l.row_stride));
+                for v in 0..V {
+                    acc_row[v] = _mm256_fmadd_ps(b, rv[v], acc_row[v]);
+                }
+            }
+        }
+        for (i, acc_row) in acc.iter().enumerate() {
+            for (v, &a) in acc_row.iter().enumerate() {
+                let p = c.add(i * c_rs + 8 * v);
+                if v + 1 == V { last.store(p, a) } else { _mm256_storeu_ps(p, a) }
+            }
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64", not(fuzzing)))]
+mod tests {
+    #[test]
+    fn matches_the_definition() {
+        if !super::available() {
+            eprintln!("no AVX2 + FMA: the AVX2 tiled products are not used on this CPU");
+            return;
+        }
+        super::super::tile::assert_matches_the_definition(super::broadcast_product);
+    }
+}
