@@ -1,11 +1,13 @@
 //! Choosing the compute device and the CPU thread count.
 
-use anyhow::bail;
+use anyhow::{bail, ensure};
 use burn::prelude::*;
 
 /// The devices this build can use, by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DeviceKind {
+    /// A GPU backend compiled into this build whose device answers, else the CPU.
+    Auto,
     /// burn's pure-Rust CPU backend (always available).
     Cpu,
     /// NVIDIA GPU through burn's CUDA backend (build with `--features cuda`).
@@ -14,30 +16,143 @@ pub enum DeviceKind {
     Wgpu,
 }
 
-pub fn device(kind: DeviceKind) -> anyhow::Result<Device> {
-    match kind {
-        DeviceKind::Cpu => Ok(Device::flex()),
-        #[cfg(feature = "cuda")]
-        DeviceKind::Cuda => Ok(Device::cuda(0)),
-        #[cfg(feature = "wgpu")]
-        DeviceKind::Wgpu => Ok(Device::wgpu(Default::default())),
-        #[allow(unreachable_patterns)]
-        other => bail!(
-            "this dits was built without the {other:?} backend: rebuild with --features {}",
-            format!("{other:?}").to_lowercase()
-        ),
+impl DeviceKind {
+    fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Auto => "auto",
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+            DeviceKind::Wgpu => "wgpu",
+        }
+    }
+
+    /// The GPU backends compiled into this build, in the order `auto` tries them.
+    fn compiled_gpus() -> Vec<DeviceKind> {
+        let mut gpus = Vec::new();
+        if cfg!(feature = "cuda") {
+            gpus.push(DeviceKind::Cuda);
+        }
+        if cfg!(feature = "wgpu") {
+            gpus.push(DeviceKind::Wgpu);
+        }
+        gpus
     }
 }
 
-/// `n` devices of `kind` for `--dist devices`: GPUs `0..n`, or the CPU `n` times.
-pub fn devices(kind: DeviceKind, n: usize) -> anyhow::Result<Vec<Device>> {
+impl std::fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Device `index` of a GPU backend compiled into this build (wgpu: its default adapter).
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+fn gpu(kind: DeviceKind, index: usize) -> Device {
     match kind {
-        DeviceKind::Cpu => Ok(vec![Device::flex(); n]),
         #[cfg(feature = "cuda")]
-        DeviceKind::Cuda => Ok((0..n).map(Device::cuda).collect()),
-        DeviceKind::Wgpu => bail!("--dist devices supports --device cpu and cuda"),
-        #[allow(unreachable_patterns)]
-        other => device(other).map(|_| unreachable!("device() fails for a backend this build lacks")),
+        DeviceKind::Cuda => Device::cuda(index),
+        #[cfg(feature = "wgpu")]
+        DeviceKind::Wgpu => Device::wgpu(Default::default()),
+        _ => unreachable!("{kind} is not a GPU backend of this build"),
+    }
+}
+
+/// Whether `device` runs a small computation. burn's GPU backends panic when no adapter or driver
+/// is found (wgpu without a Vulkan/Metal device, CUDA without its libraries), so the probe runs
+/// under `catch_unwind` with the panic message silenced: absence is answered by the caller.
+fn answers(device: &Device) -> bool {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let ok = std::panic::catch_unwind(|| {
+        let t = Tensor::<1>::from_data(TensorData::new(vec![1f32, 2.0], [2]), device);
+        t.sum().into_data().try_to_vec::<f32>().is_ok_and(|v| v == [3.0])
+    })
+    .unwrap_or(false);
+    std::panic::set_hook(hook);
+    ok
+}
+
+/// `kind` made concrete: `auto` becomes the first compiled-in GPU backend whose device answers,
+/// else the CPU; a requested GPU must be compiled in and answer. Says which device runs.
+pub fn resolve(kind: DeviceKind) -> anyhow::Result<DeviceKind> {
+    let gpus = DeviceKind::compiled_gpus();
+    let resolved = match kind {
+        DeviceKind::Cpu => DeviceKind::Cpu,
+        DeviceKind::Auto => {
+            let found = gpus.iter().copied().find(|&g| answers(&gpu(g, 0)));
+            let chosen = found.unwrap_or(DeviceKind::Cpu);
+            let why = match (found, gpus.is_empty()) {
+                (Some(_), _) => String::new(),
+                (None, true) => " (no GPU backend in this build)".into(),
+                (None, false) => {
+                    format!(" (no {} device answered)", gpus.iter().map(|g| g.name()).collect::<Vec<_>>().join(" or "))
+                }
+            };
+            tracing::info!("device: {chosen}, chosen by --device auto{why}");
+            return Ok(chosen);
+        }
+        gpu_kind if !gpus.contains(&gpu_kind) => bail!(
+            "this dits was built without the {gpu_kind} backend: rebuild with --features {gpu_kind} \
+             (available here: {})",
+            available(&gpus)
+        ),
+        gpu_kind => {
+            ensure!(
+                answers(&gpu(gpu_kind, 0)),
+                "--device {gpu_kind}: no {gpu_kind} device answered (no adapter or driver found; available here: {})",
+                available(&gpus.iter().copied().filter(|&g| g != gpu_kind && answers(&gpu(g, 0))).collect::<Vec<_>>())
+            );
+            gpu_kind
+        }
+    };
+    Ok(resolved)
+}
+
+/// The devices a user may choose, for an error line.
+fn available(gpus: &[DeviceKind]) -> String {
+    let mut names: Vec<&str> = gpus.iter().map(|g| g.name()).collect();
+    names.push("cpu");
+    names.join(", ")
+}
+
+/// The device `kind` names (after [`resolve`]).
+pub fn device(kind: DeviceKind) -> anyhow::Result<Device> {
+    Ok(match resolve(kind)? {
+        DeviceKind::Cpu => Device::flex(),
+        other => gpu(other, 0),
+    })
+}
+
+/// `n` devices of `kind` for `--dist devices`: CUDA GPUs `0..n`, or the CPU or wgpu's default
+/// adapter `n` times (ranks sharing one device, as on a single-GPU machine).
+pub fn devices(kind: DeviceKind, n: usize) -> anyhow::Result<Vec<Device>> {
+    Ok(match resolve(kind)? {
+        DeviceKind::Cpu => vec![Device::flex(); n],
+        DeviceKind::Cuda => (0..n).map(|i| gpu(DeviceKind::Cuda, i)).collect(),
+        other => vec![gpu(other, 0); n],
+    })
+}
+
+/// Quiets Vulkan's window-system layer before any thread starts. Mesa loads libwayland even
+/// for headless compute, and libwayland prints `error: XDG_RUNTIME_DIR is invalid or not set`
+/// when that variable is missing, as on servers and in containers: lines that would break the
+/// one-`error:`-line contract. A private empty directory answers it (no display is found there,
+/// and none is wanted). Does nothing when the variable is set or no GPU backend is compiled in.
+pub fn prepare_environment() {
+    #[cfg(all(feature = "wgpu", unix))]
+    {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        if std::env::var_os("XDG_RUNTIME_DIR").is_some() {
+            return;
+        }
+        let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
+        let dir = std::env::temp_dir().join(format!("dits-runtime-{uid}"));
+        let private = std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)));
+        if private.is_ok() {
+            // SAFETY: called first thing in `main`, before any other thread exists.
+            unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
+        }
     }
 }
 
@@ -54,4 +169,25 @@ pub fn init_threads(threads: Option<usize>) -> anyhow::Result<usize> {
     // Fails only if the pool was already built (e.g. twice in one test process): keep it.
     let _ = builder.build_global();
     Ok(rayon::current_num_threads())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CPU always answers; `auto` falls back to it when no GPU backend answers; a GPU
+    /// backend this build lacks is an error naming what is available.
+    #[test]
+    fn auto_falls_back_to_the_cpu_and_absent_devices_are_errors() {
+        assert_eq!(resolve(DeviceKind::Cpu).unwrap(), DeviceKind::Cpu);
+        assert!(answers(&Device::flex()));
+        let auto = resolve(DeviceKind::Auto).unwrap();
+        assert!(auto == DeviceKind::Cpu || DeviceKind::compiled_gpus().contains(&auto), "{auto}");
+        for gpu in [DeviceKind::Cuda, DeviceKind::Wgpu] {
+            if !DeviceKind::compiled_gpus().contains(&gpu) {
+                let err = resolve(gpu).unwrap_err().to_string();
+                assert!(err.contains(&format!("--features {gpu}")) && err.contains("available here: cpu"), "{err}");
+            }
+        }
+    }
 }

@@ -68,9 +68,22 @@ struct Common {
     /// CPU threads (default: RAYON_NUM_THREADS, else all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Compute device.
-    #[arg(long, value_enum, default_value = "cpu")]
+    /// Compute device: auto picks a GPU backend compiled into this build whose device answers,
+    /// else the CPU, and says which.
+    #[arg(long, value_enum, default_value = "auto")]
     device: DeviceKind,
+    /// burn's composed operations instead of the fused CPU kernels: the path of bf16/fp16 and of
+    /// the GPU backends, to compare a GPU run with the CPU or measure what the kernels save.
+    #[arg(long)]
+    composed: bool,
+}
+
+impl Common {
+    /// Sizes the thread pool and chooses the kernels; returns the thread count.
+    fn apply(&self) -> anyhow::Result<usize> {
+        dits::kernels::set_fused(!self.composed);
+        init_threads(self.threads)
+    }
 }
 
 #[derive(Args, Clone)]
@@ -227,10 +240,6 @@ struct BenchArgs {
     /// Precision of the training step (the forward is timed in fp32).
     #[arg(long, value_enum, default_value = "fp32")]
     precision: dits::train::precision::Precision,
-    /// Burn's composed operations instead of the fused CPU kernels (the path of bf16/fp16 and
-    /// of the GPU backends).
-    #[arg(long)]
-    composed: bool,
     /// Then profile this many training steps: thread time per phase and per fused kernel.
     #[arg(long, value_name = "STEPS", num_args = 0..=1, default_missing_value = "10")]
     profile: Option<usize>,
@@ -239,6 +248,7 @@ struct BenchArgs {
 }
 
 fn main() -> ExitCode {
+    dits::device::prepare_environment();
     dits::memory::keep_freed_memory();
     // Under mpirun only rank 0 reports progress: the other ranks log warnings and errors.
     let rank_env = ["OMPI_COMM_WORLD_RANK", "PMI_RANK"].iter().find_map(|v| std::env::var(v).ok());
@@ -299,7 +309,7 @@ fn with_defaults(cmd: clap::Command) -> clap::Command {
 }
 
 fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
-    let threads = init_threads(a.common.threads)?;
+    let threads = a.common.apply()?;
     anyhow::ensure!(a.loader.decode_threads > 0, "--decode-threads must be at least 1");
     let spec = WorldSpec {
         dist: a.dist.dist,
@@ -344,7 +354,7 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
 }
 
 fn sample_cmd(a: SampleArgs) -> anyhow::Result<()> {
-    init_threads(a.common.threads)?;
+    a.common.apply()?;
     let opts = dits::sample::SampleOptions {
         checkpoint: a.checkpoint,
         out: a.out,
@@ -382,7 +392,7 @@ fn is_checkpoint(path: &std::path::Path) -> bool {
 }
 
 fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
-    init_threads(a.common.threads)?;
+    a.common.apply()?;
     let progress = !a.no_progress && std::io::stderr().is_terminal();
     let device = dits::device::device(a.common.device)?;
     // A checkpoint is sampled first, with `dits sample`'s defaults, into a directory removed after.
@@ -483,9 +493,10 @@ impl Drop for TempDir {
 }
 
 fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
-    let threads = init_threads(a.common.threads)?;
+    let threads = a.common.apply()?;
     let model = a.model.resolve()?;
     let name = a.model.preset.clone().unwrap_or_else(|| ModelOverrides::DEFAULT_PRESET.into());
+    let kind = dits::device::resolve(a.common.device)?;
     let opts = dits::bench::BenchOptions {
         model,
         batch: a.batch,
@@ -493,19 +504,17 @@ fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
         warmup: a.warmup,
         iters: a.iters,
         profile_steps: a.profile.unwrap_or(0),
-        device: dits::device::device(a.common.device)?,
+        device: dits::device::device(kind)?,
         precision: a.precision,
     };
-    dits::kernels::set_fused(!a.composed);
     let r = dits::bench::run(&opts)?;
     println!(
-        "model={name} params={} batch={} micro_batches={} threads={threads} device={:?} precision={} kernels={}",
+        "model={name} params={} batch={} micro_batches={} threads={threads} device={kind} precision={} kernels={}",
         r.params,
         a.batch,
         r.micro_batches,
-        a.common.device,
         dits::train::recipe::value_name(a.precision),
-        if a.composed { "composed" } else { "fused" }
+        if a.common.composed { "composed" } else { "fused" }
     );
     let line = |what: &str, s: dits::bench::Stats| {
         println!("{what}: median {:.2} ms (min {:.2}, max {:.2}) over {} iterations", s.median, s.min, s.max, a.iters)

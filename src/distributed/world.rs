@@ -12,7 +12,7 @@ use super::data_parallel::{DEFAULT_BUCKET_MIB, DataParallel, ZeroStage, bucket_e
 use super::devices::DeviceWorld;
 use super::grid::Grid;
 use crate::collective::{Local, on_every_rank};
-use crate::device::{DeviceKind, device, devices};
+use crate::device::{DeviceKind, device, devices, resolve};
 use crate::kernels::TensorParallel;
 
 /// How the ranks of a run are laid out.
@@ -107,9 +107,11 @@ impl WorldSpec {
             }
             DistKind::Devices => {
                 let ranks = self.ranks.context("--dist devices needs --ranks N")? as usize;
-                // burn's collective all-reduce runs on GPU backends; CPU ranks sum in shared memory.
-                let on_devices = self.device != DeviceKind::Cpu;
-                let world = DeviceWorld::world(devices(self.device, ranks)?, on_devices);
+                // burn's collective all-reduce (NCCL) sums CUDA ranks on their GPUs; CPU ranks,
+                // and wgpu ranks sharing one adapter, sum in this process's memory.
+                let kind = resolve(self.device)?;
+                let on_devices = kind == DeviceKind::Cuda;
+                let world = DeviceWorld::world(devices(kind, ranks)?, on_devices);
                 return Ok(World::Threads(
                     world
                         .into_iter()

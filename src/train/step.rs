@@ -94,7 +94,16 @@ impl Trainer {
             "label dropout needs a model with a null label (null_class = true)"
         );
         let device = device.clone().autodiff();
-        let model = DitNet::new(&model_cfg, &device, derive_seed(train.seed, Purpose::Init, 0));
+        let seed = derive_seed(train.seed, Purpose::Init, 0);
+        let model = if device.clone().inner() == Device::flex() {
+            DitNet::new(&model_cfg, &device, seed)
+        } else {
+            // Each backend draws its own random numbers: a GPU run draws its weights on the CPU,
+            // so that a seed starts the same network on every device.
+            let drawn = DitNet::new(&model_cfg, &Device::flex(), seed);
+            let table = ParamTable::of(&drawn);
+            table.write_values(DitNet::new(&model_cfg, &device, seed), &table.read_values(&drawn))
+        };
         let table = ParamTable::of(&model);
         let params = table.read_values(&model);
         let adam = AdamState::new(table.total);
