@@ -205,14 +205,16 @@ fn bad_recipes_and_sampler_settings_are_one_error_line() {
 }
 
 /// `dits bench` ends with the two figures the comparison script reads, and `--profile` adds the
-/// per-region table whose phases and kernels are all present.
+/// per-region table whose phases and kernels are all present; it names the CPU, its measured
+/// FMA peak and the attention engines' rates.
 #[test]
 fn bench_prints_figures_and_a_step_profile() {
     let tmp = tempfile::tempdir().unwrap();
-    let text = ok(&dits(
+    let out = dits(
         &["bench", "--batch", "4", "--warmup", "0", "--iters", "1", "--profile", "1", "--threads", "2"],
         tmp.path(),
-    ));
+    );
+    let text = ok(&out);
     for needle in [
         "training step profile",
         "forward + loss",
@@ -225,8 +227,12 @@ fn bench_prints_figures_and_a_step_profile() {
     ] {
         assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
     }
-    let last: Vec<&str> = text.lines().rev().take(2).collect();
-    assert!(last[1].starts_with("train_samples_per_s=") && last[0].starts_with("sample_images_per_s="), "{text}");
+    for needle in ["cpu: ", "FMA peak", "attention products, forward+backward, GFLOP/s by engine: ", "Gemm"] {
+        assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last: Vec<&str> = stdout.lines().rev().take(2).collect();
+    assert!(last[1].starts_with("train_samples_per_s=") && last[0].starts_with("sample_images_per_s="), "{stdout}");
 }
 
 /// `--dist devices` on the CPU (ranks as threads): two ranks, with and without ZeRO-1, write the
