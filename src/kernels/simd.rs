@@ -82,7 +82,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     tree(acc, |a, b| a + b)
 }
 
-/// [`softmax_columns`] in portable Rust (CPUs without AVX-512).
+/// [`softmax_columns`] in portable Rust (CPUs without AVX-512 or AVX2).
 #[inline(always)]
 fn softmax_columns_impl(x: &mut [f32], cols: usize, scale: f32, scratch: &mut [f32]) {
     let (max, sum) = scratch[..2 * cols].split_at_mut(cols);
@@ -136,6 +136,12 @@ pub fn softmax_columns(x: &mut [f32], cols: usize, scale: f32, scratch: &mut [f3
         // SAFETY: AVX-512 is present; `x` is whole rows of `cols` values.
         return unsafe { avx512::softmax_columns(x, cols, scale) };
     }
+    #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
+    if super::tile_avx2::available() {
+        assert!(x.len().is_multiple_of(cols), "softmax: ragged rows");
+        // SAFETY: AVX2 and FMA are present; `x` is whole rows of `cols` values.
+        return unsafe { avx2::softmax_columns(x, cols, scale) };
+    }
     softmax_columns_portable(x, cols, scale, scratch)
 }
 
@@ -148,6 +154,12 @@ pub fn softmax_columns_backward(p: &[f32], dp: &mut [f32], cols: usize, scale: f
         assert!(p.len() == dp.len() && p.len().is_multiple_of(cols), "softmax backward: ragged rows");
         // SAFETY: AVX-512 is present; both are whole rows of `cols` values, of equal length.
         return unsafe { avx512::softmax_columns_backward(p, dp, cols, scale) };
+    }
+    #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
+    if super::tile_avx2::available() {
+        assert!(p.len() == dp.len() && p.len().is_multiple_of(cols), "softmax backward: ragged rows");
+        // SAFETY: AVX2 and FMA are present; both are whole rows of `cols` values, of equal length.
+        return unsafe { avx2::softmax_columns_backward(p, dp, cols, scale) };
     }
     softmax_columns_backward_portable(p, dp, cols, scale, scratch)
 }
@@ -240,6 +252,89 @@ mod avx512 {
     }
 }
 
+/// The AVX-512 softmax for AVX2 + FMA: 8-column strips, the last one through a lane mask
+/// (`vmaskmovps`), the same exponential.
+#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// [`super::exp`] on 8 lanes, as `avx512::exp`.
+    #[target_feature(enable = "avx2,fma")]
+    fn exp(x: __m256) -> __m256 {
+        let c = _mm256_set1_ps;
+        let x = _mm256_min_ps(c(88.0), _mm256_max_ps(c(-87.0), x));
+        let t = _mm256_fmadd_ps(x, c(std::f32::consts::LOG2_E), c(12_582_912.0));
+        let n = _mm256_sub_ps(t, c(12_582_912.0));
+        let r = _mm256_fnmadd_ps(n, c(1.428_606_8e-6), _mm256_fnmadd_ps(n, c(0.693_145_75), x));
+        let mut p = c(1.0 / 5040.0);
+        for k in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm256_fmadd_ps(r, p, c(k));
+        }
+        let bits = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(12_582_912f32.to_bits() as i32));
+        let two_n = _mm256_slli_epi32::<23>(_mm256_add_epi32(bits, _mm256_set1_epi32(127)));
+        _mm256_mul_ps(p, _mm256_castsi256_ps(two_n))
+    }
+
+    /// Lanes `< n` of an 8-lane strip, as a `vmaskmovps` mask.
+    #[target_feature(enable = "avx2")]
+    fn mask(n: usize) -> __m256i {
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(n.min(8) as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+    }
+
+    /// # Safety
+    /// AVX2 and FMA must be present; `x.len()` must be a multiple of `cols`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn softmax_columns(x: &mut [f32], cols: usize, scale: f32) {
+        let rows = x.len() / cols;
+        let base = x.as_mut_ptr();
+        for c0 in (0..cols).step_by(8) {
+            let m = mask(cols - c0);
+            // SAFETY (every access below): row r < rows, lanes c0.. masked to the row's end.
+            let at = |r: usize| unsafe { base.add(r * cols + c0) };
+            let mut max = _mm256_set1_ps(f32::NEG_INFINITY);
+            for r in 0..rows {
+                max = _mm256_max_ps(max, unsafe { _mm256_maskload_ps(at(r), m) });
+            }
+            let (scale, mut sum) = (_mm256_set1_ps(scale), _mm256_setzero_ps());
+            for r in 0..rows {
+                let v = unsafe { _mm256_maskload_ps(at(r), m) };
+                let e = exp(_mm256_mul_ps(_mm256_sub_ps(v, max), scale));
+                sum = _mm256_add_ps(sum, e);
+                unsafe { _mm256_maskstore_ps(at(r), m, e) };
+            }
+            let inv = _mm256_div_ps(_mm256_set1_ps(1.0), sum);
+            for r in 0..rows {
+                let v = unsafe { _mm256_maskload_ps(at(r), m) };
+                unsafe { _mm256_maskstore_ps(at(r), m, _mm256_mul_ps(v, inv)) };
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX2 and FMA must be present; `p` and `dp` must have the same length, a multiple of `cols`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn softmax_columns_backward(p: &[f32], dp: &mut [f32], cols: usize, scale: f32) {
+        let rows = p.len() / cols;
+        let (p, dp) = (p.as_ptr(), dp.as_mut_ptr());
+        for c0 in (0..cols).step_by(8) {
+            let m = mask(cols - c0);
+            // SAFETY (every access below): row r < rows, lanes c0.. masked to the row's end.
+            let (p_at, dp_at) = unsafe { (|r: usize| p.add(r * cols + c0), |r: usize| dp.add(r * cols + c0)) };
+            let mut dot = _mm256_setzero_ps();
+            for r in 0..rows {
+                let (a, b) = unsafe { (_mm256_maskload_ps(p_at(r), m), _mm256_maskload_ps(dp_at(r), m)) };
+                dot = _mm256_add_ps(dot, _mm256_mul_ps(a, b));
+            }
+            let scale = _mm256_set1_ps(scale);
+            for r in 0..rows {
+                let (a, b) = unsafe { (_mm256_maskload_ps(p_at(r), m), _mm256_maskload_ps(dp_at(r), m)) };
+                let g = _mm256_mul_ps(_mm256_mul_ps(scale, a), _mm256_sub_ps(b, dot));
+                unsafe { _mm256_maskstore_ps(dp_at(r), m, g) };
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,28 +372,50 @@ mod tests {
         }
     }
 
-    /// The AVX-512 versions agree with the portable versions to float rounding (widths with and
-    /// without a masked last strip, very negative scores), and both propagate a NaN.
+    type Forward = fn(&mut [f32], usize, f32, &mut [f32]);
+    type Backward = fn(&[f32], &mut [f32], usize, f32, &mut [f32]);
+
+    /// The vector versions this CPU runs: the dispatched one, and the AVX2 one where AVX-512
+    /// would otherwise hide it.
+    fn vector_versions() -> Vec<(&'static str, Forward, Backward)> {
+        let mut versions: Vec<(&'static str, Forward, Backward)> =
+            vec![("dispatched", softmax_columns, softmax_columns_backward)];
+        #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
+        if crate::kernels::tile_avx2::available() {
+            // SAFETY (both): AVX2 and FMA are present (checked); the tests pass whole rows.
+            let fwd: Forward = |x, cols, scale, _| unsafe { avx2::softmax_columns(x, cols, scale) };
+            let bwd: Backward = |p, dp, cols, scale, _| unsafe { avx2::softmax_columns_backward(p, dp, cols, scale) };
+            versions.push(("AVX2", fwd, bwd));
+        }
+        versions
+    }
+
+    /// The vector versions agree with the portable versions to float rounding (widths with and
+    /// without a masked last strip, very negative scores), and all propagate a NaN.
     #[test]
     fn vector_and_portable_versions_agree() {
-        for &(rows, cols) in &[(49, 49), (7, 16), (3, 33), (196, 196), (5, 1)] {
-            let (mut x, _) = sample(rows, cols);
-            x[rows * cols / 2] = -500.0;
-            let mut nan = x.clone();
-            nan[0] = f32::NAN; // poisons column 0 only
-            for input in [x, nan] {
-                let (mut fast, mut portable) = (input.clone(), input.clone());
-                softmax_columns(&mut fast, cols, 0.37, &mut vec![0.0; 2 * cols]);
-                softmax_columns_portable(&mut portable, cols, 0.37, &mut vec![0.0; 2 * cols]);
-                let close = |a: &[f32], b: &[f32]| {
-                    a.iter().zip(b).all(|(x, y)| (x.is_nan() && y.is_nan()) || (x - y).abs() <= 1e-6 * (1.0 + y.abs()))
-                };
-                assert!(close(&fast, &portable), "forward {rows}×{cols}");
-                let upstream: Vec<f32> = (0..rows * cols).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.2).collect();
-                let (mut g_fast, mut g_portable) = (upstream.clone(), upstream);
-                softmax_columns_backward(&portable, &mut g_fast, cols, 0.37, &mut vec![0.0; cols]);
-                softmax_columns_backward_portable(&portable, &mut g_portable, cols, 0.37, &mut vec![0.0; cols]);
-                assert!(close(&g_fast, &g_portable), "backward {rows}×{cols}");
+        for (name, forward, backward) in vector_versions() {
+            for &(rows, cols) in &[(49, 49), (7, 16), (3, 33), (196, 196), (5, 1), (4, 8), (2, 12)] {
+                let (mut x, _) = sample(rows, cols);
+                x[rows * cols / 2] = -500.0;
+                let mut nan = x.clone();
+                nan[0] = f32::NAN; // poisons column 0 only
+                for input in [x, nan] {
+                    let (mut fast, mut portable) = (input.clone(), input.clone());
+                    forward(&mut fast, cols, 0.37, &mut vec![0.0; 2 * cols]);
+                    softmax_columns_portable(&mut portable, cols, 0.37, &mut vec![0.0; 2 * cols]);
+                    let close = |a: &[f32], b: &[f32]| {
+                        a.iter()
+                            .zip(b)
+                            .all(|(x, y)| (x.is_nan() && y.is_nan()) || (x - y).abs() <= 1e-6 * (1.0 + y.abs()))
+                    };
+                    assert!(close(&fast, &portable), "{name} forward {rows}×{cols}");
+                    let upstream: Vec<f32> = (0..rows * cols).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.2).collect();
+                    let (mut g_fast, mut g_portable) = (upstream.clone(), upstream);
+                    backward(&portable, &mut g_fast, cols, 0.37, &mut vec![0.0; cols]);
+                    softmax_columns_backward_portable(&portable, &mut g_portable, cols, 0.37, &mut vec![0.0; cols]);
+                    assert!(close(&g_fast, &g_portable), "{name} backward {rows}×{cols}");
+                }
             }
         }
     }

@@ -1,4 +1,5 @@
-//! Transposing a head's `tokens × head_dim` block, in 16×16 register blocks.
+//! Transposing a head's `tokens × head_dim` block, in 16×16 (AVX-512) or 8×8 (AVX2) register
+//! blocks.
 //!
 //! The attention kernel transposes one block per head and image (queries in the forward pass,
 //! the output gradient in the backward pass) so that a score product can stream it row-major.
@@ -20,6 +21,11 @@ pub unsafe fn transpose(dst: *mut f32, dst_rs: usize, src: *const f32, src_rs: u
     if super::tile::available() {
         // SAFETY: AVX-512 is present; the ranges are the caller's.
         return unsafe { transpose_avx512(dst, dst_rs, src, src_rs, rows, cols) };
+    }
+    #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
+    if super::tile_avx2::available() {
+        // SAFETY: AVX2 is present; the ranges are the caller's.
+        return unsafe { transpose_avx2(dst, dst_rs, src, src_rs, rows, cols) };
     }
     // SAFETY: as promised by the caller.
     unsafe { transpose_scalar(dst, dst_rs, src, src_rs, rows, cols) }
@@ -93,6 +99,56 @@ fn transpose_16x16(r: [__m512; 16]) -> [__m512; 16] {
     out
 }
 
+/// Blocks of up to 8×8 for AVX2, partial ones through lane masks (`vmaskmovps`), as
+/// [`transpose_avx512`].
+#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose_avx2(dst: *mut f32, dst_rs: usize, src: *const f32, src_rs: usize, rows: usize, cols: usize) {
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let mask = |n: usize| _mm256_cmpgt_epi32(_mm256_set1_epi32(n.min(8) as i32), lanes);
+    for r0 in (0..rows).step_by(8) {
+        let nr = (rows - r0).min(8);
+        for c0 in (0..cols).step_by(8) {
+            let nc = (cols - c0).min(8);
+            let mut block = [_mm256_setzero_ps(); 8];
+            for (r, row) in block.iter_mut().enumerate().take(nr) {
+                // SAFETY: row r0 + r < rows, columns c0..c0 + nc < cols (masked).
+                *row = unsafe { _mm256_maskload_ps(src.add((r0 + r) * src_rs + c0), mask(nc)) };
+            }
+            let block = transpose_8x8(block);
+            for (c, column) in block.iter().enumerate().take(nc) {
+                // SAFETY: row c0 + c < cols of `dst`, lanes r0..r0 + nr < rows (masked).
+                unsafe { _mm256_maskstore_ps(dst.add((c0 + c) * dst_rs + r0), mask(nr), *column) };
+            }
+        }
+    }
+}
+
+/// 32-bit interleaves, 64-bit shuffles, then 128-bit lane swaps: 24 shuffles for 64 values.
+#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
+#[target_feature(enable = "avx2")]
+fn transpose_8x8(r: [__m256; 8]) -> [__m256; 8] {
+    let mut t = [_mm256_setzero_ps(); 8];
+    for i in 0..4 {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    let mut u = [_mm256_setzero_ps(); 8];
+    for q in 0..2 {
+        let b = 4 * q;
+        u[b] = _mm256_shuffle_ps::<0x44>(t[b], t[b + 2]);
+        u[b + 1] = _mm256_shuffle_ps::<0xee>(t[b], t[b + 2]);
+        u[b + 2] = _mm256_shuffle_ps::<0x44>(t[b + 1], t[b + 3]);
+        u[b + 3] = _mm256_shuffle_ps::<0xee>(t[b + 1], t[b + 3]);
+    }
+    let mut out = [_mm256_setzero_ps(); 8];
+    for i in 0..4 {
+        out[i] = _mm256_permute2f128_ps::<0x20>(u[i], u[i + 4]);
+        out[i + 4] = _mm256_permute2f128_ps::<0x31>(u[i], u[i + 4]);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,7 +157,7 @@ mod tests {
     /// with strides wider than the blocks, and nothing outside the destination range written.
     #[test]
     fn matches_the_definition() {
-        for &(rows, cols) in &[(49, 64), (16, 16), (1, 1), (17, 33), (5, 20), (64, 49), (196, 72)] {
+        for &(rows, cols) in &[(49, 64), (16, 16), (8, 8), (1, 1), (17, 33), (5, 20), (64, 49), (196, 72), (9, 7)] {
             let (src_rs, dst_rs) = (cols + 3, rows + 2);
             let src: Vec<f32> = (0..rows * src_rs).map(|i| i as f32).collect();
             let mut dst = vec![f32::NAN; cols * dst_rs];
@@ -110,6 +166,12 @@ mod tests {
             unsafe { transpose_scalar(scalar.as_mut_ptr(), dst_rs, src.as_ptr(), src_rs, rows, cols) };
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&dst), bits(&scalar), "({rows}×{cols}): vector and scalar versions differ");
+            #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
+            if crate::kernels::tile_avx2::available() {
+                let mut avx2 = vec![f32::NAN; cols * dst_rs];
+                unsafe { transpose_avx2(avx2.as_mut_ptr(), dst_rs, src.as_ptr(), src_rs, rows, cols) };
+                assert_eq!(bits(&avx2), bits(&scalar), "({rows}×{cols}): AVX2 and scalar versions differ");
+            }
             for c in 0..cols {
                 for r in 0..rows {
                     assert_eq!(dst[c * dst_rs + r], src[r * src_rs + c], "({rows}×{cols}) at ({r}, {c})");
