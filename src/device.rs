@@ -6,7 +6,7 @@ use burn::prelude::*;
 /// The devices this build can use, by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DeviceKind {
-    /// A GPU backend compiled into this build whose device answers, else the CPU.
+    /// A GPU backend compiled into this build whose hardware device answers, else the CPU.
     Auto,
     /// burn's pure-Rust CPU backend (always available).
     Cpu,
@@ -57,6 +57,20 @@ fn gpu(kind: DeviceKind, index: usize) -> Device {
     }
 }
 
+/// The hardware devices of a GPU backend that `auto` may choose: for wgpu its discrete,
+/// integrated and virtual GPUs, not a software rasterizer (Mesa's lavapipe, which runs on the
+/// CPU, slower than the CPU backend; `--device wgpu` still takes it).
+fn hardware(kind: DeviceKind) -> Vec<Device> {
+    match kind {
+        #[cfg(feature = "wgpu")]
+        DeviceKind::Wgpu => {
+            use burn::tensor::DeviceKind as Adapter;
+            [Adapter::DiscreteGpu(0), Adapter::IntegratedGpu(0), Adapter::VirtualGpu(0)].map(Device::wgpu).to_vec()
+        }
+        other => vec![gpu(other, 0)],
+    }
+}
+
 /// Whether `device` runs a small computation. burn's GPU backends panic when no adapter or driver
 /// is found (wgpu without a Vulkan/Metal device, CUDA without its libraries), so the probe runs
 /// under `catch_unwind` with the panic message silenced: absence is answered by the caller.
@@ -79,7 +93,7 @@ pub fn resolve(kind: DeviceKind) -> anyhow::Result<DeviceKind> {
     let resolved = match kind {
         DeviceKind::Cpu => DeviceKind::Cpu,
         DeviceKind::Auto => {
-            let found = gpus.iter().copied().find(|&g| answers(&gpu(g, 0)));
+            let found = gpus.iter().copied().find(|&g| hardware(g).iter().any(answers));
             let chosen = found.unwrap_or(DeviceKind::Cpu);
             let why = match (found, gpus.is_empty()) {
                 (Some(_), _) => String::new(),

@@ -514,7 +514,7 @@ fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
         a.batch,
         r.micro_batches,
         dits::train::recipe::value_name(a.precision),
-        if a.common.composed { "composed" } else { "fused" }
+        if a.common.composed || kind != DeviceKind::Cpu { "composed" } else { "fused" }
     );
     let line = |what: &str, s: dits::bench::Stats| {
         println!("{what}: median {:.2} ms (min {:.2}, max {:.2}) over {} iterations", s.median, s.min, s.max, a.iters)
