@@ -200,7 +200,10 @@ mod tests {
         for gpu in [DeviceKind::Cuda, DeviceKind::Wgpu] {
             if !DeviceKind::compiled_gpus().contains(&gpu) {
                 let err = resolve(gpu).unwrap_err().to_string();
-                assert!(err.contains(&format!("--features {gpu}")) && err.contains("available here: cpu"), "{err}");
+                let mut listed: Vec<String> = DeviceKind::compiled_gpus().iter().map(|g| g.to_string()).collect();
+                listed.push("cpu".into());
+                let available = format!("available here: {})", listed.join(", "));
+                assert!(err.contains(&format!("--features {gpu}")) && err.contains(&available), "{err}");
             }
         }
     }
