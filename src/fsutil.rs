@@ -27,6 +27,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 }
 
 /// Make a rename durable (best effort: not every filesystem supports syncing a directory).
+/// Appends `value` as one JSON line to `path` (created if absent; opened per line: a few lines
+/// a minute).
+pub fn append_json_line(path: &Path, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    let line = serde_json::to_string(value)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    writeln!(f, "{line}").with_context(|| format!("writing {}", path.display()))
+}
+
+/// The lines of `path` that parse as `T` (other lines, e.g. one cut by a crash or of another
+/// kind, are skipped; a missing file has none).
+pub fn read_json_lines<T: serde::de::DeserializeOwned>(path: &Path) -> Vec<T> {
+    std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
 pub fn sync_dir(dir: &Path) {
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();

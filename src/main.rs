@@ -24,15 +24,54 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train a DiT (DDPM ε-prediction or flow matching) on an IDX image data set.
+    /// Train a DiT (flow matching or DDPM) on MNIST-style IDX files, an image folder, a CSV of
+    /// files and labels or CIFAR-10 batches; ends with samples in RUN_DIR/final/.
+    #[command(after_help = "Examples:\n  \
+        dits train --out runs/mnist                        # 10 minutes on the shipped MNIST\n  \
+        dits train --data ../shared/data/fashion-mnist --out runs/fashion --minutes 30\n  \
+        dits train --resume runs/mnist --steps 40000       # continue a run, longer")]
     Train(Box<TrainArgs>),
     /// Generate images with a trained model.
+    #[command(after_help = "Examples:\n  \
+        dits sample --checkpoint runs/mnist --out samples\n  \
+        dits sample --checkpoint runs/mnist --out sevens --classes 7 --per-class 64 --seed 1")]
     Sample(SampleArgs),
     /// Score samples: accuracy of the intended class and FID-CNN, with a classifier trained
     /// on the real data.
+    #[command(after_help = "Examples:\n  \
+        dits eval runs/mnist                               # draw 2,000 images and score them\n  \
+        dits eval samples                                  # score a folder dits sample wrote")]
     Eval(EvalArgs),
     /// Measure training and sampling throughput.
+    #[command(after_help = "Examples:\n  \
+        dits bench                                         # mnist-dits, batch 256\n  \
+        dits bench --model dit-s4 --batch 64 --profile 20  # where a step's time goes")]
     Bench(BenchArgs),
+    /// Show a run or checkpoint: recipe, step, loss, data and its checksum, grids, evaluations.
+    #[command(after_help = "Examples:\n  \
+        dits info runs/mnist\n  \
+        dits info runs/mnist/checkpoints/step-00001000 --json")]
+    Info(InfoArgs),
+    /// Print a shell completion script.
+    #[command(after_help = "Examples:\n  \
+        dits completions bash > ~/.local/share/bash-completion/completions/dits\n  \
+        dits completions zsh > ~/.zfunc/_dits")]
+    Completions(CompletionsArgs),
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    /// A run directory or one of its checkpoints.
+    run: PathBuf,
+    /// Print the information as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct CompletionsArgs {
+    /// The shell: bash, elvish, fish, powershell or zsh.
+    shell: clap_complete::Shell,
 }
 
 #[derive(Args)]
@@ -120,6 +159,10 @@ struct TrainArgs {
     /// affected (a pass over the gradient per step).
     #[arg(long)]
     detect_anomaly: bool,
+    /// At the end of the run, do not draw its samples (10 per class, as `dits sample`) into
+    /// RUN_DIR/final/.
+    #[arg(long)]
+    no_final_samples: bool,
     #[command(flatten)]
     dist: DistArgs,
     #[command(flatten)]
@@ -268,6 +311,18 @@ fn main() -> ExitCode {
         Command::Sample(a) => sample_cmd(a),
         Command::Eval(a) => eval_cmd(a),
         Command::Bench(a) => bench_cmd(a),
+        Command::Info(a) => dits::info::describe(&a.run, true).and_then(|i| {
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&i)?);
+            } else {
+                print!("{i}");
+            }
+            Ok(())
+        }),
+        Command::Completions(a) => {
+            clap_complete::generate(a.shell, &mut with_defaults(Cli::command()), "dits", &mut std::io::stdout());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -328,6 +383,43 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
         None => Start::new_run(a.data, a.config.as_deref(), a.model, a.train)?,
     };
     let progress = !a.no_progress && std::io::stderr().is_terminal();
+    // `--eval-every`: the judge is made ready (trained once per data set, if not cached) before
+    // the run starts, so that no evaluation stops the run for minutes.
+    // Only the lead rank evaluates (and may be the only one that sees the run directory).
+    let is_lead = match &world {
+        dits::distributed::world::World::Process(grid, _) => grid.is_lead(),
+        dits::distributed::world::World::Threads(_) => true,
+    };
+    let judged = match &start {
+        _ if !is_lead => None,
+        Start::New { data, train, .. } => (train.eval_every > 0).then(|| data.clone()),
+        Start::Resume(flags) => {
+            let state = dits::train::checkpoint::read_state(&dits::train::checkpoint::resolve(&run_dir)?)?;
+            let every = flags.train.eval_every.unwrap_or(state.train.eval_every);
+            (every > 0).then(|| state.data_source())
+        }
+    };
+    // Where the lead rank samples and judges: its training device.
+    let eval_device = match &world {
+        dits::distributed::world::World::Process(_, device) => device.clone(),
+        dits::distributed::world::World::Threads(ranks) => ranks[0].1.clone(),
+    };
+    if let Some(data) = &judged {
+        let opts = in_run_eval_options(PathBuf::new(), data.clone(), eval_device.clone(), progress);
+        dits::eval::prepare_judge(&opts)?;
+    }
+    let spent = std::sync::Arc::new(std::sync::Mutex::new((0usize, 0f64)));
+    let hook_spent = spent.clone();
+    let hook_device = eval_device.clone();
+    let hook = train::CheckpointHook(std::sync::Arc::new(move |e: &train::CheckpointEvent| {
+        if e.evaluate {
+            let seconds = evaluate_checkpoint(e, &hook_device)?;
+            let mut spent = hook_spent.lock().expect("eval time");
+            spent.0 += 1;
+            spent.1 += seconds;
+        }
+        dits::report::write(e.run_dir).map(drop)
+    }));
     let s = train::launch(world, |grid, device| TrainOptions {
         run_dir: run_dir.clone(),
         start: start.clone(),
@@ -338,6 +430,7 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
         grid,
         detect_anomaly: a.detect_anomaly,
         loader: a.loader,
+        on_checkpoint: Some(hook.clone()),
     })?;
     if s.rank == 0 {
         let ranks = if s.ranks > 1 { format!("{} ranks × ", s.ranks) } else { String::new() };
@@ -349,7 +442,92 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
             s.final_loss,
             s.checkpoint.display()
         );
+        let (evals, seconds) = *spent.lock().expect("eval time");
+        if evals > 0 {
+            println!(
+                "judged the moving average {evals} times in {seconds:.1} s ({:.1}% of the run's {:.1} s); figures in {}",
+                100.0 * seconds / s.elapsed_s.max(1e-9),
+                s.elapsed_s,
+                run_dir.join(dits::eval::record::EVALS_FILE).display()
+            );
+        }
+        if s.steps == s.total_steps && !a.no_final_samples {
+            final_samples(&run_dir, eval_device, progress)?;
+        }
+        println!("report: {}", dits::report::write(&run_dir)?.display());
     }
+    Ok(())
+}
+
+/// Samples drawn and judged per evaluation during a run (divided among the classes).
+const IN_RUN_EVAL_SAMPLES: usize = 500;
+
+fn in_run_eval_options(
+    samples: PathBuf,
+    data: dits::data::DataSource,
+    device: burn::prelude::Device,
+    progress: bool,
+) -> dits::eval::EvalOptions {
+    dits::eval::EvalOptions { samples, data, cache_dir: dits::eval::default_cache_dir(), seed: 0, progress, device }
+}
+
+/// `--eval-every`: the checkpoint's moving average judged on a small sample set, recorded in
+/// metrics.jsonl and evals.jsonl; returns the seconds it took.
+fn evaluate_checkpoint(e: &train::CheckpointEvent, device: &burn::prelude::Device) -> anyhow::Result<f64> {
+    let began = std::time::Instant::now();
+    let state = dits::train::checkpoint::read_state(e.checkpoint)?;
+    let per_class = (IN_RUN_EVAL_SAMPLES / state.model.classes.max(1)).max(1);
+    let dir = std::env::temp_dir().join(format!("dits-eval-{}-{}", std::process::id(), e.step));
+    let _drawn = TempDir(dir.clone());
+    let opts = dits::sample::SampleOptions {
+        per_class,
+        force: true,
+        ..dits::sample::SampleOptions::new(e.checkpoint.to_path_buf(), dir.clone(), device.clone())
+    };
+    dits::sample::run(opts)?;
+    let r = dits::eval::run(&in_run_eval_options(dir, state.data_source(), device.clone(), false))?;
+    let seconds = began.elapsed().as_secs_f64();
+    let figures = dits::train::metrics::EvalFigures {
+        samples: r.samples,
+        accuracy: r.accuracy,
+        min_class_accuracy: r.min_class_accuracy,
+        fid: r.fid,
+        fid_floor: r.fid_floor,
+        fid_ratio: r.fid_ratio,
+        seconds,
+    };
+    dits::train::metrics::append_eval(e.run_dir, &dits::train::metrics::EvalLine { step: e.step, eval: figures })?;
+    let record =
+        dits::eval::record::RunEval { step: e.step, checkpoint: e.checkpoint.to_path_buf(), report: r.clone() };
+    dits::eval::record::append(e.run_dir, &record)?;
+    tracing::info!(
+        "step {}: {} samples judged in {seconds:.1} s: accuracy {:.4} (lowest class {:.4}), FID-CNN {:.3} ({:.2}× the floor)",
+        e.step,
+        r.samples,
+        r.accuracy,
+        r.min_class_accuracy,
+        r.fid,
+        r.fid_ratio
+    );
+    Ok(seconds)
+}
+
+/// The finished run's samples as `dits sample` draws them by default, in RUN_DIR/final/.
+fn final_samples(run_dir: &std::path::Path, device: burn::prelude::Device, progress: bool) -> anyhow::Result<()> {
+    let out = run_dir.join("final");
+    let opts = dits::sample::SampleOptions {
+        // The run's own folder: a resumed run's end replaces what an earlier end drew.
+        force: true,
+        progress,
+        ..dits::sample::SampleOptions::new(run_dir.to_path_buf(), out.clone(), device)
+    };
+    let s = dits::sample::run(opts)?;
+    println!(
+        "samples: {} ({} images and process.png beside it; `dits eval {}` scores the model)",
+        out.join("grid.png").display(),
+        s.images,
+        run_dir.display()
+    );
     Ok(())
 }
 
@@ -397,32 +575,23 @@ fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
     let device = dits::device::device(a.common.device)?;
     // A checkpoint is sampled first, with `dits sample`'s defaults, into a directory removed after.
     let mut drawn = None;
+    // The run and step of a checkpoint evaluated, where its figures are recorded.
+    let mut judged = None;
     let mut data = if a.data.data.is_some() || a.data.has_options() { Some(a.data.source()?) } else { None };
     let samples = if is_checkpoint(&a.samples) {
         let ckpt = dits::train::checkpoint::resolve(&a.samples)?;
         let state: dits::train::RunState = serde_json::from_slice(&std::fs::read(ckpt.join("state.json"))?)?;
         data = data.or_else(|| Some(state.data_source()));
+        let run_dir =
+            ckpt.parent().filter(|p| p.ends_with(dits::train::checkpoint::CHECKPOINTS_DIR)).and_then(|p| p.parent());
+        judged = run_dir.map(|r| (r.to_path_buf(), ckpt.clone(), state.step));
         let dir = std::env::temp_dir().join(format!("dits-eval-{}", std::process::id()));
         let opts = dits::sample::SampleOptions {
-            checkpoint: a.samples.clone(),
-            out: dir.clone(),
-            classes: None,
             per_class: a.per_class,
-            sampler: dits::sample::DEFAULT_SAMPLER,
-            eta: 0.0,
-            gamma: 1.0,
-            mu: 0.0,
-            clip: dits::diffusion::sampler::Clip::X0,
-            steps: None,
             seed: a.seed,
-            cfg_scale: None,
-            cfg_interval: None,
-            batch: 256,
-            preset: ModelOverrides::DEFAULT_PRESET.to_string(),
-            weights: dits::sample::WeightsKind::Ema,
             force: true,
             progress,
-            device: device.clone(),
+            ..dits::sample::SampleOptions::new(a.samples.clone(), dir.clone(), device.clone())
         };
         let s = dits::sample::run(opts)?;
         eprintln!("drew {} images from {} ({:.1} images/s)", s.images, ckpt.display(), s.images_per_s);
@@ -448,6 +617,11 @@ fn eval_cmd(a: EvalArgs) -> anyhow::Result<()> {
     };
     let r = dits::eval::run(&opts)?;
     drop(drawn);
+    if let Some((run_dir, checkpoint, step)) = judged {
+        let record = dits::eval::record::RunEval { step, checkpoint, report: r.clone() };
+        dits::eval::record::append(&run_dir, &record)?;
+        dits::report::write(&run_dir)?;
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());

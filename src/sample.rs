@@ -18,16 +18,7 @@ use crate::images::{FloatImage, grid, label_rows};
 use crate::model::{DitConfig, DitNet, weights};
 use crate::train::checkpoint;
 
-/// Default guidance scale for models trained with label dropout (chosen by measurement; see
-/// the README).
-pub const DEFAULT_CFG_SCALE: f64 = 2.0;
-/// Default guidance interval in σ: guiding the noisiest steps costs diversity (FID) without
-/// helping the class, guiding the last ones only sharpens noise (measured; see the README).
-pub const DEFAULT_CFG_INTERVAL: (f64, f64) = (0.3, 5.0);
-/// Default number of sampling steps (measured; see the README).
-pub const DEFAULT_STEPS: usize = 20;
-/// Default sampler (measured; see the README).
-pub const DEFAULT_SAMPLER: SamplerKind = SamplerKind::Euler;
+pub use crate::diffusion::defaults::{DEFAULT_CFG_INTERVAL, DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS};
 
 /// What one batch contributes to the figures: grid images and process rows, each with the
 /// position of its class in the figure.
@@ -174,6 +165,34 @@ pub struct SampleOptions {
     pub force: bool,
     pub progress: bool,
     pub device: Device,
+}
+
+impl SampleOptions {
+    /// `dits sample`'s defaults: 10 images of every class from the moving average of
+    /// `checkpoint`, seed 0, into `out`.
+    pub fn new(checkpoint: PathBuf, out: PathBuf, device: Device) -> Self {
+        Self {
+            checkpoint,
+            out,
+            classes: None,
+            per_class: 10,
+            sampler: DEFAULT_SAMPLER,
+            eta: 0.0,
+            gamma: 1.0,
+            mu: 0.0,
+            clip: Clip::X0,
+            steps: None,
+            seed: 0,
+            cfg_scale: None,
+            cfg_interval: None,
+            batch: 256,
+            preset: crate::train::recipe::ModelOverrides::DEFAULT_PRESET.to_string(),
+            weights: WeightsKind::Ema,
+            force: false,
+            progress: false,
+            device,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -32,7 +32,7 @@ fn run(cmd: &mut Command) -> String {
 }
 
 fn dits(dir: &Path, args: &[String]) -> String {
-    run(Command::new(env!("CARGO_BIN_EXE_dits")).args(args).current_dir(dir))
+    run(Command::new(env!("CARGO_BIN_EXE_dits")).args(common::without_pictures(args)).current_dir(dir))
 }
 
 /// `mpirun -np N dits ARGS --dist mpi`, every rank on this machine, over shared memory.
@@ -46,7 +46,7 @@ fn mpirun_over(dir: &Path, ranks: usize, args: &[String], btl: &str) -> String {
     let mut cmd = Command::new("mpirun");
     // Root in CI containers; oversubscription: more ranks than the two cores.
     cmd.args(["--allow-run-as-root", "--oversubscribe", "-np", &ranks.to_string()]);
-    cmd.arg(env!("CARGO_BIN_EXE_dits")).args(args).args(["--dist", "mpi"]).current_dir(dir);
+    cmd.arg(env!("CARGO_BIN_EXE_dits")).args(common::without_pictures(args)).args(["--dist", "mpi"]).current_dir(dir);
     cmd.env("OMPI_MCA_btl", btl).env("OMPI_MCA_btl_vader_single_copy_mechanism", "none");
     cmd.env("OMPI_MCA_btl_tcp_if_include", "lo").env("OMPI_MCA_oob_tcp_if_include", "lo");
     run(&mut cmd)

@@ -1,11 +1,17 @@
 //! Mixed precision: bf16 and fp16 training follow the fp32 loss curve from the same seed, and
 //! fp16's dynamic loss scale skips an overflowed step and halves itself, across a resume.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
 fn dits(dir: &Path, args: &[String]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_dits")).args(args).current_dir(dir).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dits"))
+        .args(common::without_pictures(args))
+        .current_dir(dir)
+        .output()
+        .unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "dits {args:?} failed:\n{text}");
     text

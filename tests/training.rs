@@ -39,6 +39,7 @@ fn options_stopping(data: &Path, run: &Path, steps: u64, stop_after: Option<u64>
         grid: Default::default(),
         detect_anomaly: false,
         loader: Default::default(),
+        on_checkpoint: None,
     }
 }
 

@@ -109,7 +109,8 @@ fn the_cli_trains_samples_and_resumes_across_devices() {
     let dir = tmp.path();
     common::write_toy_dataset(&dir.join("data"), 16);
     let run = |args: &[&str]| {
-        let out = dits(args, dir);
+        let args = common::without_pictures(args);
+        let out = dits(&args.iter().map(String::as_str).collect::<Vec<_>>(), dir);
         let text = ok(&out);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!stderr.lines().any(|l| l.starts_with("error:")), "an error line from a run that worked:\n{stderr}");

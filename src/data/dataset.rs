@@ -57,6 +57,12 @@ impl ImageDataset {
         &self.pixels[index * n..(index + 1) * n]
     }
 
+    /// SHA-256 of the pixels then the labels: the same images and labels in the same order,
+    /// whatever files they came from (the judge's cache key, and what `dits info` shows).
+    pub fn checksum(&self) -> String {
+        crate::fsutil::sha256_hex(&[self.pixels.as_slice(), &self.labels].concat())
+    }
+
     /// The images at `rows`, in that order.
     pub fn subset(&self, rows: &[usize]) -> Self {
         Self {

@@ -1,5 +1,6 @@
 //! Diffusion: the noise schedule, forward noising, the reverse samplers and guidance.
 
+pub mod defaults;
 pub mod guidance;
 pub mod oracle;
 pub mod sampler;

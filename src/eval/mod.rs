@@ -5,6 +5,7 @@
 
 pub mod classifier;
 pub mod fid;
+pub mod record;
 pub mod samples;
 
 use std::path::{Path, PathBuf};
@@ -16,7 +17,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{ImageDataset, Split};
-use crate::fsutil::{sha256_hex, write_atomic};
+use crate::fsutil::write_atomic;
 use classifier::{Classifier, ClassifierTraining};
 use fid::{FeatureStats, frechet_distance};
 
@@ -253,6 +254,14 @@ pub fn matching_real_subset(train: &ImageDataset, labels: &[usize], seed: u64) -
     rows
 }
 
+/// Makes sure the judge of `opts.data` is cached (training it if not), so that evaluations
+/// during a run do not stop it for the judge's training. `opts.samples` is not read.
+pub fn prepare_judge(opts: &EvalOptions) -> anyhow::Result<()> {
+    let train = opts.data.load_with_progress(Split::Train, opts.progress)?;
+    let test = opts.data.load_with_progress(Split::Test, opts.progress)?;
+    classifier_for(&train, &test, train.classes.len(), opts).map(drop)
+}
+
 /// The cached classifier of this data set, or a newly trained (and cached) one.
 fn classifier_for(
     train: &ImageDataset,
@@ -260,7 +269,7 @@ fn classifier_for(
     classes: usize,
     opts: &EvalOptions,
 ) -> anyhow::Result<(Classifier, ClassifierInfo, PathBuf)> {
-    let sha = sha256_hex(&[train.pixels.as_slice(), &train.labels].concat());
+    let sha = train.checksum();
     // The judge's version in the name: a cache of an older judge is never loaded for a new one.
     let stem = format!("classifier-v{}-{}-seed{}", classifier::VERSION, &sha[..16], opts.seed);
     let weights_path = opts.cache_dir.join(format!("{stem}.safetensors"));

@@ -33,8 +33,11 @@ pub struct Checkpoint {
     pub adam: AdamState,
 }
 
+/// The folder of a run's checkpoints.
+pub const CHECKPOINTS_DIR: &str = "checkpoints";
+
 pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
-    run_dir.join("checkpoints")
+    run_dir.join(CHECKPOINTS_DIR)
 }
 
 /// Where the checkpoint of `step` lives under `run_dir`.

@@ -136,6 +136,16 @@ pub struct TrainConfig {
     pub ema_decay: f64,
     pub checkpoint_every: u64,
     pub log_every: u64,
+    /// Draw a grid of the moving average's samples every N steps, at a checkpoint
+    /// (`RUN_DIR/samples/step-NNNNNNN.png`, see [`super::preview`]); 0: never (as in
+    /// checkpoints of earlier versions).
+    #[serde(default)]
+    pub sample_every: u64,
+    /// Judge the moving average every N steps, at a checkpoint: accuracy and FID-CNN of a
+    /// small sample set, in `metrics.jsonl` and `evals.jsonl` (the layer above training does
+    /// it, through [`super::TrainOptions::on_checkpoint`]); 0: never.
+    #[serde(default)]
+    pub eval_every: u64,
     /// Number of noise levels T.
     pub timesteps: usize,
     /// The noise schedule (named `beta_schedule` in checkpoints of earlier versions).
@@ -183,6 +193,8 @@ impl Default for TrainConfig {
             ema_decay: 0.999,
             checkpoint_every: 500,
             log_every: 50,
+            sample_every: 1000,
+            eval_every: 0,
             timesteps: 1000,
             schedule: ScheduleKind::Flow,
             timestep_sampling: TimestepSampling::LogitNormal { mean: 0.0, std: 1.0 },

@@ -1,7 +1,6 @@
 //! The run's metrics: one JSON object per line in `metrics.jsonl`, and `loss.png` drawn from
 //! it.
 
-use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
@@ -30,39 +29,58 @@ pub struct MetricsRecord {
     pub loss_scale: Option<f64>,
 }
 
-/// Append a record (the file is opened per record: a few writes a minute).
+/// An evaluation during the run (`--eval-every`), a line of its own in the log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalLine {
+    pub step: u64,
+    pub eval: EvalFigures,
+}
+
+/// The judge's headline figures (the full report is in `evals.jsonl`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalFigures {
+    pub samples: usize,
+    pub accuracy: f64,
+    pub min_class_accuracy: f64,
+    pub fid: f64,
+    pub fid_floor: f64,
+    pub fid_ratio: f64,
+    /// Wall time of drawing and judging the samples.
+    pub seconds: f64,
+}
+
+/// Append an evaluation line.
+pub fn append_eval(run_dir: &Path, line: &EvalLine) -> anyhow::Result<()> {
+    crate::fsutil::append_json_line(&run_dir.join(METRICS_FILE), line)
+}
+
+/// Append a record.
 pub fn append(run_dir: &Path, record: &MetricsRecord) -> anyhow::Result<()> {
-    let path = run_dir.join(METRICS_FILE);
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    writeln!(f, "{}", serde_json::to_string(record)?).with_context(|| format!("writing {}", path.display()))
+    crate::fsutil::append_json_line(&run_dir.join(METRICS_FILE), record)
 }
 
-/// Every record in the run's log (lines that do not parse, e.g. one cut by a crash, are
-/// skipped).
+/// Every record in the run's log (lines that do not parse, e.g. one cut by a crash, and the
+/// evaluation lines, are skipped).
 pub fn read(run_dir: &Path) -> Vec<MetricsRecord> {
-    std::fs::read_to_string(run_dir.join(METRICS_FILE))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+    crate::fsutil::read_json_lines(&run_dir.join(METRICS_FILE))
 }
 
-/// On resume: drop the records logged after the checkpoint, which the resumed run will log
-/// again.
+/// On resume: drop the lines (intervals and evaluations) logged after the checkpoint, which
+/// the resumed run will log again, and lines that do not parse.
 pub fn truncate_after(run_dir: &Path, step: u64) -> anyhow::Result<()> {
     let path = run_dir.join(METRICS_FILE);
     if !path.exists() {
         return Ok(());
     }
-    let kept: String = read(run_dir)
-        .into_iter()
-        .filter(|r| r.step <= step)
-        .map(|r| serde_json::to_string(&r).map(|s| s + "\n"))
-        .collect::<Result<_, _>>()?;
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            let v: Option<serde_json::Value> = serde_json::from_str(l).ok();
+            v.and_then(|v| v.get("step").and_then(|s| s.as_u64())).is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
     crate::fsutil::write_atomic(&path, kept.as_bytes())
 }
 
@@ -72,41 +90,77 @@ pub fn plot_loss(run_dir: &Path) -> anyhow::Result<()> {
     if records.len() < 2 {
         return Ok(());
     }
-    register_font();
     let path = run_dir.join(LOSS_PLOT);
+    let img = chart(&records, &Curve::LOSS).map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))?;
     let tmp = run_dir.join(format!(".{LOSS_PLOT}.tmp.png"));
-    draw(&records, &tmp).map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))?;
+    img.save_with_format(&tmp, image::ImageFormat::Png).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// One quantity of the log against the step.
+#[derive(Debug, Clone, Copy)]
+pub struct Curve {
+    pub title: &'static str,
+    pub axis: &'static str,
+    pub value: fn(&MetricsRecord) -> f64,
+    /// A log-scale axis (the loss falls over decades).
+    pub log: bool,
+}
+
+impl Curve {
+    pub const LOSS: Curve = Curve { title: "training loss", axis: "loss", value: |r| r.loss, log: true };
+    pub const LR: Curve = Curve { title: "learning rate", axis: "lr", value: |r| r.lr, log: false };
+    pub const SPEED: Curve = Curve { title: "samples/s", axis: "samples/s", value: |r| r.samples_per_s, log: false };
 }
 
 const PLOT_SIZE: (u32, u32) = (800, 480);
 
-/// Draw into an RGB buffer (encoded by the `image` crate, which dits already uses for samples,
-/// rather than plotters' own encoder and its second copy of `image`).
-fn draw(records: &[MetricsRecord], path: &Path) -> Result<(), Box<dyn std::error::Error>> {
+/// `curve` drawn into an RGB image (encoded by the `image` crate, which dits already uses for
+/// samples, rather than plotters' own encoder and its second copy of `image`).
+pub fn chart(records: &[MetricsRecord], curve: &Curve) -> Result<image::RgbImage, Box<dyn std::error::Error>> {
+    register_font();
     let (w, h) = PLOT_SIZE;
     let mut buf = vec![0u8; (w * h * 3) as usize];
     {
         let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
         root.fill(&WHITE)?;
         let max_step = records.last().map_or(1, |r| r.step).max(1);
-        let losses = records.iter().map(|r| r.loss).filter(|l| l.is_finite() && *l > 0.0);
-        let lo = losses.clone().fold(f64::INFINITY, f64::min);
-        let hi = losses.fold(0.0, f64::max);
-        let (lo, hi) = if lo.is_finite() && hi > lo { (lo * 0.9, hi * 1.1) } else { (1e-3, 1.0) };
-        let mut chart = ChartBuilder::on(&root)
-            .caption("training loss", ("sans-serif", 24))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0u64..max_step, (lo..hi).log_scale())?;
-        chart.configure_mesh().x_desc("step").y_desc("loss").y_label_formatter(&|v| format!("{v:.3}")).draw()?;
-        chart.draw_series(LineSeries::new(records.iter().filter(|r| r.loss > 0.0).map(|r| (r.step, r.loss)), &BLUE))?;
+        let points: Vec<(u64, f64)> = records
+            .iter()
+            .map(|r| (r.step, (curve.value)(r)))
+            .filter(|&(_, v)| v.is_finite() && (v > 0.0 || !curve.log))
+            .collect();
+        let lo = points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+        let hi = points.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+        let mut builder = ChartBuilder::on(&root);
+        builder.caption(curve.title, ("sans-serif", 24)).margin(12).x_label_area_size(40).y_label_area_size(70);
+        let series = LineSeries::new(points.iter().copied(), &BLUE);
+        if curve.log {
+            let (lo, hi) = if lo.is_finite() && hi > lo { (lo * 0.9, hi * 1.1) } else { (1e-3, 1.0) };
+            let mut chart = builder.build_cartesian_2d(0u64..max_step, (lo..hi).log_scale())?;
+            chart
+                .configure_mesh()
+                .x_desc("step")
+                .y_desc(curve.axis)
+                .y_label_formatter(&|v| format!("{v:.3}"))
+                .draw()?;
+            chart.draw_series(series)?;
+        } else {
+            let (lo, hi) = if lo.is_finite() && hi > lo { (lo.min(0.0), hi * 1.05) } else { (0.0, hi.max(1e-9) * 2.0) };
+            let mut chart = builder.build_cartesian_2d(0u64..max_step, lo..hi)?;
+            chart
+                .configure_mesh()
+                .x_desc("step")
+                .y_desc(curve.axis)
+                .y_label_formatter(&|v| {
+                    if v.abs() >= 1.0 || *v == 0.0 { format!("{v:.0}") } else { format!("{v:.1e}") }
+                })
+                .draw()?;
+            chart.draw_series(series)?;
+        }
         root.present()?;
     }
-    let img = image::RgbImage::from_raw(w, h, buf).ok_or("plot buffer size")?;
-    img.save_with_format(path, image::ImageFormat::Png)?;
-    Ok(())
+    Ok(image::RgbImage::from_raw(w, h, buf).ok_or("plot buffer size")?)
 }
 
 /// plotters draws text with a font registered by name; DejaVu Sans is embedded so plots render
@@ -141,8 +195,23 @@ mod tests {
         for s in [10, 20, 30] {
             append(dir.path(), &rec(s, 1.0 / s as f64)).unwrap();
         }
+        let figures = EvalFigures {
+            samples: 500,
+            accuracy: 0.9,
+            min_class_accuracy: 0.8,
+            fid: 3.0,
+            fid_floor: 1.0,
+            fid_ratio: 3.0,
+            seconds: 1.0,
+        };
+        for step in [20, 30] {
+            append_eval(dir.path(), &EvalLine { step, eval: figures.clone() }).unwrap();
+        }
         truncate_after(dir.path(), 20).unwrap();
         assert_eq!(read(dir.path()).iter().map(|r| r.step).collect::<Vec<_>>(), vec![10, 20]);
+        // The evaluation lines are kept up to the step too, and skipped by `read`.
+        let evals: Vec<EvalLine> = crate::fsutil::read_json_lines(&dir.path().join(METRICS_FILE));
+        assert_eq!(evals, vec![EvalLine { step: 20, eval: figures }]);
         plot_loss(dir.path()).unwrap();
         let png = image::open(dir.path().join(LOSS_PLOT)).unwrap();
         assert_eq!((png.width(), png.height()), (800, 480));

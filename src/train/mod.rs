@@ -8,7 +8,8 @@
 //!   [`pieces`]: the gradient piece by piece, on which [`zero`] (ZeRO-2/3) and [`pipeline`]
 //!   (a pipeline stage) run; [`precision`]: mixed precision and fp16's loss scale.
 //! - [`start`]: how a run starts (new or resumed), resolved once; [`run`]: the loop, with
-//!   [`run_dir`] (the lock) and [`stop`] (signals); [`launch`]: every rank of a world.
+//!   [`run_dir`] (the lock), [`stop`] (signals) and [`preview`] (grids while it trains);
+//!   [`launch`]: every rank of a world.
 
 pub mod budget;
 pub mod checkpoint;
@@ -19,6 +20,7 @@ pub mod params;
 pub mod pieces;
 pub mod pipeline;
 pub mod precision;
+pub mod preview;
 pub mod recipe;
 pub mod run;
 pub mod run_dir;
@@ -34,7 +36,7 @@ pub mod zero;
 
 pub use config::{Length, LossKind, LrDecay, TimestepSampling, TrainConfig};
 pub use launch::launch;
-pub use run::{Interrupted, TrainOptions, TrainSummary, run};
+pub use run::{CheckpointEvent, CheckpointHook, Interrupted, TrainOptions, TrainSummary, run};
 pub use start::{ResumeFlags, Start};
 pub use state::RunState;
 pub use step::Trainer;

@@ -164,6 +164,15 @@ pub struct TrainOverrides {
     /// Log metrics every N steps.
     #[arg(long)]
     pub log_every: Option<u64>,
+    /// Draw a grid of the moving average's samples every N steps (with a checkpoint there),
+    /// from fixed noise and labels, to RUN_DIR/samples/step-NNNNNNN.png; 0: never.
+    #[arg(long)]
+    pub sample_every: Option<u64>,
+    /// Judge the moving average every N steps (with a checkpoint there): accuracy and FID-CNN
+    /// of 500 samples, logged in metrics.jsonl and evals.jsonl (the judge is trained first if
+    /// not cached); 0: never.
+    #[arg(long)]
+    pub eval_every: Option<u64>,
 }
 
 impl ModelOverrides {
@@ -208,6 +217,8 @@ impl TrainOverrides {
             ("timestep_sampling", sampling),
             ("checkpoint_every", d.checkpoint_every.to_string()),
             ("log_every", d.log_every.to_string()),
+            ("sample_every", d.sample_every.to_string()),
+            ("eval_every", d.eval_every.to_string()),
         ]
     }
 }
@@ -249,6 +260,8 @@ impl TrainOverrides {
             timestep_sampling: self.timestep_sampling.or(base.timestep_sampling),
             checkpoint_every: self.checkpoint_every.or(base.checkpoint_every),
             log_every: self.log_every.or(base.log_every),
+            sample_every: self.sample_every.or(base.sample_every),
+            eval_every: self.eval_every.or(base.eval_every),
         }
     }
 
@@ -277,6 +290,8 @@ impl TrainOverrides {
         }
         t.checkpoint_every = self.checkpoint_every.unwrap_or(t.checkpoint_every);
         t.log_every = self.log_every.unwrap_or(t.log_every);
+        t.sample_every = self.sample_every.unwrap_or(t.sample_every);
+        t.eval_every = self.eval_every.unwrap_or(t.eval_every);
         Ok(t)
     }
 }

@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::budget::{self, Calibration, fixed_total};
 use super::metrics::{self, MetricsRecord};
+use super::preview;
 use super::run_dir::lock_run_dir;
 use super::start::{self, Resolved, Start};
 use super::step::Trainer;
@@ -39,12 +40,40 @@ pub struct TrainOptions {
     pub detect_anomaly: bool,
     /// Where the training images are held, and how many threads decode streamed ones.
     pub loader: LoaderArgs,
+    /// Called on the lead rank after every checkpoint (and its grid): how the layers above
+    /// training (the run report, evaluations during the run) follow it.
+    pub on_checkpoint: Option<CheckpointHook>,
+}
+
+/// A checkpoint just written, as [`TrainOptions::on_checkpoint`] sees it.
+#[derive(Debug, Clone)]
+pub struct CheckpointEvent<'a> {
+    pub run_dir: &'a std::path::Path,
+    pub checkpoint: &'a std::path::Path,
+    pub step: u64,
+    pub total_steps: u64,
+    /// An `--eval-every` step (or the end of a run that evaluates).
+    pub evaluate: bool,
+}
+
+/// See [`TrainOptions::on_checkpoint`]; an error stops the run (its checkpoint is kept).
+#[derive(Clone)]
+pub struct CheckpointHook(pub Arc<HookFn>);
+
+type HookFn = dyn Fn(&CheckpointEvent) -> anyhow::Result<()> + Send + Sync;
+
+impl std::fmt::Debug for CheckpointHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CheckpointHook")
+    }
 }
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
 pub struct TrainSummary {
     pub steps: u64,
+    /// The run's length: `steps` equals it once the run is complete.
+    pub total_steps: u64,
     pub final_loss: f64,
     pub samples_per_s: f64,
     pub elapsed_s: f64,
@@ -195,6 +224,8 @@ fn train_loop(mut trainer: Trainer, opts: &TrainOptions, epochs: Epochs, stop: u
     let mut loader = BatchLoader::new(data, spec, opts.loader.decode_threads, position);
     let bar = progress_bar(opts.progress && lead, start_step, total);
     let (log_every, ckpt_every) = (trainer.state.train.log_every, trainer.state.train.checkpoint_every);
+    let (sample_every, eval_every) = (trainer.state.train.sample_every, trainer.state.train.eval_every);
+    let mut previews = (0usize, 0f64);
     let run_start = Instant::now();
     let elapsed_before = trainer.state.elapsed_s;
     let mut interval = (Instant::now(), 0f64, 0u64);
@@ -310,7 +341,10 @@ fn train_loop(mut trainer: Trainer, opts: &TrainOptions, epochs: Epochs, stop: u
             interval = (Instant::now(), 0.0, 0);
             skipped = 0;
         }
-        if step.is_multiple_of(ckpt_every) || step == stop || interrupted {
+        // A grid is drawn from a checkpoint, so every grid step is one.
+        let preview = sample_every > 0 && (step.is_multiple_of(sample_every) || step == total);
+        let judged = eval_every > 0 && (step.is_multiple_of(eval_every) || step == total);
+        if step.is_multiple_of(ckpt_every) || step == stop || interrupted || preview || judged {
             trainer.state.elapsed_s = elapsed_before + run_start.elapsed().as_secs_f64();
             let dir = trainer.save(run_dir, opts.keep)?;
             if lead {
@@ -318,6 +352,19 @@ fn train_loop(mut trainer: Trainer, opts: &TrainOptions, epochs: Epochs, stop: u
                     tracing::warn!("could not draw the loss plot: {e:#}");
                 }
                 bar.suspend(|| tracing::info!("step {step}: checkpoint {}", dir.display()));
+                if preview {
+                    let began = Instant::now();
+                    let grid = preview::draw(&dir, run_dir, &opts.device)
+                        .with_context(|| format!("drawing the samples of step {step}"))?;
+                    previews.0 += 1;
+                    previews.1 += began.elapsed().as_secs_f64();
+                    tracing::debug!("step {step}: {}", grid.display());
+                }
+                if let Some(hook) = &opts.on_checkpoint {
+                    let event =
+                        CheckpointEvent { run_dir, checkpoint: &dir, step, total_steps: total, evaluate: judged };
+                    (hook.0)(&event).with_context(|| format!("after the checkpoint of step {step}"))?;
+                }
             }
             last_ckpt = Some(dir);
         }
@@ -331,6 +378,15 @@ fn train_loop(mut trainer: Trainer, opts: &TrainOptions, epochs: Epochs, stop: u
     let rank = grid.world.rank();
     if lead {
         report_loader(&loader.stats(), batch, elapsed, streamed);
+        if previews.0 > 0 {
+            tracing::info!(
+                "drew {} sample grids in {}/ in {:.1} s, {:.1}% of the run",
+                previews.0,
+                run_dir.join(preview::PREVIEW_DIR).display(),
+                previews.1,
+                100.0 * previews.1 / elapsed.max(1e-9)
+            );
+        }
     }
     if grid.world.size() > 1 {
         let c = grid.comm_stats();
@@ -356,6 +412,7 @@ fn train_loop(mut trainer: Trainer, opts: &TrainOptions, epochs: Epochs, stop: u
     );
     Ok(TrainSummary {
         steps: trainer.state.step,
+        total_steps: trainer.state.train.total_steps,
         final_loss: last_loss,
         samples_per_s: ((trainer.state.step - start_step) as usize * batch) as f64 / elapsed.max(1e-9),
         elapsed_s: elapsed,

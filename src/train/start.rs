@@ -134,6 +134,8 @@ fn resumed_settings(
         minutes: None,
         checkpoint_every: None,
         log_every: None,
+        sample_every: None,
+        eval_every: None,
         // How each rank cuts its batch changes the rounding of the sums only, not the step, and
         // a run moved to more or fewer ranks often needs another cut.
         micro_batches: None,
@@ -142,13 +144,15 @@ fn resumed_settings(
     let mut train = fixed.apply(saved.train.clone())?;
     if train != saved.train {
         bail!(
-            "a resumed run keeps its settings (only --steps/--epochs, --micro-batches, --checkpoint-every and --log-every may change): \
+            "a resumed run keeps its settings (only --steps/--epochs, --micro-batches, --checkpoint-every, --log-every, --sample-every and --eval-every may change): \
              a flag differs from the run in {}",
             run_dir.display()
         );
     }
     train.checkpoint_every = o.checkpoint_every.unwrap_or(train.checkpoint_every);
     train.log_every = o.log_every.unwrap_or(train.log_every);
+    train.sample_every = o.sample_every.unwrap_or(train.sample_every);
+    train.eval_every = o.eval_every.unwrap_or(train.eval_every);
     train.micro_batches = o.micro_batches.unwrap_or(train.micro_batches);
     train.validate()?;
     Ok((train, Length::from_flags(o.steps, o.epochs, o.minutes)?))

@@ -91,3 +91,49 @@ pub fn fails_with(out: &Output, needle: &str) -> String {
     assert!(line.contains(needle), "error line {line:?} lacks {needle:?}");
     line
 }
+
+/// Headless Chromium (`DITS_CHROMIUM`, else `chromium` on the PATH), or `None` with a note
+/// when it is absent, except where `DITS_REQUIRE_BROWSER` is set (CI), where that fails.
+pub fn chromium() -> Option<std::path::PathBuf> {
+    let candidate =
+        std::env::var_os("DITS_CHROMIUM").map(std::path::PathBuf::from).unwrap_or_else(|| "chromium".into());
+    let found = Command::new(&candidate).arg("--version").output().is_ok_and(|o| o.status.success());
+    if found {
+        return Some(candidate);
+    }
+    assert!(
+        std::env::var_os("DITS_REQUIRE_BROWSER").is_none(),
+        "DITS_REQUIRE_BROWSER is set, but {candidate:?} does not run"
+    );
+    eprintln!("skipped: no headless browser ({candidate:?}; Debian: apt-get install chromium)");
+    None
+}
+
+/// A page loaded in headless Chromium: a screenshot of `size` (width, height), and the
+/// browser's console lines (messages the page's scripts or the loader logged).
+pub fn screenshot(browser: &Path, url: &str, size: (u32, u32), dir: &Path) -> (image::RgbImage, Vec<String>) {
+    let shot = dir.join(format!("shot-{}.png", std::process::id()));
+    let out = Command::new(browser)
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--enable-logging=stderr", "--v=0"])
+        .arg(format!("--window-size={},{}", size.0, size.1))
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(url)
+        .env("HOME", dir)
+        .output()
+        .expect("running chromium");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(shot.is_file(), "no screenshot:\n{log}");
+    let console = log.lines().filter(|l| l.contains("CONSOLE")).map(str::to_string).collect();
+    (image::open(&shot).unwrap().to_rgb8(), console)
+}
+
+/// `args` of a `dits train` that draws no pictures (no grids while training, no final
+/// samples): for the tests about weights and numbers, where drawing them would only cost time
+/// (tests/watch.rs tests the pictures). Other commands are returned as they are.
+pub fn without_pictures<S: AsRef<str>>(args: &[S]) -> Vec<String> {
+    let mut out: Vec<String> = args.iter().map(|a| a.as_ref().to_string()).collect();
+    if out.first().is_some_and(|a| a == "train") {
+        out.extend(["--sample-every", "0", "--no-final-samples"].map(String::from));
+    }
+    out
+}

@@ -1,0 +1,91 @@
+//! The grids a run draws while it trains: the moving average's samples at a checkpoint, from
+//! noise and labels fixed by the run's seed, in `RUN_DIR/samples/step-NNNNNNN.png`. The same
+//! noise every time, so the grids over time show the model alone changing; drawn from the
+//! checkpoint just written, so a resumed run draws the grids the uninterrupted one would have.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use burn::prelude::*;
+use rayon::prelude::*;
+
+use super::checkpoint;
+use crate::diffusion::defaults::{DEFAULT_CFG_INTERVAL, DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS};
+use crate::diffusion::guidance::Guided;
+use crate::diffusion::sampler::{Chain, Clip, ImageNoise, StepRule, sample_batch};
+use crate::diffusion::schedule::NoiseSchedule;
+use crate::images::{FloatImage, grid, label_rows};
+use crate::model::{DitNet, weights};
+
+/// The grids' folder inside the run directory.
+pub const PREVIEW_DIR: &str = "samples";
+/// Images per class in a grid (a row per class).
+pub const PER_CLASS: usize = 4;
+/// Classes shown: the first ten of larger label sets.
+pub const MAX_CLASSES: usize = 10;
+
+/// Where the grid of `step` goes.
+pub fn grid_path(run_dir: &Path, step: u64) -> PathBuf {
+    run_dir.join(PREVIEW_DIR).join(format!("step-{step:07}.png"))
+}
+
+/// Draws the grid of the checkpoint in `ckpt_dir` (its moving-average weights, `dits sample`'s
+/// default sampler and guidance, seed = the run's seed) into [`grid_path`]; returns the path.
+/// `dits sample --checkpoint CKPT --per-class 4 --seed SEED` draws the same images.
+pub fn draw(ckpt_dir: &Path, run_dir: &Path, device: &Device) -> anyhow::Result<PathBuf> {
+    let state = checkpoint::read_state(ckpt_dir)?;
+    let bytes = checkpoint::read_verified(ckpt_dir, &state, checkpoint::EMA_FILE)?;
+    let cfg = &state.model;
+    let mut model = DitNet::new(cfg, device, 0);
+    weights::load_safetensors_bytes(&mut model, bytes, &ckpt_dir.join(checkpoint::EMA_FILE))?;
+    let schedule = NoiseSchedule::new(state.train.schedule, state.train.timesteps);
+    let prepared = model.prepare_inference();
+    let scale = if cfg.null_class { DEFAULT_CFG_SCALE } else { 1.0 };
+    let (lo, hi) = DEFAULT_CFG_INTERVAL;
+    let denoiser = Guided::new(&prepared, scale, cfg.null_label())?.within(&schedule.sigmas(), lo, hi)?;
+    let steps = DEFAULT_STEPS.min(schedule.timesteps());
+    let chain = Chain::trailing(&schedule, steps, StepRule::of(DEFAULT_SAMPLER, 0.0, 1.0, 0.0)?, Clip::X0)?;
+    let classes = cfg.classes.min(MAX_CLASSES);
+    let jobs: Vec<(usize, usize)> = (0..classes).flat_map(|c| (0..PER_CLASS).map(move |i| (c, i))).collect();
+    let shape = [cfg.channels, cfg.image_size, cfg.image_size];
+    let image_len: usize = shape.iter().product();
+    // One batch per core; each image's noise is its own stream, so the cut changes nothing.
+    let size = jobs.len().div_ceil(rayon::current_num_threads()).max(1);
+    let batches = jobs
+        .par_chunks(size)
+        .map(|batch| -> anyhow::Result<Vec<FloatImage>> {
+            let labels: Vec<u8> = batch.iter().map(|&(c, _)| c as u8).collect();
+            let mut noise = ImageNoise::new(state.train.seed, batch.iter().copied());
+            let x = sample_batch(&denoiser, &schedule, &chain, &labels, shape, &mut noise, device, |_, _| {})?;
+            let data = x.into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("reading samples: {e:?}"))?;
+            Ok(data
+                .chunks_exact(image_len)
+                .map(|d| FloatImage { channels: shape[0], height: shape[1], width: shape[2], data: d.to_vec() })
+                .collect())
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut rows: Vec<Vec<FloatImage>> = vec![Vec::new(); classes];
+    for (&(c, _), img) in jobs.iter().zip(batches.into_iter().flatten()) {
+        rows[c].push(img);
+    }
+    let names: Vec<String> = state.class_names().into_iter().take(classes).collect();
+    let path = grid_path(run_dir, state.step);
+    let dir = path.parent().expect("a grid path has a folder");
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    label_rows(&grid(&rows, 2)?, &names, shape[1] + 2, 2).save_png(&path)?;
+    Ok(path)
+}
+
+/// The grids drawn so far, by step.
+pub fn grids(run_dir: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(run_dir.join(PREVIEW_DIR)) else { return Vec::new() };
+    let mut found: Vec<(u64, PathBuf)> = entries
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            let step = path.file_name()?.to_str()?.strip_prefix("step-")?.strip_suffix(".png")?.parse().ok()?;
+            Some((step, path))
+        })
+        .collect();
+    found.sort();
+    found
+}
