@@ -29,8 +29,8 @@ pub struct RunInfo {
     pub data: DataInfo,
     /// SHA-256 of each checkpoint file, as recorded and verified when loaded.
     pub files: std::collections::BTreeMap<String, String>,
-    /// The grids drawn while training, and the samples drawn at its end.
-    pub grids: Vec<PathBuf>,
+    /// The grids drawn while training (by step), and the samples drawn at its end.
+    pub grids: Vec<(u64, PathBuf)>,
     pub final_grid: Option<PathBuf>,
     pub evals: Vec<RunEval>,
 }
@@ -51,38 +51,23 @@ pub struct DataInfo {
 pub fn describe(path: &Path, checksum: bool) -> anyhow::Result<RunInfo> {
     let dir = checkpoint::resolve(path)?;
     let state = checkpoint::read_state(&dir)?;
-    let run_dir = dir
-        .parent()
-        .filter(|p| p.file_name().is_some_and(|n| n == checkpoint::CHECKPOINTS_DIR))
-        .and_then(Path::parent)
-        .map(Path::to_path_buf);
+    let run_dir = checkpoint::run_dir_of(&dir);
     let last = run_dir.as_deref().map(metrics::read).and_then(|m| m.into_iter().rev().find(|r| r.step <= state.step));
     let source = state.data_source();
-    let loaded = if checksum { source.load(Split::Train).map(Some) } else { Ok(None) };
-    let data = match loaded {
-        Ok(None) => DataInfo {
-            path: source.path.clone(),
-            format: crate::train::recipe::value_name(source.format),
-            images: None,
-            sha256: None,
-            unreadable: None,
-        },
-        Ok(Some(d)) => DataInfo {
-            path: source.path.clone(),
-            format: crate::train::recipe::value_name(source.format),
-            images: Some(d.len()),
-            sha256: Some(d.checksum()),
-            unreadable: None,
-        },
-        Err(e) => DataInfo {
-            path: source.path.clone(),
-            format: crate::train::recipe::value_name(source.format),
-            images: None,
-            sha256: None,
-            unreadable: Some(format!("{e:#}")),
-        },
+    let mut data = DataInfo {
+        path: source.path.clone(),
+        format: crate::train::recipe::value_name(source.format),
+        images: None,
+        sha256: None,
+        unreadable: None,
     };
-    let grids = run_dir.as_deref().map(preview::grids).unwrap_or_default().into_iter().map(|(_, p)| p).collect();
+    if checksum {
+        match source.load(Split::Train) {
+            Ok(d) => (data.images, data.sha256) = (Some(d.len()), Some(d.checksum())),
+            Err(e) => data.unreadable = Some(format!("{e:#}")),
+        }
+    }
+    let grids = run_dir.as_deref().map(preview::grids).unwrap_or_default();
     let final_grid = run_dir.as_ref().map(|r| r.join("final/grid.png")).filter(|p| p.is_file());
     let evals = run_dir.as_deref().map(evals::read).unwrap_or_default();
     Ok(RunInfo {
@@ -149,7 +134,7 @@ impl fmt::Display for RunInfo {
             }
             (None, None) => writeln!(f, "data:       {} ({})", d.path.display(), d.format)?,
         }
-        if let Some(last) = self.grids.last() {
+        if let Some((_, last)) = self.grids.last() {
             writeln!(f, "grids:      {} drawn while training, the last {}", self.grids.len(), last.display())?;
         }
         if let Some(g) = &self.final_grid {

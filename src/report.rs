@@ -98,9 +98,7 @@ pub fn render(info: &RunInfo, records: &[metrics::MetricsRecord]) -> anyhow::Res
     h.push_str("</div>");
 
     h.push_str("<h2>Samples over time</h2><p>The moving average's samples from the same noise and labels at each step.</p><div class=\"row\" id=\"grids\">");
-    for path in &info.grids {
-        let step = path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.strip_prefix("step-")).unwrap_or("?");
-        let step = step.trim_start_matches('0');
+    for (step, path) in &info.grids {
         let _ = write!(
             h,
             "<figure><img class=\"grid\" alt=\"step {step}\" src=\"{}\"><figcaption>step {step}</figcaption></figure>",

@@ -78,14 +78,11 @@ pub enum WeightsKind {
 pub fn load_model(path: &Path, which: WeightsKind, preset: &str, device: &Device) -> anyhow::Result<LoadedModel> {
     if path.is_dir() {
         let dir = checkpoint::resolve(path)?;
-        let state = checkpoint::read_state(&dir)?;
         let file = match which {
             WeightsKind::Ema => checkpoint::EMA_FILE,
             WeightsKind::Raw => checkpoint::MODEL_FILE,
         };
-        let bytes = checkpoint::read_verified(&dir, &state, file)?;
-        let mut model = DitNet::new(&state.model, device, 0);
-        weights::load_safetensors_bytes(&mut model, bytes, &dir.join(file))?;
+        let (model, state) = checkpoint::load_model(&dir, file, device)?;
         return Ok(LoadedModel {
             model,
             schedule: NoiseSchedule::new(state.train.schedule, state.train.timesteps),

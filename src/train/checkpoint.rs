@@ -40,6 +40,25 @@ pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
     run_dir.join(CHECKPOINTS_DIR)
 }
 
+/// The run directory a checkpoint directory sits in, if it sits in one.
+pub fn run_dir_of(checkpoint: &Path) -> Option<PathBuf> {
+    checkpoint.parent().filter(|p| p.ends_with(CHECKPOINTS_DIR)).and_then(Path::parent).map(Path::to_path_buf)
+}
+
+/// The network of the checkpoint in `dir` with the weights of `file` ([`MODEL_FILE`] or
+/// [`EMA_FILE`]), verified against the recorded checksum, and the checkpoint's state.
+pub fn load_model(
+    dir: &Path,
+    file: &str,
+    device: &burn::prelude::Device,
+) -> anyhow::Result<(crate::model::DitNet, RunState)> {
+    let state = read_state(dir)?;
+    let bytes = read_verified(dir, &state, file)?;
+    let mut model = crate::model::DitNet::new(&state.model, device, 0);
+    crate::model::weights::load_safetensors_bytes(&mut model, bytes, &dir.join(file))?;
+    Ok((model, state))
+}
+
 /// Where the checkpoint of `step` lives under `run_dir`.
 pub fn checkpoint_dir(run_dir: &Path, step: u64) -> PathBuf {
     checkpoints_dir(run_dir).join(checkpoint_name(step))

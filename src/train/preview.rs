@@ -15,7 +15,6 @@ use crate::diffusion::guidance::Guided;
 use crate::diffusion::sampler::{Chain, Clip, ImageNoise, StepRule, sample_batch};
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::images::{FloatImage, grid, label_rows};
-use crate::model::{DitNet, weights};
 
 /// The grids' folder inside the run directory.
 pub const PREVIEW_DIR: &str = "samples";
@@ -33,11 +32,8 @@ pub fn grid_path(run_dir: &Path, step: u64) -> PathBuf {
 /// default sampler and guidance, seed = the run's seed) into [`grid_path`]; returns the path.
 /// `dits sample --checkpoint CKPT --per-class 4 --seed SEED` draws the same images.
 pub fn draw(ckpt_dir: &Path, run_dir: &Path, device: &Device) -> anyhow::Result<PathBuf> {
-    let state = checkpoint::read_state(ckpt_dir)?;
-    let bytes = checkpoint::read_verified(ckpt_dir, &state, checkpoint::EMA_FILE)?;
+    let (model, state) = checkpoint::load_model(ckpt_dir, checkpoint::EMA_FILE, device)?;
     let cfg = &state.model;
-    let mut model = DitNet::new(cfg, device, 0);
-    weights::load_safetensors_bytes(&mut model, bytes, &ckpt_dir.join(checkpoint::EMA_FILE))?;
     let schedule = NoiseSchedule::new(state.train.schedule, state.train.timesteps);
     let prepared = model.prepare_inference();
     let scale = if cfg.null_class { DEFAULT_CFG_SCALE } else { 1.0 };
