@@ -38,8 +38,15 @@ impl FloatImage {
         }
     }
 
+    /// The image as a PNG file's bytes (the bytes `save_png` writes).
+    pub fn png_bytes(&self) -> anyhow::Result<Vec<u8>> {
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        self.to_dynamic()?.write_to(&mut bytes, image::ImageFormat::Png).context("encoding a PNG")?;
+        Ok(bytes.into_inner())
+    }
+
     pub fn save_png(&self, path: &Path) -> anyhow::Result<()> {
-        self.to_dynamic()?.save(path).with_context(|| format!("writing {}", path.display()))
+        std::fs::write(path, self.png_bytes()?).with_context(|| format!("writing {}", path.display()))
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! The modules follow the data: [`data`] (IDX files → batches) → [`model`] (the DiT, with its
 //! CPU [`kernels`]) → [`diffusion`] (schedule, noising, samplers) → [`train`] (with
-//! [`distributed`] beside it, both on [`optim`]) → [`sample`] → [`eval`]; [`bench`] measures.
+//! [`distributed`] beside it, both on [`optim`]) → [`sample`] → [`eval`] and [`serve`]; [`bench`]
+//! measures.
 //! The leaves below them: [`rng`] (named random streams), [`ranges`] (even splits),
 //! [`collective`] (the collective operations), [`fsutil`], [`images`], [`device`],
 //! [`profile`], [`memory`]. Each layer imports only from the layers below it.
@@ -26,4 +27,5 @@ pub mod ranges;
 pub mod report;
 pub mod rng;
 pub mod sample;
+pub mod serve;
 pub mod train;

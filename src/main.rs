@@ -47,6 +47,12 @@ enum Command {
         dits bench                                         # mnist-dits, batch 256\n  \
         dits bench --model dit-s4 --batch 64 --profile 20  # where a step's time goes")]
     Bench(BenchArgs),
+    /// Serve a trained model over HTTP: a page to draw from, `GET /sample` for PNGs, `GET /health`.
+    #[command(after_help = "Examples:\n  \
+        dits serve --checkpoint runs/mnist                 # http://127.0.0.1:8000/\n  \
+        curl -o sevens.png 'http://127.0.0.1:8000/sample?class=7&n=16&seed=1&steps=20&cfg=1.5'\n  \
+        dits serve --checkpoint runs/mnist --host 0.0.0.0 --port 8080 --max-images 16")]
+    Serve(ServeArgs),
     /// Show a run or checkpoint: recipe, step, loss, data and its checksum, grids, evaluations.
     #[command(after_help = "Examples:\n  \
         dits info runs/mnist\n  \
@@ -266,6 +272,45 @@ struct SampleArgs {
 }
 
 #[derive(Args)]
+struct ServeArgs {
+    /// A run directory, checkpoint directory, .safetensors file, or mnist-dits PyTorch .pth.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Address to listen on (0.0.0.0: every interface).
+    #[arg(long)]
+    host: Option<String>,
+    /// Port (0: any free one; the address is printed).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Images one request may ask for (n).
+    #[arg(long)]
+    max_images: Option<usize>,
+    /// Sampling steps one request may ask for (at most the schedule's levels).
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Images drawn together in one chain: requests of several clients share it.
+    #[arg(long)]
+    max_batch: Option<usize>,
+    /// Images that may wait; requests beyond it are answered 503 (busy).
+    #[arg(long, value_name = "IMAGES")]
+    queue: Option<usize>,
+    /// Seconds a request may wait for its images before it is answered 503.
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<f64>,
+    /// Open connections at most (more clients wait to be accepted).
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Model preset for weight files without a config (PyTorch .pth).
+    #[arg(long, default_value = ModelOverrides::DEFAULT_PRESET)]
+    model: String,
+    /// Weights of a checkpoint to use: the moving average or the raw weights.
+    #[arg(long, value_enum, default_value = "ema")]
+    weights: dits::sample::WeightsKind,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
 struct BenchArgs {
     #[arg(long, default_value_t = 256)]
     batch: usize,
@@ -311,6 +356,7 @@ fn main() -> ExitCode {
         Command::Sample(a) => sample_cmd(a),
         Command::Eval(a) => eval_cmd(a),
         Command::Bench(a) => bench_cmd(a),
+        Command::Serve(a) => serve_cmd(a),
         Command::Info(a) => dits::info::describe(&a.run, true).and_then(|i| {
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&i)?);
@@ -360,7 +406,20 @@ fn with_defaults(cmd: clap::Command) -> clap::Command {
         ("cfg_scale", format!("{} with a null label", dits::sample::DEFAULT_CFG_SCALE)),
         ("cfg_interval", format!("{lo},{hi}")),
     ];
-    cmd.mut_subcommand("train", |c| show(c, train)).mut_subcommand("sample", |c| show(c, sample))
+    let d = dits::serve::ServeOptions::new(PathBuf::new(), burn::prelude::Device::flex());
+    let serve = vec![
+        ("host", d.host),
+        ("port", d.port.to_string()),
+        ("max_images", d.max_images.to_string()),
+        ("max_steps", d.max_steps.to_string()),
+        ("max_batch", d.max_batch.to_string()),
+        ("queue", d.queue.to_string()),
+        ("timeout", d.timeout.as_secs_f64().to_string()),
+        ("max_connections", d.max_connections.to_string()),
+    ];
+    cmd.mut_subcommand("train", |c| show(c, train))
+        .mut_subcommand("sample", |c| show(c, sample))
+        .mut_subcommand("serve", |c| show(c, serve))
 }
 
 fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
@@ -560,6 +619,41 @@ fn sample_cmd(a: SampleArgs) -> anyhow::Result<()> {
         s.images,
         s.images_per_s,
         s.out.display()
+    );
+    Ok(())
+}
+
+fn serve_cmd(a: ServeArgs) -> anyhow::Result<()> {
+    a.common.apply()?;
+    let d = dits::serve::ServeOptions::new(a.checkpoint, dits::device::device(a.common.device)?);
+    let timeout = match a.timeout {
+        None => d.timeout,
+        Some(s) => std::time::Duration::try_from_secs_f64(s)
+            .ok()
+            .filter(|t| !t.is_zero())
+            .ok_or_else(|| anyhow::anyhow!("--timeout must be a positive number of seconds, got {s}"))?,
+    };
+    let opts = dits::serve::ServeOptions {
+        weights: a.weights,
+        preset: a.model,
+        host: a.host.unwrap_or(d.host.clone()),
+        port: a.port.unwrap_or(d.port),
+        max_images: a.max_images.unwrap_or(d.max_images),
+        max_steps: a.max_steps.unwrap_or(d.max_steps),
+        max_batch: a.max_batch.unwrap_or(d.max_batch),
+        queue: a.queue.unwrap_or(d.queue),
+        timeout,
+        max_connections: a.max_connections.unwrap_or(d.max_connections),
+        ..d
+    };
+    let s = dits::serve::run(opts, |addr| {
+        // The first line of stdout: scripts and tests read the address (and the port, with --port 0) here.
+        println!("listening on http://{addr}/ (GET /sample?class=0&n=16, /health; SIGTERM or Ctrl-C stops)");
+    })?;
+    let c = s.counters;
+    println!(
+        "stopped after {:.1} s: served {} requests ({} images in {} batches), {} busy, {} abandoned, {} failed",
+        s.seconds, c.served, c.images, c.batches, c.busy, c.abandoned, c.failed
     );
     Ok(())
 }

@@ -205,13 +205,9 @@ pub fn run(opts: SampleOptions) -> anyhow::Result<SampleSummary> {
     ensure!(opts.batch > 0, "--batch must be at least 1");
     let loaded = load_model(&opts.checkpoint, opts.weights, &opts.preset, &opts.device)?;
     let cfg = &loaded.config;
-    let cfg_scale = opts.cfg_scale.unwrap_or(if cfg.null_class { DEFAULT_CFG_SCALE } else { 1.0 });
     let prepared = loaded.model.prepare_inference();
-    let mut denoiser = Guided::new(&prepared, cfg_scale, cfg.null_label())?;
-    let (lo, hi) = opts.cfg_interval.unwrap_or(DEFAULT_CFG_INTERVAL);
-    if lo > 0.0 || hi < f64::INFINITY {
-        denoiser = denoiser.within(&loaded.schedule.sigmas(), lo, hi)?;
-    }
+    let denoiser =
+        Guided::as_sampled(&prepared, cfg.null_label(), &loaded.schedule.sigmas(), opts.cfg_scale, opts.cfg_interval)?;
     let classes = match &opts.classes {
         Some(c) => c.iter().map(|c| class_id(c, &loaded.class_names)).collect::<anyhow::Result<Vec<_>>>()?,
         None => (0..cfg.classes).collect(),

@@ -14,6 +14,7 @@
 use anyhow::ensure;
 use burn::prelude::*;
 
+use super::defaults::{DEFAULT_CFG_INTERVAL, DEFAULT_CFG_SCALE};
 use super::sampler::Denoiser;
 
 /// A denoiser with guidance applied.
@@ -36,6 +37,24 @@ impl<'a, D: Denoiser> Guided<'a, D> {
              use --cfg-scale 1, or train with --label-dropout > 0"
         );
         Ok(Self { model, scale, null_label, active: None })
+    }
+
+    /// The guidance `dits sample` applies: `scale` (None: [`DEFAULT_CFG_SCALE`] for a model with a
+    /// null label, else 1) within `interval` of σ (None: [`DEFAULT_CFG_INTERVAL`]; `(0, ∞)` guides
+    /// every step). `sigmas` are the schedule's, by level.
+    pub fn as_sampled(
+        model: &'a D,
+        null_label: Option<usize>,
+        sigmas: &[f64],
+        scale: Option<f64>,
+        interval: Option<(f64, f64)>,
+    ) -> anyhow::Result<Self> {
+        let scale = scale.unwrap_or(if null_label.is_some() { DEFAULT_CFG_SCALE } else { 1.0 });
+        let guided = Self::new(model, scale, null_label)?;
+        match interval.unwrap_or(DEFAULT_CFG_INTERVAL) {
+            (lo, hi) if lo > 0.0 || hi < f64::INFINITY => guided.within(sigmas, lo, hi),
+            _ => Ok(guided),
+        }
     }
 
     /// Guide only at levels whose σ lies in `[lo, hi]`; `sigmas` are the schedule's, by level.

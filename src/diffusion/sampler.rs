@@ -222,7 +222,18 @@ pub struct ImageNoise(Vec<rand_chacha::ChaCha8Rng>);
 
 impl ImageNoise {
     pub fn new(seed: u64, images: impl IntoIterator<Item = (usize, usize)>) -> Self {
-        Self(images.into_iter().map(|(c, i)| stream(seed, Purpose::Sampling, ((c as u64) << 32) | i as u64)).collect())
+        Self::seeded(images.into_iter().map(|(c, i)| (seed, c, i)))
+    }
+
+    /// Images of several seeds in one batch, each `(seed, class, index)`: the noise each would
+    /// get in a batch of its own seed (requests of several clients batched together).
+    pub fn seeded(images: impl IntoIterator<Item = (u64, usize, usize)>) -> Self {
+        Self(
+            images
+                .into_iter()
+                .map(|(seed, c, i)| stream(seed, Purpose::Sampling, ((c as u64) << 32) | i as u64))
+                .collect(),
+        )
     }
 }
 

@@ -10,7 +10,7 @@ use burn::prelude::*;
 use rayon::prelude::*;
 
 use super::checkpoint;
-use crate::diffusion::defaults::{DEFAULT_CFG_INTERVAL, DEFAULT_CFG_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS};
+use crate::diffusion::defaults::{DEFAULT_SAMPLER, DEFAULT_STEPS};
 use crate::diffusion::guidance::Guided;
 use crate::diffusion::sampler::{Chain, Clip, ImageNoise, StepRule, sample_batch};
 use crate::diffusion::schedule::NoiseSchedule;
@@ -36,9 +36,7 @@ pub fn draw(ckpt_dir: &Path, run_dir: &Path, device: &Device) -> anyhow::Result<
     let cfg = &state.model;
     let schedule = NoiseSchedule::new(state.train.schedule, state.train.timesteps);
     let prepared = model.prepare_inference();
-    let scale = if cfg.null_class { DEFAULT_CFG_SCALE } else { 1.0 };
-    let (lo, hi) = DEFAULT_CFG_INTERVAL;
-    let denoiser = Guided::new(&prepared, scale, cfg.null_label())?.within(&schedule.sigmas(), lo, hi)?;
+    let denoiser = Guided::as_sampled(&prepared, cfg.null_label(), &schedule.sigmas(), None, None)?;
     let steps = DEFAULT_STEPS.min(schedule.timesteps());
     let chain = Chain::trailing(&schedule, steps, StepRule::of(DEFAULT_SAMPLER, 0.0, 1.0, 0.0)?, Clip::X0)?;
     let classes = cfg.classes.min(MAX_CLASSES);

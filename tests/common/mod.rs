@@ -137,3 +137,29 @@ pub fn without_pictures<S: AsRef<str>>(args: &[S]) -> Vec<String> {
     }
     out
 }
+
+/// ChromeDriver (`DITS_CHROMEDRIVER`, else `chromedriver` on the PATH) with the browser of
+/// [`chromium`], or `None` with a note when either is absent, except where
+/// `DITS_REQUIRE_BROWSER` is set (CI), where that fails.
+pub fn chromedriver() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let browser = chromium()?;
+    let candidate =
+        std::env::var_os("DITS_CHROMEDRIVER").map(std::path::PathBuf::from).unwrap_or_else(|| "chromedriver".into());
+    let found = Command::new(&candidate).arg("--version").output().is_ok_and(|o| o.status.success());
+    if found {
+        // ChromeDriver wants the browser's path, not a name to look up.
+        let browser = if browser.components().count() > 1 {
+            browser
+        } else {
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            std::env::split_paths(&path).map(|d| d.join(&browser)).find(|p| p.is_file()).unwrap_or(browser)
+        };
+        return Some((candidate, browser));
+    }
+    assert!(
+        std::env::var_os("DITS_REQUIRE_BROWSER").is_none(),
+        "DITS_REQUIRE_BROWSER is set, but {candidate:?} does not run"
+    );
+    eprintln!("skipped: no chromedriver ({candidate:?}; Debian: apt-get install chromium-driver)");
+    None
+}
