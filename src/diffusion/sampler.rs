@@ -33,9 +33,11 @@
 
 use anyhow::ensure;
 use burn::prelude::*;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::schedule::{Level, NoiseSchedule};
+use crate::images::FloatImage;
 use crate::rng::{Purpose, standard_normal, stream};
 
 /// The named samplers of `--sampler`.
@@ -246,6 +248,35 @@ impl NoiseSource for ImageNoise {
         }
         out
     }
+}
+
+/// Draws `images`, each `(seed, class, index)` of `shape`, through `chain`: one batch per core
+/// (burn-flex's kernels alone barely use a second core at these sizes). Each image's noise is its
+/// own stream, so neither the cut nor the company an image is drawn in changes it.
+pub fn sample_images(
+    model: &(impl Denoiser + Sync),
+    schedule: &NoiseSchedule,
+    chain: &Chain,
+    images: &[(u64, usize, usize)],
+    shape: [usize; 3],
+    device: &Device,
+) -> anyhow::Result<Vec<FloatImage>> {
+    let image_len: usize = shape.iter().product();
+    let size = images.len().div_ceil(rayon::current_num_threads()).max(1);
+    let parts = images
+        .par_chunks(size)
+        .map(|part| -> anyhow::Result<Vec<FloatImage>> {
+            let labels: Vec<u8> = part.iter().map(|&(_, c, _)| c as u8).collect();
+            let mut noise = ImageNoise::seeded(part.iter().copied());
+            let x = sample_batch(model, schedule, chain, &labels, shape, &mut noise, device, |_, _| {})?;
+            let data = x.into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("reading samples: {e:?}"))?;
+            Ok(data
+                .chunks_exact(image_len)
+                .map(|d| FloatImage { channels: shape[0], height: shape[1], width: shape[2], data: d.to_vec() })
+                .collect())
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(parts.into_iter().flatten().collect())
 }
 
 /// Heun corrects only steps starting below this σ (EDM's σ_max is 80; DDPM's top level is 157).

@@ -14,13 +14,12 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use burn::prelude::*;
-use rayon::prelude::*;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
 use super::query::DrawRequest;
 use crate::diffusion::guidance::Guided;
-use crate::diffusion::sampler::{Chain, Clip, ImageNoise, StepRule, sample_batch};
+use crate::diffusion::sampler::{Chain, Clip, StepRule, sample_images};
 use crate::images::FloatImage;
 use crate::sample::LoadedModel;
 
@@ -242,25 +241,14 @@ impl Painter<'_> {
         // (seed, class, index) of every image.
         let images: Vec<(u64, usize, usize)> =
             requests.iter().flat_map(|r| (0..r.n).map(move |i| (r.seed, r.class, i))).collect();
-        let shape = [cfg.channels, cfg.image_size, cfg.image_size];
-        let image_len: usize = shape.iter().product();
-        // One batch per core, as `dits sample` cuts its work (burn-flex's kernels alone barely use
-        // a second core at these sizes).
-        let size = images.len().div_ceil(rayon::current_num_threads()).max(1);
-        let parts = images
-            .par_chunks(size)
-            .map(|part| -> anyhow::Result<Vec<FloatImage>> {
-                let labels: Vec<u8> = part.iter().map(|&(_, c, _)| c as u8).collect();
-                let mut noise = ImageNoise::seeded(part.iter().copied());
-                let x = sample_batch(&denoiser, schedule, &steps, &labels, shape, &mut noise, &self.device, |_, _| {})?;
-                let data = x.into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("reading samples: {e:?}"))?;
-                Ok(data
-                    .chunks_exact(image_len)
-                    .map(|d| FloatImage { channels: shape[0], height: shape[1], width: shape[2], data: d.to_vec() })
-                    .collect())
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(parts.into_iter().flatten().collect())
+        sample_images(
+            &denoiser,
+            schedule,
+            &steps,
+            &images,
+            [cfg.channels, cfg.image_size, cfg.image_size],
+            &self.device,
+        )
     }
 }
 

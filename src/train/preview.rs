@@ -7,12 +7,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use burn::prelude::*;
-use rayon::prelude::*;
 
 use super::checkpoint;
 use crate::diffusion::defaults::{DEFAULT_SAMPLER, DEFAULT_STEPS};
 use crate::diffusion::guidance::Guided;
-use crate::diffusion::sampler::{Chain, Clip, ImageNoise, StepRule, sample_batch};
+use crate::diffusion::sampler::{Chain, Clip, StepRule, sample_images};
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::images::{FloatImage, grid, label_rows};
 
@@ -41,25 +40,11 @@ pub fn draw(ckpt_dir: &Path, run_dir: &Path, device: &Device) -> anyhow::Result<
     let chain = Chain::trailing(&schedule, steps, StepRule::of(DEFAULT_SAMPLER, 0.0, 1.0, 0.0)?, Clip::X0)?;
     let classes = cfg.classes.min(MAX_CLASSES);
     let jobs: Vec<(usize, usize)> = (0..classes).flat_map(|c| (0..PER_CLASS).map(move |i| (c, i))).collect();
+    let images: Vec<(u64, usize, usize)> = jobs.iter().map(|&(c, i)| (state.train.seed, c, i)).collect();
     let shape = [cfg.channels, cfg.image_size, cfg.image_size];
-    let image_len: usize = shape.iter().product();
-    // One batch per core; each image's noise is its own stream, so the cut changes nothing.
-    let size = jobs.len().div_ceil(rayon::current_num_threads()).max(1);
-    let batches = jobs
-        .par_chunks(size)
-        .map(|batch| -> anyhow::Result<Vec<FloatImage>> {
-            let labels: Vec<u8> = batch.iter().map(|&(c, _)| c as u8).collect();
-            let mut noise = ImageNoise::new(state.train.seed, batch.iter().copied());
-            let x = sample_batch(&denoiser, &schedule, &chain, &labels, shape, &mut noise, device, |_, _| {})?;
-            let data = x.into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("reading samples: {e:?}"))?;
-            Ok(data
-                .chunks_exact(image_len)
-                .map(|d| FloatImage { channels: shape[0], height: shape[1], width: shape[2], data: d.to_vec() })
-                .collect())
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let drawn = sample_images(&denoiser, &schedule, &chain, &images, shape, device)?;
     let mut rows: Vec<Vec<FloatImage>> = vec![Vec::new(); classes];
-    for (&(c, _), img) in jobs.iter().zip(batches.into_iter().flatten()) {
+    for (&(c, _), img) in jobs.iter().zip(drawn) {
         rows[c].push(img);
     }
     let names: Vec<String> = state.class_names().into_iter().take(classes).collect();
