@@ -50,12 +50,8 @@ fn toy_batch(b: usize) -> Batch {
 }
 
 fn trainer(device: &Device) -> Trainer {
-    let mut train = TrainConfig::default();
-    train.batch = 8;
-    train.micro_batches = 1;
-    train.label_dropout = 0.0;
-    train.warmup_steps = 0;
-    train.lr = 1e-4;
+    let train =
+        TrainConfig { batch: 8, micro_batches: 1, label_dropout: 0.0, warmup_steps: 0, lr: 1e-4, ..Default::default() };
     Trainer::new(small_model(), train, ::dits::data::DataSource::idx(Path::new("")), device).unwrap()
 }
 

@@ -14,6 +14,9 @@ use crate::kernels::{SequenceParallel, TensorParallel};
 /// burn derives `Module` for the enum: parameters are visited through the active variant.
 /// Checkpoint keys skip the variant name (see [`super::weights`]), so files keep the PyTorch
 /// `state_dict` names of each family.
+// The variants differ by a few hundred bytes of tensor handles, and a process holds one or two
+// networks: boxing the larger would only add an indirection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum DitNet {
     MnistDits(MnistDits),
