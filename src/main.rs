@@ -463,16 +463,20 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
         dits::distributed::world::World::Process(_, device) => device.clone(),
         dits::distributed::world::World::Threads(ranks) => ranks[0].1.clone(),
     };
-    if let Some(data) = &judged {
-        let opts = in_run_eval_options(PathBuf::new(), data.clone(), eval_device.clone(), progress);
-        dits::eval::prepare_judge(&opts)?;
-    }
+    // Prepared once: its features of the real images are most of an evaluation's work.
+    let judge = match &judged {
+        Some(data) => {
+            let opts = in_run_eval_options(PathBuf::new(), data.clone(), eval_device.clone(), progress);
+            Some(std::sync::Arc::new(dits::eval::Judge::prepare(&opts)?))
+        }
+        None => None,
+    };
     let spent = std::sync::Arc::new(std::sync::Mutex::new((0usize, 0f64)));
     let hook_spent = spent.clone();
     let hook_device = eval_device.clone();
     let hook = train::CheckpointHook(std::sync::Arc::new(move |e: &train::CheckpointEvent| {
         if e.evaluate {
-            let seconds = evaluate_checkpoint(e, &hook_device)?;
+            let seconds = evaluate_checkpoint(e, &hook_device, judge.as_deref())?;
             let mut spent = hook_spent.lock().expect("eval time");
             spent.0 += 1;
             spent.1 += seconds;
@@ -531,8 +535,13 @@ fn in_run_eval_options(
 }
 
 /// `--eval-every`: the checkpoint's moving average judged on a small sample set, recorded in
-/// metrics.jsonl and evals.jsonl; returns the seconds it took.
-fn evaluate_checkpoint(e: &train::CheckpointEvent, device: &burn::prelude::Device) -> anyhow::Result<f64> {
+/// metrics.jsonl and evals.jsonl; returns the seconds it took. `judge`: the run's, prepared
+/// before it (else one is prepared now).
+fn evaluate_checkpoint(
+    e: &train::CheckpointEvent,
+    device: &burn::prelude::Device,
+    judge: Option<&dits::eval::Judge>,
+) -> anyhow::Result<f64> {
     let began = std::time::Instant::now();
     let state = dits::train::checkpoint::read_state(e.checkpoint)?;
     let per_class = (IN_RUN_EVAL_SAMPLES / state.model.classes.max(1)).max(1);
@@ -544,7 +553,10 @@ fn evaluate_checkpoint(e: &train::CheckpointEvent, device: &burn::prelude::Devic
         ..dits::sample::SampleOptions::new(e.checkpoint.to_path_buf(), dir.clone(), device.clone())
     };
     dits::sample::run(opts)?;
-    let r = dits::eval::run(&in_run_eval_options(dir, state.data_source(), device.clone(), false))?;
+    let r = match judge {
+        Some(judge) => judge.score_dir(&dir)?,
+        None => dits::eval::run(&in_run_eval_options(dir, state.data_source(), device.clone(), false))?,
+    };
     let seconds = began.elapsed().as_secs_f64();
     let figures = dits::train::metrics::EvalFigures {
         samples: r.samples,

@@ -91,100 +91,142 @@ struct ClassifierInfo {
     test_accuracy: f64,
 }
 
-/// `dits eval`.
+/// `dits eval`: the samples in `opts.samples` judged (read before the judge is prepared, so a bad
+/// folder is an error before minutes of the judge's training).
 pub fn run(opts: &EvalOptions) -> anyhow::Result<EvalReport> {
     let train = opts.data.load_with_progress(Split::Train, opts.progress)?;
-    let test = opts.data.load_with_progress(Split::Test, opts.progress)?;
-    let classes = train.classes.len();
-    let samples = samples::read_dir(&opts.samples, classes, [train.channels, train.height, train.width])?;
-    let (model, info, path) = classifier_for(&train, &test, classes, opts)?;
-    let dims = [train.channels, train.height, train.width];
-    let device = &opts.device;
-
-    let (probs, feats) = classifier::probabilities_and_features(&model, &samples.images, dims, device);
-    let n = samples.labels.len();
-    let dim = classifier::FEATURES;
-    let test_feats = features_of(&model, &test, &(0..test.len()).collect::<Vec<_>>(), dims, device);
-    let floor_rows = matching_real_subset(&train, &samples.labels, opts.seed);
-    let floor_feats = features_of(&model, &train, &floor_rows, dims, device);
-    let floor_labels: Vec<usize> = floor_rows.iter().map(|&i| train.labels[i] as usize).collect();
-    let test_labels: Vec<usize> = test.labels.iter().map(|&l| l as usize).collect();
-    // The rows of `f` (one per label in `labels`) whose label is `c`.
-    let of_class = |f: &[f32], labels: &[usize], c: usize| -> Vec<f32> {
-        labels
-            .iter()
-            .enumerate()
-            .filter(|&(_, &l)| l == c)
-            .flat_map(|(i, _)| f[i * dim..(i + 1) * dim].to_vec())
-            .collect()
-    };
-
-    let mut per_class: Vec<ClassScore> = Vec::new();
-    let (mut correct, mut confidence) = (0usize, 0f64);
-    for c in 0..classes {
-        let rows: Vec<usize> = (0..n).filter(|&i| samples.labels[i] == c).collect();
-        if rows.is_empty() {
-            continue;
-        }
-        let right = rows.iter().filter(|&&i| argmax(&probs[i * classes..(i + 1) * classes]) == c).count();
-        correct += right;
-        confidence += rows.iter().map(|&i| probs[i * classes + c] as f64).sum::<f64>();
-        let test_c = FeatureStats::fit(&of_class(&test_feats, &test_labels, c), dim)?;
-        let fid_c = |f: &[f32], labels: &[usize]| -> anyhow::Result<f64> {
-            Ok(frechet_distance(&FeatureStats::fit(&of_class(f, labels, c), dim)?, &test_c))
-        };
-        per_class.push(ClassScore {
-            class: c,
-            count: rows.len(),
-            accuracy: right as f64 / rows.len() as f64,
-            fid: fid_c(&feats, &samples.labels)?,
-            fid_floor: fid_c(&floor_feats, &floor_labels)?,
-        });
-    }
-
-    let test_stats = FeatureStats::fit(&test_feats, dim)?;
-    let fid = frechet_distance(&FeatureStats::fit(&feats, dim)?, &test_stats);
-    let fid_floor = frechet_distance(&FeatureStats::fit(&floor_feats, dim)?, &test_stats);
-    let memorisation = memorisation(&model, &train, &test, &feats, n, opts.seed, dims, device);
-
-    Ok(EvalReport {
-        samples: n,
-        accuracy: correct as f64 / n as f64,
-        min_class_accuracy: per_class.iter().map(|c| c.accuracy).fold(1.0, f64::min),
-        per_class,
-        mean_confidence: confidence / n as f64,
-        fid,
-        fid_floor,
-        fid_ratio: fid / fid_floor.max(1e-12),
-        memorisation,
-        classifier_test_accuracy: info.test_accuracy,
-        classifier: path,
-    })
+    let samples = samples::read_dir(&opts.samples, train.classes.len(), [train.channels, train.height, train.width])?;
+    Judge::with_training_set(train, opts)?.score(&samples)
 }
 
-/// [`Memorisation`] of the samples' features `feats`: the distances to the nearest training
-/// image of the samples and of `n` real test images (a seeded subset).
-#[allow(clippy::too_many_arguments)]
-fn memorisation(
-    model: &Classifier,
-    train: &ImageDataset,
-    test: &ImageDataset,
-    feats: &[f32],
-    n: usize,
+/// The judge of one data set, ready to score sample sets: its classifier, and its features of
+/// every real image. Those features are most of an evaluation's work and the same every time,
+/// so a run that judges itself every N steps prepares one judge and scores with it.
+pub struct Judge {
+    model: Classifier,
+    info: ClassifierInfo,
+    path: PathBuf,
+    train: ImageDataset,
+    test: ImageDataset,
+    train_feats: Vec<f32>,
+    test_feats: Vec<f32>,
     seed: u64,
-    dims: [usize; 3],
-    device: &Device,
-) -> Memorisation {
-    let train_feats = features_of(model, train, &(0..train.len()).collect::<Vec<_>>(), dims, device);
-    let order = crate::data::loader::epoch_order(test.len(), seed, 1);
-    let test_rows: Vec<usize> = order.iter().take(n.min(test.len())).map(|&i| i as usize).collect();
-    let reference = nearest_distances(&features_of(model, test, &test_rows, dims, device), &train_feats, device);
-    let mut sorted = reference.clone();
-    sorted.sort_by(f32::total_cmp);
-    let threshold = sorted[((sorted.len() as f64 * NEAR_COPY_QUANTILE) as usize).min(sorted.len() - 1)];
-    let share_below = |d: &[f32]| d.iter().filter(|&&v| v < threshold).count() as f64 / d.len().max(1) as f64;
-    let samples = nearest_distances(feats, &train_feats, device);
-    Memorisation { threshold: threshold as f64, share: share_below(&samples), reference_share: share_below(&reference) }
+    device: Device,
+}
+
+impl Judge {
+    /// The judge of `opts.data` (its classifier trained and cached if it is not yet);
+    /// `opts.samples` is not read.
+    pub fn prepare(opts: &EvalOptions) -> anyhow::Result<Self> {
+        Self::with_training_set(opts.data.load_with_progress(Split::Train, opts.progress)?, opts)
+    }
+
+    fn with_training_set(train: ImageDataset, opts: &EvalOptions) -> anyhow::Result<Self> {
+        let test = opts.data.load_with_progress(Split::Test, opts.progress)?;
+        let (model, info, path) = classifier_for(&train, &test, train.classes.len(), opts)?;
+        let dims = [train.channels, train.height, train.width];
+        let device = opts.device.clone();
+        let train_feats = features_of(&model, &train, &(0..train.len()).collect::<Vec<_>>(), dims, &device);
+        let test_feats = features_of(&model, &test, &(0..test.len()).collect::<Vec<_>>(), dims, &device);
+        Ok(Self { model, info, path, train, test, train_feats, test_feats, seed: opts.seed, device })
+    }
+
+    /// The features of rows `rows` of `all` (one row of [`classifier::FEATURES`] per image).
+    fn rows_of(all: &[f32], rows: &[usize]) -> Vec<f32> {
+        let dim = classifier::FEATURES;
+        rows.iter().flat_map(|&i| all[i * dim..(i + 1) * dim].iter().copied()).collect()
+    }
+
+    /// [`Judge::score`] of the samples `dits sample` wrote into `dir`.
+    pub fn score_dir(&self, dir: &Path) -> anyhow::Result<EvalReport> {
+        let t = &self.train;
+        self.score(&samples::read_dir(dir, t.classes.len(), [t.channels, t.height, t.width])?)
+    }
+
+    /// Accuracy, FID-CNN (overall and per class, each beside its floor) and near-copies of
+    /// `samples`.
+    pub fn score(&self, samples: &samples::SampleSet) -> anyhow::Result<EvalReport> {
+        let (train, test) = (&self.train, &self.test);
+        let classes = train.classes.len();
+        let dims = [train.channels, train.height, train.width];
+        let (probs, feats) = classifier::probabilities_and_features(&self.model, &samples.images, dims, &self.device);
+        let n = samples.labels.len();
+        let dim = classifier::FEATURES;
+        let floor_rows = matching_real_subset(train, &samples.labels, self.seed);
+        let floor_feats = Self::rows_of(&self.train_feats, &floor_rows);
+        let floor_labels: Vec<usize> = floor_rows.iter().map(|&i| train.labels[i] as usize).collect();
+        let test_labels: Vec<usize> = test.labels.iter().map(|&l| l as usize).collect();
+        // The rows of `f` (one per label in `labels`) whose label is `c`.
+        let of_class = |f: &[f32], labels: &[usize], c: usize| -> Vec<f32> {
+            labels
+                .iter()
+                .enumerate()
+                .filter(|&(_, &l)| l == c)
+                .flat_map(|(i, _)| f[i * dim..(i + 1) * dim].to_vec())
+                .collect()
+        };
+
+        let mut per_class: Vec<ClassScore> = Vec::new();
+        let (mut correct, mut confidence) = (0usize, 0f64);
+        for c in 0..classes {
+            let rows: Vec<usize> = (0..n).filter(|&i| samples.labels[i] == c).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let right = rows.iter().filter(|&&i| argmax(&probs[i * classes..(i + 1) * classes]) == c).count();
+            correct += right;
+            confidence += rows.iter().map(|&i| probs[i * classes + c] as f64).sum::<f64>();
+            let test_c = FeatureStats::fit(&of_class(&self.test_feats, &test_labels, c), dim)?;
+            let fid_c = |f: &[f32], labels: &[usize]| -> anyhow::Result<f64> {
+                Ok(frechet_distance(&FeatureStats::fit(&of_class(f, labels, c), dim)?, &test_c))
+            };
+            per_class.push(ClassScore {
+                class: c,
+                count: rows.len(),
+                accuracy: right as f64 / rows.len() as f64,
+                fid: fid_c(&feats, &samples.labels)?,
+                fid_floor: fid_c(&floor_feats, &floor_labels)?,
+            });
+        }
+
+        let test_stats = FeatureStats::fit(&self.test_feats, dim)?;
+        let fid = frechet_distance(&FeatureStats::fit(&feats, dim)?, &test_stats);
+        let fid_floor = frechet_distance(&FeatureStats::fit(&floor_feats, dim)?, &test_stats);
+        let memorisation = self.memorisation(&feats, n);
+
+        Ok(EvalReport {
+            samples: n,
+            accuracy: correct as f64 / n as f64,
+            min_class_accuracy: per_class.iter().map(|c| c.accuracy).fold(1.0, f64::min),
+            per_class,
+            mean_confidence: confidence / n as f64,
+            fid,
+            fid_floor,
+            fid_ratio: fid / fid_floor.max(1e-12),
+            memorisation,
+            classifier_test_accuracy: self.info.test_accuracy,
+            classifier: self.path.clone(),
+        })
+    }
+
+    /// [`Memorisation`] of the samples' features `feats`: the distances to the nearest training
+    /// image of the samples and of `n` real test images (a seeded subset).
+    fn memorisation(&self, feats: &[f32], n: usize) -> Memorisation {
+        let order = crate::data::loader::epoch_order(self.test.len(), self.seed, 1);
+        let test_rows: Vec<usize> = order.iter().take(n.min(self.test.len())).map(|&i| i as usize).collect();
+        let reference =
+            nearest_distances(&Self::rows_of(&self.test_feats, &test_rows), &self.train_feats, &self.device);
+        let mut sorted = reference.clone();
+        sorted.sort_by(f32::total_cmp);
+        let threshold = sorted[((sorted.len() as f64 * NEAR_COPY_QUANTILE) as usize).min(sorted.len() - 1)];
+        let share_below = |d: &[f32]| d.iter().filter(|&&v| v < threshold).count() as f64 / d.len().max(1) as f64;
+        let samples = nearest_distances(feats, &self.train_feats, &self.device);
+        Memorisation {
+            threshold: threshold as f64,
+            share: share_below(&samples),
+            reference_share: share_below(&reference),
+        }
+    }
 }
 
 /// Each query row's distance to its nearest reference row (rows of [`classifier::FEATURES`]).
@@ -252,14 +294,6 @@ pub fn matching_real_subset(train: &ImageDataset, labels: &[usize], seed: u64) -
         }
     }
     rows
-}
-
-/// Makes sure the judge of `opts.data` is cached (training it if not), so that evaluations
-/// during a run do not stop it for the judge's training. `opts.samples` is not read.
-pub fn prepare_judge(opts: &EvalOptions) -> anyhow::Result<()> {
-    let train = opts.data.load_with_progress(Split::Train, opts.progress)?;
-    let test = opts.data.load_with_progress(Split::Test, opts.progress)?;
-    classifier_for(&train, &test, train.classes.len(), opts).map(drop)
 }
 
 /// The cached classifier of this data set, or a newly trained (and cached) one.
