@@ -5,13 +5,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::server::{Server, agent, get};
 use common::{dits, fails_with, ok, train_args, write_toy_dataset};
 
 /// A small model trained once for every test here (with a null label, so guidance works).
@@ -29,69 +30,6 @@ fn model() -> &'static Path {
         (tmp, run)
     })
     .1
-}
-
-/// A `dits serve` on a free port of the loopback address, stopped when dropped.
-struct Server {
-    child: Child,
-    stdout: BufReader<ChildStdout>,
-    base: String,
-}
-
-impl Server {
-    fn start(flags: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dits"))
-            .args(["serve", "--checkpoint"])
-            .arg(model())
-            .args(["--port", "0", "--threads", "2"])
-            .args(flags)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting dits serve");
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let start = line.find("http://").unwrap_or_else(|| panic!("no address in {line:?}"));
-        let base = line[start..].split('/').take(3).collect::<Vec<_>>().join("/");
-        Self { child, stdout, base }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn addr(&self) -> String {
-        self.base.trim_start_matches("http://").to_string()
-    }
-
-    fn health(&self) -> serde_json::Value {
-        let (status, _, body) = get(&self.url("/health"));
-        assert_eq!(status, 200);
-        serde_json::from_slice(&body).unwrap()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(600)))
-        .build()
-        .into()
-}
-
-/// Status, headers and body of `GET url`.
-fn get(url: &str) -> (u16, axum::http::HeaderMap, Vec<u8>) {
-    let mut response = agent().get(url).call().unwrap_or_else(|e| panic!("GET {url}: {e}"));
-    let body = response.body_mut().with_config().limit(64 << 20).read_to_vec().unwrap();
-    (response.status().as_u16(), response.headers().clone(), body)
 }
 
 /// The JSON error of a response that must have `status`.
@@ -129,7 +67,7 @@ fn the_api_draws_what_dits_sample_draws_and_batches_clients_together() {
         .concat(),
         tmp.path(),
     ));
-    let server = Server::start(&["--max-images", "128", "--timeout", "600"]);
+    let server = Server::start(model(), &["--max-images", "128", "--timeout", "600"]);
 
     // One image: the very file `dits sample` wrote.
     let (status, headers, one) = get(&server.url("/sample?class=3&n=1&seed=1&steps=20&cfg=1.5"));
@@ -181,7 +119,7 @@ fn the_api_draws_what_dits_sample_draws_and_batches_clients_together() {
 
 #[test]
 fn bad_requests_are_json_errors_that_name_the_problem() {
-    let server = Server::start(&["--max-images", "16", "--max-steps", "50"]);
+    let server = Server::start(model(), &["--max-images", "16", "--max-steps", "50"]);
     for (query, needle) in [
         ("", "\"class\" is required"),
         ("class=10", "outside the model's 10 classes"),
@@ -228,7 +166,7 @@ fn raw(addr: &str, request: &[u8]) -> String {
 
 #[test]
 fn hostile_clients_get_answers_and_the_server_survives() {
-    let server = Server::start(&[]);
+    let server = Server::start(model(), &[]);
     let addr = server.addr();
     let close = "Connection: close\r\n\r\n";
     let status_of = |answer: &str| answer.split(' ').nth(1).unwrap_or("").to_string();
@@ -280,7 +218,7 @@ fn hostile_clients_get_answers_and_the_server_survives() {
 #[test]
 fn a_full_queue_and_a_late_request_are_503s_with_retry_after() {
     // The queue holds one request of 4; twelve arrive at once while the model is busy.
-    let server = Server::start(&["--queue", "4", "--max-images", "4", "--max-batch", "4"]);
+    let server = Server::start(model(), &["--queue", "4", "--max-images", "4", "--max-batch", "4"]);
     let url = server.url("/sample?class=0&n=4&steps=250");
     let clients: Vec<_> = (0..12)
         .map(|_| {
@@ -301,14 +239,14 @@ fn a_full_queue_and_a_late_request_are_503s_with_retry_after() {
     assert_eq!(health["served"]["busy"], busy.len());
     assert_eq!(health["served"]["served"], 12 - busy.len());
 
-    let late = Server::start(&["--timeout", "0.05"]);
+    let late = Server::start(model(), &["--timeout", "0.05"]);
     let error = json_error(&late.url("/sample?class=0&n=64&steps=250"), 503);
     assert!(error.starts_with("timed out"), "{error}");
 }
 
 #[test]
 fn two_hundred_requests_from_twenty_clients_are_all_answered() {
-    let server = Server::start(&[]);
+    let server = Server::start(model(), &[]);
     let (clients, each) = (20usize, 10usize);
     let began = Instant::now();
     let threads: Vec<_> = (0..clients)
@@ -365,7 +303,7 @@ fn two_hundred_requests_from_twenty_clients_are_all_answered() {
 
 #[test]
 fn sigterm_answers_the_requests_in_flight_then_exits() {
-    let mut server = Server::start(&["--max-images", "128", "--max-steps", "500", "--timeout", "600"]);
+    let mut server = Server::start(model(), &["--max-images", "128", "--max-steps", "500", "--timeout", "600"]);
     let url = server.url("/sample?class=4&n=128&steps=500");
     let in_flight = std::thread::spawn(move || get(&url));
     std::thread::sleep(Duration::from_millis(300));
@@ -501,7 +439,7 @@ impl Drop for Browser {
 #[test]
 fn the_page_draws_a_class_when_a_browser_clicks_it() {
     let Some((driver, chromium)) = common::chromedriver() else { return };
-    let server = Server::start(&[]);
+    let server = Server::start(model(), &[]);
     let profile = tempfile::tempdir().unwrap();
     let browser = Browser::start(&driver, &chromium, profile.path());
     let url = server.url("/");

@@ -138,6 +138,15 @@ fn the_cli_trains_samples_and_resumes_across_devices() {
     let mean = a.iter().zip(&b).map(|(x, y)| x.abs_diff(*y) as f64).sum::<f64>() / a.len() as f64;
     eprintln!("20-step chain, wgpu vs CPU: {worst} grey levels at most, {mean:.4} on average");
     assert!(worst <= 2, "samples differ by {worst} grey levels");
+    // `dits serve` on wgpu draws what `dits sample` draws there.
+    let server = common::server::Server::start(&dir.join("gpu"), &["--device", "wgpu"]);
+    let (status, _, png) = common::server::get(&server.url("/sample?class=0&n=1&seed=3&steps=20"));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&png));
+    let served = image::load_from_memory(&png).unwrap().to_luma8().into_raw();
+    let drawn = image::open(dir.join("s-gpu/0_00000.png")).unwrap().to_luma8().into_raw();
+    let worst = served.iter().zip(&drawn).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
+    assert!(served.len() == drawn.len() && worst <= 2, "served on wgpu: {worst} grey levels from dits sample's");
+    drop(server);
     // The CPU's checkpoint continues on wgpu.
     run(&["train", "--resume", "cpu", "--device", "wgpu", "--no-progress"]);
     assert!(dir.join("cpu/checkpoints/step-00000004/model.safetensors").is_file());
