@@ -152,8 +152,9 @@ pub fn run(opts: ServeOptions, on_listening: impl FnOnce(SocketAddr)) -> anyhow:
         on_listening(addr);
         accept_until(listener, state.clone(), &opts, stop).await
     });
-    // Requests still queued after the in-flight ones were answered have no client: the worker
-    // forgets them and stops.
+    // Connections that outlived the graceful wait are dropped with their tasks, so whatever they
+    // still have queued has no client: the worker forgets it, finishes, and stops.
+    runtime.shutdown_timeout(Duration::from_secs(1));
     queue.close();
     let _ = worker.join();
     served?;
