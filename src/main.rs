@@ -466,7 +466,14 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
     // Prepared once: its features of the real images are most of an evaluation's work.
     let judge = match &judged {
         Some(data) => {
-            let opts = in_run_eval_options(PathBuf::new(), data.clone(), eval_device.clone(), progress);
+            let opts = dits::eval::EvalOptions {
+                samples: PathBuf::new(),
+                data: data.clone(),
+                cache_dir: dits::eval::default_cache_dir(),
+                seed: 0,
+                progress,
+                device: eval_device.clone(),
+            };
             Some(std::sync::Arc::new(dits::eval::Judge::prepare(&opts)?))
         }
         None => None,
@@ -476,7 +483,10 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
     let hook_device = eval_device.clone();
     let hook = train::CheckpointHook(std::sync::Arc::new(move |e: &train::CheckpointEvent| {
         if e.evaluate {
-            let seconds = evaluate_checkpoint(e, &hook_device, judge.as_deref())?;
+            // The hook evaluates on the lead rank, which prepared the judge above.
+            let judge =
+                judge.as_deref().ok_or_else(|| anyhow::anyhow!("an evaluation on a rank without the run's judge"))?;
+            let seconds = evaluate_checkpoint(e, &hook_device, judge)?;
             let mut spent = hook_spent.lock().expect("eval time");
             spent.0 += 1;
             spent.1 += seconds;
@@ -525,22 +535,12 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<()> {
 /// Samples drawn and judged per evaluation during a run (divided among the classes).
 const IN_RUN_EVAL_SAMPLES: usize = 500;
 
-fn in_run_eval_options(
-    samples: PathBuf,
-    data: dits::data::DataSource,
-    device: burn::prelude::Device,
-    progress: bool,
-) -> dits::eval::EvalOptions {
-    dits::eval::EvalOptions { samples, data, cache_dir: dits::eval::default_cache_dir(), seed: 0, progress, device }
-}
-
 /// `--eval-every`: the checkpoint's moving average judged on a small sample set, recorded in
-/// metrics.jsonl and evals.jsonl; returns the seconds it took. `judge`: the run's, prepared
-/// before it (else one is prepared now).
+/// metrics.jsonl and evals.jsonl; returns the seconds it took.
 fn evaluate_checkpoint(
     e: &train::CheckpointEvent,
     device: &burn::prelude::Device,
-    judge: Option<&dits::eval::Judge>,
+    judge: &dits::eval::Judge,
 ) -> anyhow::Result<f64> {
     let began = std::time::Instant::now();
     let state = dits::train::checkpoint::read_state(e.checkpoint)?;
@@ -553,10 +553,7 @@ fn evaluate_checkpoint(
         ..dits::sample::SampleOptions::new(e.checkpoint.to_path_buf(), dir.clone(), device.clone())
     };
     dits::sample::run(opts)?;
-    let r = match judge {
-        Some(judge) => judge.score_dir(&dir)?,
-        None => dits::eval::run(&in_run_eval_options(dir, state.data_source(), device.clone(), false))?,
-    };
+    let r = judge.score_dir(&dir)?;
     let seconds = began.elapsed().as_secs_f64();
     let figures = dits::train::metrics::EvalFigures {
         samples: r.samples,

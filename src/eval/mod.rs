@@ -124,10 +124,9 @@ impl Judge {
     fn with_training_set(train: ImageDataset, opts: &EvalOptions) -> anyhow::Result<Self> {
         let test = opts.data.load_with_progress(Split::Test, opts.progress)?;
         let (model, info, path) = classifier_for(&train, &test, train.classes.len(), opts)?;
-        let dims = [train.channels, train.height, train.width];
         let device = opts.device.clone();
-        let train_feats = features_of(&model, &train, &(0..train.len()).collect::<Vec<_>>(), dims, &device);
-        let test_feats = features_of(&model, &test, &(0..test.len()).collect::<Vec<_>>(), dims, &device);
+        let (_, train_feats) = judged(&model, &train, &device);
+        let (_, test_feats) = judged(&model, &test, &device);
         Ok(Self { model, info, path, train, test, train_feats, test_feats, seed: opts.seed, device })
     }
 
@@ -267,14 +266,14 @@ fn argmax(v: &[f32]) -> usize {
     v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i)
 }
 
-/// The judge's features of images `rows` of `ds`.
-fn features_of(model: &Classifier, ds: &ImageDataset, rows: &[usize], dims: [usize; 3], device: &Device) -> Vec<f32> {
+/// The judge's class probabilities and features of every image of `ds`.
+fn judged(model: &Classifier, ds: &ImageDataset, device: &Device) -> (Vec<f32>, Vec<f32>) {
     let len = ds.image_len();
-    let mut images = vec![0f32; rows.len() * len];
-    for (slot, &i) in rows.iter().enumerate() {
-        crate::data::loader::scale_image(ds, i, &mut images[slot * len..(slot + 1) * len]);
+    let mut images = vec![0f32; ds.len() * len];
+    for i in 0..ds.len() {
+        crate::data::loader::scale_image(ds, i, &mut images[i * len..(i + 1) * len]);
     }
-    classifier::probabilities_and_features(model, &images, dims, device).1
+    classifier::probabilities_and_features(model, &images, [ds.channels, ds.height, ds.width], device)
 }
 
 /// Training images with the same class counts as `labels`, chosen by a seeded shuffle.
@@ -358,13 +357,7 @@ fn classifier_for(
 
 /// Test-split accuracy of `model`.
 pub fn accuracy(model: &Classifier, test: &ImageDataset, classes: usize, device: &Device) -> f64 {
-    let len = test.image_len();
-    let mut images = vec![0f32; test.len() * len];
-    for i in 0..test.len() {
-        crate::data::loader::scale_image(test, i, &mut images[i * len..(i + 1) * len]);
-    }
-    let (probs, _) =
-        classifier::probabilities_and_features(model, &images, [test.channels, test.height, test.width], device);
+    let (probs, _) = judged(model, test, device);
     let right =
         (0..test.len()).filter(|&i| argmax(&probs[i * classes..(i + 1) * classes]) == test.labels[i] as usize).count();
     right as f64 / test.len() as f64
