@@ -338,6 +338,10 @@ struct BenchArgs {
 fn main() -> ExitCode {
     dits::device::prepare_environment();
     dits::memory::keep_freed_memory();
+    if let Err(e) = dits::kernels::isa::requested() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     // Under mpirun only rank 0 reports progress: the other ranks log warnings and errors.
     let rank_env = ["OMPI_COMM_WORLD_RANK", "PMI_RANK"].iter().find_map(|v| std::env::var(v).ok());
     let default_filter = if rank_env.is_some_and(|r| r != "0") { "warn" } else { "info" };
@@ -813,11 +817,12 @@ fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
     );
     if let Some(peak) = r.peak {
         println!(
-            "cpu: {}; FMA peak {:.1} GFLOP/s measured ({} threads, {}): train {:.0}%, sampling {:.0}% of it",
+            "cpu: {}; {}; FMA peak {:.1} GFLOP/s measured ({} threads, {}): train {:.0}%, sampling {:.0}% of it",
             dits::bench::cpu_model(),
+            dits::kernels::isa::describe(),
             peak.gflops,
             peak.threads,
-            peak.isa,
+            peak.isa.label(),
             100.0 * f.train_gflops / peak.gflops,
             100.0 * f.sample_gflops / peak.gflops
         );

@@ -94,6 +94,13 @@ fn bad_input_is_one_error_line_and_a_failure() {
     fails_with(&dits(&["train", "--zero", "1", "--out", "r"], dir), "--dist mpi");
     #[cfg(not(feature = "mpi"))]
     fails_with(&dits(&["train", "--dist", "mpi", "--out", "r"], dir), "--features mpi");
+    // A vector-extension cap that is not one, before any work starts.
+    let capped = |value: &str| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dits"));
+        cmd.args(["train", "--out", "r"]).current_dir(dir).env("DITS_CPU_CAPABILITY", value);
+        cmd.output().unwrap()
+    };
+    fails_with(&capped("avx"), "DITS_CPU_CAPABILITY=\"avx\" is not a capability");
     assert!(!dir.join("r").exists(), "a failed run wrote its run directory");
 
     // Corrupt data: named file, clear reason.

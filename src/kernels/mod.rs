@@ -7,8 +7,8 @@
 //! (CUDA, wgpu), so GPU builds keep working unchanged; the composed versions are also what the
 //! kernels are tested against. The numerical engines are one file each below them.
 
-/// Defines `$name` that runs `$body` (an `#[inline(always)]` function) compiled for the best
-/// vector extension the CPU has.
+/// Defines `$name` that runs `$body` (an `#[inline(always)]` function) compiled for the
+/// extension the kernels use ([`isa::active`]).
 macro_rules! multiversion {
     ($name:ident($($arg:ident: $ty:ty),*) => $body:ident) => {
         #[allow(clippy::too_many_arguments)]
@@ -23,13 +23,12 @@ macro_rules! multiversion {
                 #[allow(clippy::too_many_arguments)]
                 #[target_feature(enable = "avx2,fma")]
                 fn avx2($($arg: $ty),*) { $body($($arg),*) }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU supports the features the function was compiled for.
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                match $crate::kernels::isa::active() {
+                    // SAFETY: the active extension is one the CPU has (`isa::active`).
+                    $crate::kernels::isa::Isa::Avx512 => return unsafe { avx512($($arg),*) },
                     // SAFETY: as above.
-                    return unsafe { avx2($($arg),*) };
+                    $crate::kernels::isa::Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::kernels::isa::Isa::Portable => {}
                 }
             }
             $body($($arg),*)
@@ -50,6 +49,7 @@ mod tokens;
 pub mod attention;
 pub mod buffer;
 pub mod gemm;
+pub mod isa;
 pub mod linear;
 pub mod norm;
 pub mod peak;

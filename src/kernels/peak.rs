@@ -1,20 +1,24 @@
 //! The machine's measured FMA peak: what `dits bench` states its GFLOP/s against.
 //!
-//! Every thread of the pool runs a chain-free loop of fused multiply-adds in the widest vectors
-//! the CPU has (AVX-512, else AVX2 + FMA, else scalar), with more independent accumulators than
-//! an FMA's latency times its ports, so nothing waits but the FMA units. The figure is the
+//! Every thread of the pool runs a chain-free loop of fused multiply-adds in the widest vectors a
+//! step uses (the CPU's widest, AVX-512, else AVX2 + FMA, else what the compiler makes of plain
+//! multiply-adds; lower where `DITS_CPU_CAPABILITY` caps the kernels and gemm is built without
+//! AVX-512), with more independent accumulators than an FMA's latency times its ports, so
+//! nothing waits but the FMA units. The figure is the
 //! ceiling the kernels are measured against, not a datasheet number: it includes whatever clock
 //! the cores hold while every one of them runs vector code.
 
 use std::time::Instant;
+
+use super::isa::Isa;
 
 /// The probe's result.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Peak {
     pub gflops: f64,
     pub threads: usize,
-    /// The instructions measured: "AVX-512", "AVX2+FMA" or "scalar".
-    pub isa: &'static str,
+    /// The instructions measured.
+    pub isa: Isa,
 }
 
 /// Iterations of the inner loop per call: about 10 ms on one core.
@@ -22,7 +26,7 @@ const ITERS: u64 = 2_000_000;
 
 /// Runs the probe for about `seconds` on every thread of the rayon pool.
 pub fn measure(seconds: f64) -> Peak {
-    let (isa, flops_per_iter, run): (&'static str, f64, fn(u64) -> f32) = pick();
+    let (isa, flops_per_iter, run): (Isa, f64, fn(u64) -> f32) = pick();
     let threads = rayon::current_num_threads();
     // One warm-up call per thread (clocks ramp up), then repeated calls until the time is up.
     rayon::broadcast(|_| std::hint::black_box(run(ITERS / 10)));
@@ -41,20 +45,20 @@ pub fn measure(seconds: f64) -> Peak {
     Peak { gflops: calls as f64 * ITERS as f64 * flops_per_iter / elapsed / 1e9, threads, isa }
 }
 
-/// The widest probe this CPU runs, with its FLOPs per loop iteration.
-fn pick() -> (&'static str, f64, fn(u64) -> f32) {
+/// The probe for the widest extension a step runs, the kernels' or gemm's, with its FLOPs per
+/// loop iteration.
+fn pick() -> (Isa, f64, fn(u64) -> f32) {
     #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (checked).
-            return ("AVX-512", (ACC * 16 * 2) as f64, |n| unsafe { x86::avx512(n) });
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX2 and FMA (checked).
-            return ("AVX2+FMA", (ACC * 8 * 2) as f64, |n| unsafe { x86::avx2(n) });
+        match super::isa::active().max(super::isa::gemm()) {
+            // SAFETY: the CPU has AVX-512F (`isa::active` and `isa::gemm` are within its extensions).
+            Isa::Avx512 => return (Isa::Avx512, (ACC * 16 * 2) as f64, |n| unsafe { x86::avx512(n) }),
+            // SAFETY: the CPU has AVX2 and FMA (as above).
+            Isa::Avx2 => return (Isa::Avx2, (ACC * 8 * 2) as f64, |n| unsafe { x86::avx2(n) }),
+            Isa::Portable => {}
         }
     }
-    ("scalar", (ACC * 2) as f64, scalar)
+    (Isa::Portable, (ACC * 2) as f64, scalar)
 }
 
 /// Independent accumulators: more than FMA latency (4 cycles) × ports (2) on current cores, and
@@ -66,7 +70,8 @@ fn scalar(n: u64) -> f32 {
     let mut acc = [1f32; ACC];
     for _ in 0..n {
         for v in &mut acc {
-            *v = v.mul_add(a, b);
+            // Not `mul_add`: without the FMA extension that is a call to libm's exact `fmaf`.
+            *v = *v * a + b;
         }
     }
     acc.iter().sum()
@@ -121,9 +126,9 @@ mod tests {
         let (_, _, run) = pick();
         let (wide, narrow) = (run(1000), scalar(1000));
         let lanes = match p.isa {
-            "AVX-512" => 16.0,
-            "AVX2+FMA" => 8.0,
-            _ => 1.0,
+            Isa::Avx512 => 16.0,
+            Isa::Avx2 => 8.0,
+            Isa::Portable => 1.0,
         };
         assert!((wide - lanes * narrow).abs() <= 1e-3 * wide.abs(), "{wide} vs {lanes} × {narrow}");
     }

@@ -18,22 +18,16 @@ use std::arch::x86_64::*;
 /// Rows of `C` per register tile: 24 accumulators + 4 row registers + 1 broadcast fit AVX-512's
 /// 32 registers. (Seven rows, 28 + 4 + 1 = 33, make LLVM spill an accumulator to the stack in
 /// the inner loop: slower, README "Speed".)
+#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
 const TILE_ROWS: usize = 6;
 /// Columns of `C` per tile: four 16-lane registers.
+#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
 const TILE_COLS: usize = 64;
 
-/// Whether [`broadcast_product`] can run on this CPU.
+/// Whether [`broadcast_product`] runs: the kernels use AVX-512 or wider ([`super::isa::active`],
+/// which is the portable code in fuzz builds and off x86-64).
 pub fn available() -> bool {
-    #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    // Fuzz builds (cargo-fuzz's coverage instrumentation) leave the AVX-512 code out: nightly
-    // LLVM fails to compile it with those passes, and no fuzz target reaches the kernels.
-    #[cfg(not(all(target_arch = "x86_64", not(fuzzing))))]
-    {
-        false
-    }
+    super::isa::active() >= super::isa::Isa::Avx512
 }
 
 /// Operand `L` of [`broadcast_product`]: element `(r, x)` at `ptr[r·row_stride + x·x_stride]`.
@@ -202,13 +196,13 @@ unsafe fn tile<const ROWS: usize, const V: usize>(
 }
 
 /// A register-tiled product with [`broadcast_product`]'s contract (for the shared test).
-#[cfg(test)]
+#[cfg(all(test, target_arch = "x86_64", not(fuzzing)))]
 pub(crate) type Product = unsafe fn(usize, usize, usize, *mut f32, usize, Strided, *const f32, usize, bool);
 
 /// Every tile shape (full and partial row tiles, each register count, masked columns, more
 /// columns than one tile) of `product` against a plain triple loop, with a transposed (strided)
 /// left operand, writing and then accumulating.
-#[cfg(test)]
+#[cfg(all(test, target_arch = "x86_64", not(fuzzing)))]
 pub(crate) fn assert_matches_the_definition(product: Product) {
     for &(rows, n, xs) in &[(49, 49, 64), (49, 64, 49), (9, 100, 5), (3, 7, 1), (15, 33, 17), (7, 8, 3), (6, 196, 9)] {
         let value = |i: usize| ((i * 7919) % 101) as f32 / 50.0 - 1.0;

@@ -14,21 +14,16 @@ use std::arch::x86_64::*;
 use super::tile::Strided;
 
 /// Rows of `C` per register tile.
+#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
 const TILE_ROWS: usize = 6;
 /// Columns of `C` per tile: two 8-lane registers.
+#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
 const TILE_COLS: usize = 16;
 
-/// Whether [`broadcast_product`] can run on this CPU.
+/// Whether [`broadcast_product`] runs: the kernels use AVX2 + FMA or wider ([`super::isa::active`],
+/// which is the portable code in fuzz builds and off x86-64).
 pub fn available() -> bool {
-    #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    // As in `tile`: fuzz builds leave the vector code out.
-    #[cfg(not(all(target_arch = "x86_64", not(fuzzing))))]
-    {
-        false
-    }
+    super::isa::active() >= super::isa::Isa::Avx2
 }
 
 /// `dst[r·dst_rs + j] = Σ_{x<xs} L(r, x) · rhs[x·rhs_rs + j]` for `r < rows`, `j < n`; with
