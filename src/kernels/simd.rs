@@ -378,6 +378,7 @@ mod tests {
     /// The vector versions this CPU runs: the dispatched one, and the AVX2 one where AVX-512
     /// would otherwise hide it.
     fn vector_versions() -> Vec<(&'static str, Forward, Backward)> {
+        #[cfg_attr(not(all(target_arch = "x86_64", not(fuzzing))), allow(unused_mut))]
         let mut versions: Vec<(&'static str, Forward, Backward)> =
             vec![("dispatched", softmax_columns, softmax_columns_backward)];
         #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
