@@ -2,7 +2,12 @@
 # dits vs the PyTorch reference of mnist-dits, in the same run, on the same machine.
 #
 #   bench/compare_torch.sh [--batch 256] [--threads 2] [--iters 20] [--rounds 1]
-#                          [--also "dit-s4"]
+#                          [--also "dit-s4"] [--isa native|avx2]
+#
+# --isa avx2 measures, on an AVX-512 machine, what an AVX2-only CPU runs: dits built without
+# gemm's AVX-512 code (--no-default-features) and its kernels capped (DITS_CPU_CAPABILITY=avx2),
+# PyTorch with ATen, MKL and oneDNN capped alike. The same cores run both, so the ratio is the
+# code's; the absolute figures are not an AVX2 CPU's (its clocks, caches and ports differ).
 #
 # Installs torch into bench/.venv on first use (or set DITS_TORCH_PYTHON to a python with
 # torch). Runs dits and PyTorch alternately --rounds times and prints the median of each,
@@ -11,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-batch=256 threads=2 iters=20 rounds=1 also="dit-s4"
+batch=256 threads=2 iters=20 rounds=1 also="dit-s4" isa=native
 while [ $# -gt 0 ]; do
   case "$1" in
     --batch) batch=$2; shift 2 ;;
@@ -19,6 +24,7 @@ while [ $# -gt 0 ]; do
     --iters) iters=$2; shift 2 ;;
     --rounds) rounds=$2; shift 2 ;;
     --also) also=$2; shift 2 ;;
+    --isa) isa=$2; shift 2 ;;
     *) echo "error: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -32,8 +38,23 @@ if ! "$py" -c "import torch" 2>/dev/null; then
   bench/.venv/bin/pip install -q torch
   py=bench/.venv/bin/python
 fi
-cargo build --release -q
-dits=./target/release/dits
+dits_env=() torch_env=()
+case "$isa" in
+  native)
+    cargo build --release -q
+    dits=./target/release/dits ;;
+  avx2)
+    grep -qw avx2 /proc/cpuinfo || { echo "error: --isa avx2 needs a CPU with AVX2" >&2; exit 1; }
+    # The AVX2 build shares target/ (only the crates gemm's feature touches are rebuilt); it is
+    # copied aside and the default binary rebuilt, so target/release/dits stays the default.
+    cargo build --release -q --no-default-features
+    cp target/release/dits target/release/dits-avx2
+    cargo build --release -q
+    dits=./target/release/dits-avx2
+    dits_env=(DITS_CPU_CAPABILITY=avx2)
+    torch_env=(ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2) ;;
+  *) echo "error: --isa takes native or avx2, not $isa" >&2; exit 2 ;;
+esac
 
 # Peak RSS in MiB of a command, from GNU time, with the command's stdout in $out.
 run_measured() {
@@ -48,12 +69,12 @@ median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a
 
 d_train=() d_sample=() t_train=() t_infer=()
 for r in $(seq "$rounds"); do
-  run_measured env RAYON_NUM_THREADS="$threads" "$dits" bench --batch "$batch" --threads "$threads" --iters "$iters"
+  run_measured env "${dits_env[@]}" RAYON_NUM_THREADS="$threads" "$dits" bench --batch "$batch" --threads "$threads" --iters "$iters"
   d_train+=("$(sed -n 's/^train_samples_per_s=//p' <<<"$out")")
   d_sample+=("$(sed -n 's/^sample_images_per_s=//p' <<<"$out")")
   d_rss=$rss
   dits_out=$out
-  run_measured env OMP_NUM_THREADS="$threads" "$py" "$ref" --threads "$threads" --batch "$batch" --steps "$iters" --what train,infer
+  run_measured env "${torch_env[@]}" OMP_NUM_THREADS="$threads" "$py" "$ref" --threads "$threads" --batch "$batch" --steps "$iters" --what train,infer
   t_train+=("$(sed -n 's/^train .*samples\/s=\([0-9.]*\).*/\1/p' <<<"$out")")
   t_infer+=("$(sed -n 's/^infer .*samples\/s=\([0-9.]*\).*/\1/p' <<<"$out")")
   t_rss=$rss
@@ -63,13 +84,14 @@ done
 dt=$(printf '%s\n' "${d_train[@]}" | median); ds=$(printf '%s\n' "${d_sample[@]}" | median)
 tt=$(printf '%s\n' "${t_train[@]}" | median); ti=$(printf '%s\n' "${t_infer[@]}" | median)
 echo "batch=$batch threads=$threads iters=$iters rounds=$rounds cpu=\"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)\""
-echo "pytorch: $torch_version"
+echo "pytorch: $torch_version, ATen CPU capability $(env "${torch_env[@]}" "$py" -c 'import torch; print(torch.backends.cpu.get_cpu_capability())' 2>/dev/null)${torch_env[*]:+ (${torch_env[*]})}"
+grep '^cpu:' <<<"$dits_out" | sed 's/^/dits /'
 printf '%-28s %12s %12s %8s\n' "" dits pytorch ratio
 printf '%-28s %12.1f %12.1f %8.2f\n' "train samples/s" "$dt" "$tt" "$(ratio "$dt" "$tt")"
 printf '%-28s %12.1f %12.1f %8.2f\n' "sampling images/s (fwd)" "$ds" "$ti" "$(ratio "$ds" "$ti")"
 printf '%-28s %12s %12s %8.2f\n' "peak RSS MiB" "$d_rss" "$t_rss" "$(ratio "$d_rss" "$t_rss")"
 grep '^achieved' <<<"$dits_out" | sed 's/^/dits mnist-dits /'
 for preset in $also; do
-  out=$(env RAYON_NUM_THREADS="$threads" "$dits" bench --model "$preset" --batch "$batch" --threads "$threads" --iters "$iters")
+  out=$(env "${dits_env[@]}" RAYON_NUM_THREADS="$threads" "$dits" bench --model "$preset" --batch "$batch" --threads "$threads" --iters "$iters")
   echo "dits $preset: train $(sed -n 's/^train_samples_per_s=//p' <<<"$out") samples/s, sampling $(sed -n 's/^sample_images_per_s=//p' <<<"$out") images/s; $(grep '^achieved' <<<"$out")"
 done
