@@ -59,22 +59,25 @@ pub unsafe fn broadcast_product(
                 let tile_rows = (rows - row).min(TILE_ROWS);
                 let l = Strided { ptr: lhs.ptr.add(row * lhs.row_stride), ..lhs };
                 let (c, r) = (dst.add(row * dst_rs + col), rhs.add(col));
+                // The last register's mask is a compile-time choice, so a full tile's inner loop
+                // carries no lane test.
                 macro_rules! by_rows {
-                    ($v:literal) => {
+                    ($v:literal, $full:literal) => {
                         match tile_rows {
-                            1 => tile::<1, $v>(xs, c, dst_rs, l, r, rhs_rs, last, accumulate),
-                            2 => tile::<2, $v>(xs, c, dst_rs, l, r, rhs_rs, last, accumulate),
-                            3 => tile::<3, $v>(xs, c, dst_rs, l, r, rhs_rs, last, accumulate),
-                            4 => tile::<4, $v>(xs, c, dst_rs, l, r, rhs_rs, last, accumulate),
-                            5 => tile::<5, $v>(xs, c, dst_rs, l, r, rhs_rs, last, accumulate),
-                            _ => tile::<6, $v>(xs, c, dst_rs, l, r, rhs_rs, last, accumulate),
+                            1 => tile::<1, $v, $full>(xs, c, dst_rs, l, r, rhs_rs, last, accumulate),
+                            2 => tile::<2, $v, $full>(xs, c, dst_rs, l, r, rhs_rs, last, accumulate),
+                            3 => tile::<3, $v, $full>(xs, c, dst_rs, l, r, rhs_rs, last, accumulate),
+                            4 => tile::<4, $v, $full>(xs, c, dst_rs, l, r, rhs_rs, last, accumulate),
+                            5 => tile::<5, $v, $full>(xs, c, dst_rs, l, r, rhs_rs, last, accumulate),
+                            _ => tile::<6, $v, $full>(xs, c, dst_rs, l, r, rhs_rs, last, accumulate),
                         }
                     };
                 }
-                if registers == 2 {
-                    by_rows!(2)
-                } else {
-                    by_rows!(1)
+                match (registers, last.full) {
+                    (2, true) => by_rows!(2, true),
+                    (2, false) => by_rows!(2, false),
+                    (_, true) => by_rows!(1, true),
+                    (_, false) => by_rows!(1, false),
                 }
                 row += tile_rows;
             }
@@ -104,7 +107,7 @@ pub unsafe fn broadcast_product(
 }
 
 /// The tile's last register: all 8 lanes, or the first few (AVX2 has no mask registers: a lane
-/// mask vector for `vmaskmovps`).
+/// mask vector for `vmaskmovps`); the tiles take `full` as a const parameter `FULL`.
 #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
 #[derive(Clone, Copy)]
 struct Last {
@@ -124,18 +127,18 @@ impl Last {
     /// `p` covers the lanes in use.
     #[target_feature(enable = "avx2")]
     #[inline]
-    unsafe fn load(self, p: *const f32) -> __m256 {
+    unsafe fn load<const FULL: bool>(self, p: *const f32) -> __m256 {
         // SAFETY: the caller's; masked lanes are not read.
-        unsafe { if self.full { _mm256_loadu_ps(p) } else { _mm256_maskload_ps(p, self.mask) } }
+        unsafe { if FULL { _mm256_loadu_ps(p) } else { _mm256_maskload_ps(p, self.mask) } }
     }
 
     /// # Safety
     /// `p` covers the lanes in use.
     #[target_feature(enable = "avx2")]
     #[inline]
-    unsafe fn store(self, p: *mut f32, v: __m256) {
+    unsafe fn store<const FULL: bool>(self, p: *mut f32, v: __m256) {
         // SAFETY: the caller's; masked lanes are not written.
-        unsafe { if self.full { _mm256_storeu_ps(p, v) } else { _mm256_maskstore_ps(p, self.mask, v) } }
+        unsafe { if FULL { _mm256_storeu_ps(p, v) } else { _mm256_maskstore_ps(p, self.mask, v) } }
     }
 }
 
@@ -144,7 +147,7 @@ impl Last {
 #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn tile<const ROWS: usize, const V: usize>(
+unsafe fn tile<const ROWS: usize, const V: usize, const FULL: bool>(
     xs: usize,
     c: *mut f32,
     c_rs: usize,
@@ -161,7 +164,7 @@ unsafe fn tile<const ROWS: usize, const V: usize>(
             for (i, acc_row) in acc.iter_mut().enumerate() {
                 for (v, a) in acc_row.iter_mut().enumerate() {
                     let p = c.add(i * c_rs + 8 * v);
-                    *a = if v + 1 == V { last.load(p) } else { _mm256_loadu_ps(p) };
+                    *a = if v + 1 == V { last.load::<FULL>(p) } else { _mm256_loadu_ps(p) };
                 }
             }
         }
@@ -170,7 +173,7 @@ unsafe fn tile<const ROWS: usize, const V: usize>(
             let mut rv = [_mm256_setzero_ps(); V];
             for (v, reg) in rv.iter_mut().enumerate() {
                 let p = r_row.add(8 * v);
-                *reg = if v + 1 == V { last.load(p) } else { _mm256_loadu_ps(p) };
+                *reg = if v + 1 == V { last.load::<FULL>(p) } else { _mm256_loadu_ps(p) };
             }
             let l_x = l.ptr.add(x * l.x_stride);
             for (i, acc_row) in acc.iter_mut().enumerate() {
@@ -183,7 +186,7 @@ unsafe fn tile<const ROWS: usize, const V: usize>(
         for (i, acc_row) in acc.iter().enumerate() {
             for (v, &a) in acc_row.iter().enumerate() {
                 let p = c.add(i * c_rs + 8 * v);
-                if v + 1 == V { last.store(p, a) } else { _mm256_storeu_ps(p, a) }
+                if v + 1 == V { last.store::<FULL>(p, a) } else { _mm256_storeu_ps(p, a) }
             }
         }
     }
