@@ -41,6 +41,11 @@ unsafe fn transpose_scalar(dst: *mut f32, dst_rs: usize, src: *const f32, src_rs
     }
 }
 
+/// Row blocks this thin (the last of 49 rows, say) are moved element by element: a register
+/// transpose would shuffle a whole block for one or two rows of it.
+#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
+const THIN: usize = 2;
+
 /// Blocks of up to 16×16: partial blocks load and store masked lanes, so nothing outside the
 /// two ranges is read or written.
 #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
@@ -51,6 +56,13 @@ unsafe fn transpose_avx512(dst: *mut f32, dst_rs: usize, src: *const f32, src_rs
         let nr = (rows - r0).min(16);
         for c0 in (0..cols).step_by(16) {
             let nc = (cols - c0).min(16);
+            if nr <= THIN {
+                // SAFETY: the block's rows and columns are inside both ranges.
+                unsafe {
+                    transpose_scalar(dst.add(c0 * dst_rs + r0), dst_rs, src.add(r0 * src_rs + c0), src_rs, nr, nc)
+                };
+                continue;
+            }
             let mut block = [_mm512_setzero_ps(); 16];
             for (r, row) in block.iter_mut().enumerate().take(nr) {
                 // SAFETY: row r0 + r < rows, columns c0..c0 + nc < cols (masked).
@@ -100,7 +112,8 @@ fn transpose_16x16(r: [__m512; 16]) -> [__m512; 16] {
 }
 
 /// Blocks of up to 8×8 for AVX2, partial ones through lane masks (`vmaskmovps`), as
-/// [`transpose_avx512`].
+/// [`transpose_avx512`]; full rows and columns go through plain loads and stores, since AMD
+/// runs `vmaskmovps` stores as microcode, many times slower.
 #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
 #[target_feature(enable = "avx2")]
 unsafe fn transpose_avx2(dst: *mut f32, dst_rs: usize, src: *const f32, src_rs: usize, rows: usize, cols: usize) {
@@ -110,15 +123,28 @@ unsafe fn transpose_avx2(dst: *mut f32, dst_rs: usize, src: *const f32, src_rs: 
         let nr = (rows - r0).min(8);
         for c0 in (0..cols).step_by(8) {
             let nc = (cols - c0).min(8);
+            if nr <= THIN {
+                // SAFETY: the block's rows and columns are inside both ranges.
+                unsafe {
+                    transpose_scalar(dst.add(c0 * dst_rs + r0), dst_rs, src.add(r0 * src_rs + c0), src_rs, nr, nc)
+                };
+                continue;
+            }
             let mut block = [_mm256_setzero_ps(); 8];
             for (r, row) in block.iter_mut().enumerate().take(nr) {
-                // SAFETY: row r0 + r < rows, columns c0..c0 + nc < cols (masked).
-                *row = unsafe { _mm256_maskload_ps(src.add((r0 + r) * src_rs + c0), mask(nc)) };
+                // SAFETY: row r0 + r < rows, columns c0..c0 + nc < cols (masked when partial).
+                *row = unsafe {
+                    let p = src.add((r0 + r) * src_rs + c0);
+                    if nc == 8 { _mm256_loadu_ps(p) } else { _mm256_maskload_ps(p, mask(nc)) }
+                };
             }
             let block = transpose_8x8(block);
-            for (c, column) in block.iter().enumerate().take(nc) {
-                // SAFETY: row c0 + c < cols of `dst`, lanes r0..r0 + nr < rows (masked).
-                unsafe { _mm256_maskstore_ps(dst.add((c0 + c) * dst_rs + r0), mask(nr), *column) };
+            for (c, &column) in block.iter().enumerate().take(nc) {
+                // SAFETY: row c0 + c < cols of `dst`, lanes r0..r0 + nr < rows (masked when partial).
+                unsafe {
+                    let p = dst.add((c0 + c) * dst_rs + r0);
+                    if nr == 8 { _mm256_storeu_ps(p, column) } else { _mm256_maskstore_ps(p, mask(nr), column) }
+                }
             }
         }
     }
@@ -157,7 +183,20 @@ mod tests {
     /// with strides wider than the blocks, and nothing outside the destination range written.
     #[test]
     fn matches_the_definition() {
-        for &(rows, cols) in &[(49, 64), (16, 16), (8, 8), (1, 1), (17, 33), (5, 20), (64, 49), (196, 72), (9, 7)] {
+        for &(rows, cols) in &[
+            (49, 64),
+            (16, 16),
+            (8, 8),
+            (1, 1),
+            (17, 33),
+            (5, 20),
+            (64, 49),
+            (196, 72),
+            (9, 7),
+            (2, 40),
+            (18, 10),
+            (34, 17),
+        ] {
             let (src_rs, dst_rs) = (cols + 3, rows + 2);
             let src: Vec<f32> = (0..rows * src_rs).map(|i| i as f32).collect();
             let mut dst = vec![f32::NAN; cols * dst_rs];
