@@ -68,8 +68,7 @@ pub unsafe fn broadcast_product(
             let rem = width - 16 * (registers - 1);
             let mask: __mmask16 = if rem == 16 { 0xffff } else { (1u16 << rem) - 1 };
             let mut row = 0;
-            while row < rows {
-                let tile_rows = (rows - row).min(TILE_ROWS);
+            for tile_rows in row_tiles(rows, TILE_ROWS) {
                 let l = Strided { ptr: lhs.ptr.add(row * lhs.row_stride), ..lhs };
                 let (c, r) = (dst.add(row * dst_rs + col), rhs.add(col));
                 match (tile_rows, registers) {
@@ -81,6 +80,17 @@ pub unsafe fn broadcast_product(
             col += width;
         }
     }
+}
+
+/// The heights of the row tiles of a `rows`-row product: as many tiles as `tallest`-row tiles
+/// would need, their heights differing by at most one. 49 rows as 8 × 6 + 1 would end with a
+/// one-row tile whose few accumulators wait on the FMA latency; as 4 × 6 + 5 × 5 every tile
+/// keeps enough FMAs in flight to run at the ports' pace.
+#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
+pub(crate) fn row_tiles(rows: usize, tallest: usize) -> impl Iterator<Item = usize> {
+    let tiles = rows.div_ceil(tallest);
+    let (base, taller) = (rows / tiles.max(1), rows % tiles.max(1));
+    (0..tiles).map(move |t| base + usize::from(t < taller))
 }
 
 /// Off x86-64 [`available`] is false and this is never called.
@@ -236,6 +246,20 @@ pub(crate) fn assert_matches_the_definition(product: Product) {
 
 #[cfg(all(test, target_arch = "x86_64", not(fuzzing)))]
 mod tests {
+    #[test]
+    fn row_tiles_cover_the_rows_in_as_few_even_tiles_as_the_tallest_allows() {
+        for tallest in 1..8 {
+            for rows in 0..100 {
+                let tiles: Vec<usize> = super::row_tiles(rows, tallest).collect();
+                assert_eq!(tiles.iter().sum::<usize>(), rows, "{rows} rows: {tiles:?}");
+                assert_eq!(tiles.len(), rows.div_ceil(tallest), "{rows} rows: {tiles:?}");
+                let (lo, hi) = (tiles.iter().min().copied(), tiles.iter().max().copied());
+                assert!(hi <= Some(tallest) && hi.zip(lo).is_none_or(|(h, l)| h - l <= 1), "{rows}: {tiles:?}");
+            }
+        }
+        assert_eq!(super::row_tiles(49, 6).collect::<Vec<_>>(), [6, 6, 6, 6, 5, 5, 5, 5, 5]);
+    }
+
     #[test]
     fn matches_the_definition() {
         if !super::available() {

@@ -12,6 +12,8 @@
 use std::arch::x86_64::*;
 
 use super::tile::Strided;
+#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
+use super::tile::row_tiles;
 
 /// Rows of `C` per register tile.
 #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
@@ -55,8 +57,7 @@ pub unsafe fn broadcast_product(
             let registers = width.div_ceil(8);
             let last = Last::new(width - 8 * (registers - 1));
             let mut row = 0;
-            while row < rows {
-                let tile_rows = (rows - row).min(TILE_ROWS);
+            for tile_rows in row_tiles(rows, TILE_ROWS) {
                 let l = Strided { ptr: lhs.ptr.add(row * lhs.row_stride), ..lhs };
                 let (c, r) = (dst.add(row * dst_rs + col), rhs.add(col));
                 // The last register's mask is a compile-time choice, so a full tile's inner loop
