@@ -113,6 +113,39 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// A head's `rows × cols` block of a wide buffer (rows `src_rs` apart) as this engine reads
+    /// it best: in place, or, for the AVX2 tiles, copied into `buf` with its rows packed.
+    /// Returns the block's pointer and row stride.
+    ///
+    /// At the row stride of `qv` (2·H·W floats, 2 KiB for mnist-dits) a head's rows fall into a
+    /// few L1 sets and evict each other; the AVX2 tiles, which read every row once per 16-column
+    /// block, then find them gone (README, "Speed"). The AVX-512 tiles read each row once, and
+    /// in the backward pass, where the blocks are read fewer times, the copy costs more than
+    /// it saves.
+    ///
+    /// # Safety
+    /// `src` covers `rows` rows of `cols` values at stride `src_rs`; the pointer returned is
+    /// valid while `buf` and `src` are.
+    unsafe fn head_rows(
+        self,
+        buf: &mut [f32],
+        src: *const f32,
+        src_rs: usize,
+        rows: usize,
+        cols: usize,
+    ) -> (*const f32, usize) {
+        if self != Engine::Avx2Tiles {
+            return (src, src_rs);
+        }
+        for (r, d) in buf[..rows * cols].chunks_exact_mut(cols).enumerate() {
+            // SAFETY: row r < rows of the caller's block.
+            d.copy_from_slice(unsafe { std::slice::from_raw_parts(src.add(r * src_rs), cols) });
+        }
+        (buf.as_ptr(), cols)
+    }
+}
+
 /// `dst[c·rows + r] = src[r·src_rs + c]`: a head's `rows × cols` block transposed, so that a
 /// score product can stream it as its row-major right operand.
 fn transpose_into(dst: &mut [f32], src: *const f32, src_rs: usize, rows: usize, cols: usize) {
@@ -235,9 +268,12 @@ pub fn folded_forward(
         let p = unsafe { assume_init(p) };
         softmax_columns(p, hs, scale, &mut scratch.columns);
         for h in 0..heads {
+            // SAFETY: head h's value block, S rows of W inside this image's rows of `qv`.
+            let (values, values_rs) =
+                unsafe { engine.head_rows(&mut scratch.values, x.add((heads + h) * w), row, s, w) };
             // Head 0 writes every output element of the image, later heads add to them.
             let probs = Strided { ptr: p[h * s..].as_ptr(), row_stride: 1, x_stride: hs };
-            unsafe { engine.product(s, w, s, o, w, probs, x.add((heads + h) * w), row, h > 0) };
+            unsafe { engine.product(s, w, s, o, w, probs, values, values_rs, h > 0) };
         }
     };
     let scratch = || FoldedScratch::new(d);
@@ -269,14 +305,20 @@ pub fn folded_forward(
 /// column statistics.
 struct FoldedScratch {
     queries: Vec<f32>,
+    values: Vec<f32>,
     scores: Vec<f32>,
     columns: Vec<f32>,
 }
 
 impl FoldedScratch {
     fn new(d: FoldedDims) -> Self {
-        let hs = d.heads * d.seq;
-        Self { queries: vec![0.0; d.width * hs], scores: vec![0.0; d.seq * hs], columns: vec![0.0; 2 * hs] }
+        let (hs, sw) = (d.heads * d.seq, d.seq * d.width);
+        Self {
+            queries: vec![0.0; d.width * hs],
+            values: vec![0.0; sw],
+            scores: vec![0.0; d.seq * hs],
+            columns: vec![0.0; 2 * hs],
+        }
     }
 }
 
