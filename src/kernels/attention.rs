@@ -111,12 +111,10 @@ impl Engine {
             }
         }
     }
-}
 
-impl Engine {
     /// A head's `rows × cols` block of a wide buffer (rows `src_rs` apart) as this engine reads
-    /// it best: in place, or, for the AVX2 tiles, copied into `buf` with its rows packed.
-    /// Returns the block's pointer and row stride.
+    /// it best: in place, or, for the AVX2 tiles, copied into `buf` (sized on first use) with its
+    /// rows packed. Returns the block's pointer and row stride.
     ///
     /// At the row stride of `qv` (2·H·W floats, 2 KiB for mnist-dits) a head's rows fall into a
     /// few L1 sets and evict each other; the AVX2 tiles, which read every row once per 16-column
@@ -129,7 +127,7 @@ impl Engine {
     /// valid while `buf` and `src` are.
     unsafe fn head_rows(
         self,
-        buf: &mut [f32],
+        buf: &mut Vec<f32>,
         src: *const f32,
         src_rs: usize,
         rows: usize,
@@ -138,7 +136,8 @@ impl Engine {
         if self != Engine::Avx2Tiles {
             return (src, src_rs);
         }
-        for (r, d) in buf[..rows * cols].chunks_exact_mut(cols).enumerate() {
+        buf.resize(rows * cols, 0.0);
+        for (r, d) in buf.chunks_exact_mut(cols).enumerate() {
             // SAFETY: row r < rows of the caller's block.
             d.copy_from_slice(unsafe { std::slice::from_raw_parts(src.add(r * src_rs), cols) });
         }
@@ -301,8 +300,8 @@ pub fn folded_forward(
 }
 
 /// Per-thread buffers of the folded attention: the transposed queries of every head (or, in
-/// the backward pass, the transposed output gradient), the score gradients, and the softmax's
-/// column statistics.
+/// the backward pass, the transposed output gradient), a head's packed values (AVX2 tiles only,
+/// see [`Engine::head_rows`]), the score gradients, and the softmax's column statistics.
 struct FoldedScratch {
     queries: Vec<f32>,
     values: Vec<f32>,
@@ -312,10 +311,10 @@ struct FoldedScratch {
 
 impl FoldedScratch {
     fn new(d: FoldedDims) -> Self {
-        let (hs, sw) = (d.heads * d.seq, d.seq * d.width);
+        let hs = d.heads * d.seq;
         Self {
             queries: vec![0.0; d.width * hs],
-            values: vec![0.0; sw],
+            values: Vec::new(),
             scores: vec![0.0; d.seq * hs],
             columns: vec![0.0; 2 * hs],
         }

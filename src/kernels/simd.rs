@@ -258,6 +258,8 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
+    use crate::kernels::tile_avx2::Lanes;
+
     /// [`super::exp`] on 8 lanes, as `avx512::exp`.
     #[target_feature(enable = "avx2,fma")]
     fn exp(x: __m256) -> __m256 {
@@ -275,33 +277,6 @@ mod avx2 {
         _mm256_mul_ps(p, _mm256_castsi256_ps(two_n))
     }
 
-    /// Lanes `< n` of an 8-lane strip, as a `vmaskmovps` mask.
-    #[target_feature(enable = "avx2")]
-    fn mask(n: usize) -> __m256i {
-        _mm256_cmpgt_epi32(_mm256_set1_epi32(n.min(8) as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
-    }
-
-    /// A strip's 8 lanes at `p`: all of them, or (not `FULL`) those `m` selects. Full strips use
-    /// plain loads and stores: AMD runs a `vmaskmovps` store as microcode, many times slower.
-    ///
-    /// # Safety
-    /// `p` covers the lanes in use.
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    unsafe fn load<const FULL: bool>(p: *const f32, m: __m256i) -> __m256 {
-        // SAFETY: the caller's; masked lanes are not read.
-        unsafe { if FULL { _mm256_loadu_ps(p) } else { _mm256_maskload_ps(p, m) } }
-    }
-
-    /// # Safety
-    /// As [`load`].
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    unsafe fn store<const FULL: bool>(p: *mut f32, m: __m256i, v: __m256) {
-        // SAFETY: the caller's; masked lanes are not written.
-        unsafe { if FULL { _mm256_storeu_ps(p, v) } else { _mm256_maskstore_ps(p, m, v) } }
-    }
-
     /// # Safety
     /// AVX2 and FMA must be present; `x.len()` must be a multiple of `cols`.
     #[target_feature(enable = "avx2,fma")]
@@ -311,10 +286,11 @@ mod avx2 {
             // SAFETY: the strip's lanes c0.. of every row are inside `x` (masked to the row's end).
             unsafe {
                 let strip = x.as_mut_ptr().add(c0);
-                if cols - c0 >= 8 {
-                    softmax_strip::<true>(strip, rows, cols, mask(8), scale)
+                let lanes = Lanes::new(cols - c0);
+                if lanes.full {
+                    softmax_strip::<true>(strip, rows, cols, lanes, scale)
                 } else {
-                    softmax_strip::<false>(strip, rows, cols, mask(cols - c0), scale)
+                    softmax_strip::<false>(strip, rows, cols, lanes, scale)
                 }
             }
         }
@@ -323,26 +299,26 @@ mod avx2 {
     /// One 8-column strip of [`softmax_columns`], starting at `base`, rows `cols` apart.
     ///
     /// # Safety
-    /// `base` covers `rows` rows of the lanes `m` selects (all 8 when `FULL`).
+    /// `base` covers `rows` rows of `lanes`; `FULL` is `lanes.full`.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn softmax_strip<const FULL: bool>(base: *mut f32, rows: usize, cols: usize, m: __m256i, scale: f32) {
+    unsafe fn softmax_strip<const FULL: bool>(base: *mut f32, rows: usize, cols: usize, lanes: Lanes, scale: f32) {
         // SAFETY (every access below): row r < rows, lanes masked as the caller promises.
         let at = |r: usize| unsafe { base.add(r * cols) };
         let mut max = _mm256_set1_ps(f32::NEG_INFINITY);
         for r in 0..rows {
-            max = _mm256_max_ps(max, unsafe { load::<FULL>(at(r), m) });
+            max = _mm256_max_ps(max, unsafe { lanes.load::<FULL>(at(r)) });
         }
         let (scale, mut sum) = (_mm256_set1_ps(scale), _mm256_setzero_ps());
         for r in 0..rows {
-            let v = unsafe { load::<FULL>(at(r), m) };
+            let v = unsafe { lanes.load::<FULL>(at(r)) };
             let e = exp(_mm256_mul_ps(_mm256_sub_ps(v, max), scale));
             sum = _mm256_add_ps(sum, e);
-            unsafe { store::<FULL>(at(r), m, e) };
+            unsafe { lanes.store::<FULL>(at(r), e) };
         }
         let inv = _mm256_div_ps(_mm256_set1_ps(1.0), sum);
         for r in 0..rows {
-            let v = unsafe { load::<FULL>(at(r), m) };
-            unsafe { store::<FULL>(at(r), m, _mm256_mul_ps(v, inv)) };
+            let v = unsafe { lanes.load::<FULL>(at(r)) };
+            unsafe { lanes.store::<FULL>(at(r), _mm256_mul_ps(v, inv)) };
         }
     }
 
@@ -355,10 +331,11 @@ mod avx2 {
             // SAFETY: the strip's lanes c0.. of every row are inside both (masked to the row's end).
             unsafe {
                 let (p, dp) = (p.as_ptr().add(c0), dp.as_mut_ptr().add(c0));
-                if cols - c0 >= 8 {
-                    backward_strip::<true>(p, dp, rows, cols, mask(8), scale)
+                let lanes = Lanes::new(cols - c0);
+                if lanes.full {
+                    backward_strip::<true>(p, dp, rows, cols, lanes, scale)
                 } else {
-                    backward_strip::<false>(p, dp, rows, cols, mask(cols - c0), scale)
+                    backward_strip::<false>(p, dp, rows, cols, lanes, scale)
                 }
             }
         }
@@ -367,28 +344,28 @@ mod avx2 {
     /// One 8-column strip of [`softmax_columns_backward`].
     ///
     /// # Safety
-    /// `p` and `dp` cover `rows` rows of the lanes `m` selects (all 8 when `FULL`).
+    /// `p` and `dp` cover `rows` rows of `lanes`; `FULL` is `lanes.full`.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn backward_strip<const FULL: bool>(
         p: *const f32,
         dp: *mut f32,
         rows: usize,
         cols: usize,
-        m: __m256i,
+        lanes: Lanes,
         scale: f32,
     ) {
         // SAFETY (every access below): row r < rows, lanes masked as the caller promises.
         let (p_at, dp_at) = unsafe { (|r: usize| p.add(r * cols), |r: usize| dp.add(r * cols)) };
         let mut dot = _mm256_setzero_ps();
         for r in 0..rows {
-            let (a, b) = unsafe { (load::<FULL>(p_at(r), m), load::<FULL>(dp_at(r), m)) };
+            let (a, b) = unsafe { (lanes.load::<FULL>(p_at(r)), lanes.load::<FULL>(dp_at(r))) };
             dot = _mm256_add_ps(dot, _mm256_mul_ps(a, b));
         }
         let scale = _mm256_set1_ps(scale);
         for r in 0..rows {
-            let (a, b) = unsafe { (load::<FULL>(p_at(r), m), load::<FULL>(dp_at(r), m)) };
+            let (a, b) = unsafe { (lanes.load::<FULL>(p_at(r)), lanes.load::<FULL>(dp_at(r))) };
             let g = _mm256_mul_ps(_mm256_mul_ps(scale, a), _mm256_sub_ps(b, dot));
-            unsafe { store::<FULL>(dp_at(r), m, g) };
+            unsafe { lanes.store::<FULL>(dp_at(r), g) };
         }
     }
 }

@@ -55,7 +55,7 @@ pub unsafe fn broadcast_product(
         while col < n {
             let width = (n - col).min(TILE_COLS);
             let registers = width.div_ceil(8);
-            let last = Last::new(width - 8 * (registers - 1));
+            let last = Lanes::new(width - 8 * (registers - 1));
             let mut row = 0;
             for tile_rows in row_tiles(rows, TILE_ROWS) {
                 let l = Strided { ptr: lhs.ptr.add(row * lhs.row_stride), ..lhs };
@@ -107,39 +107,64 @@ pub unsafe fn broadcast_product(
     unreachable!("AVX2 tiled products need AVX2 and FMA (tile_avx2::available() is false)")
 }
 
-/// The tile's last register: all 8 lanes, or the first few (AVX2 has no mask registers: a lane
-/// mask vector for `vmaskmovps`); the tiles take `full` as a const parameter `FULL`.
+/// The first `n` of an 8-lane register, for the AVX2 code's partial last registers (AVX2 has no
+/// mask registers: a lane-mask vector for `vmaskmovps`). Full registers use plain loads and
+/// stores instead: AMD runs the `vmaskmovps` store as microcode, many times slower. Shared by
+/// the tiles, the softmax and the transposes; the tiles take `full` as a const parameter `FULL`.
 #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
 #[derive(Clone, Copy)]
-struct Last {
-    full: bool,
+pub(super) struct Lanes {
+    pub(super) full: bool,
     mask: __m256i,
 }
 
 #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
-impl Last {
+impl Lanes {
+    /// The first `n.min(8)` lanes.
     #[target_feature(enable = "avx2")]
-    fn new(lanes: usize) -> Self {
-        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        Last { full: lanes == 8, mask }
+    pub(super) fn new(n: usize) -> Self {
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n.min(8) as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        Lanes { full: n >= 8, mask }
     }
 
     /// # Safety
-    /// `p` covers the lanes in use.
+    /// `p` covers the lanes in use; `FULL` is `self.full`.
     #[target_feature(enable = "avx2")]
     #[inline]
-    unsafe fn load<const FULL: bool>(self, p: *const f32) -> __m256 {
+    pub(super) unsafe fn load<const FULL: bool>(self, p: *const f32) -> __m256 {
         // SAFETY: the caller's; masked lanes are not read.
         unsafe { if FULL { _mm256_loadu_ps(p) } else { _mm256_maskload_ps(p, self.mask) } }
     }
 
     /// # Safety
+    /// As [`Lanes::load`].
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(super) unsafe fn store<const FULL: bool>(self, p: *mut f32, v: __m256) {
+        // SAFETY: the caller's; masked lanes are not written.
+        unsafe { if FULL { _mm256_storeu_ps(p, v) } else { _mm256_maskstore_ps(p, self.mask, v) } }
+    }
+
+    /// [`Lanes::load`] with `full` tested at run time.
+    ///
+    /// # Safety
     /// `p` covers the lanes in use.
     #[target_feature(enable = "avx2")]
     #[inline]
-    unsafe fn store<const FULL: bool>(self, p: *mut f32, v: __m256) {
-        // SAFETY: the caller's; masked lanes are not written.
-        unsafe { if FULL { _mm256_storeu_ps(p, v) } else { _mm256_maskstore_ps(p, self.mask, v) } }
+    pub(super) unsafe fn read(self, p: *const f32) -> __m256 {
+        // SAFETY: the caller's.
+        unsafe { if self.full { self.load::<true>(p) } else { self.load::<false>(p) } }
+    }
+
+    /// [`Lanes::store`] with `full` tested at run time.
+    ///
+    /// # Safety
+    /// `p` covers the lanes in use.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(super) unsafe fn write(self, p: *mut f32, v: __m256) {
+        // SAFETY: the caller's.
+        unsafe { if self.full { self.store::<true>(p, v) } else { self.store::<false>(p, v) } }
     }
 }
 
@@ -155,7 +180,7 @@ unsafe fn tile<const ROWS: usize, const V: usize, const FULL: bool>(
     l: Strided,
     r: *const f32,
     r_rs: usize,
-    last: Last,
+    last: Lanes,
     accumulate: bool,
 ) {
     // SAFETY: forwarded from `broadcast_product`; masked lanes are neither read nor written.

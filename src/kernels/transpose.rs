@@ -10,6 +10,9 @@
 #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
 use std::arch::x86_64::*;
 
+#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
+use super::tile_avx2::Lanes;
+
 /// `dst[c·dst_rs + r] = src[r·src_rs + c]` for `r < rows`, `c < cols`.
 ///
 /// # Safety
@@ -18,14 +21,28 @@ use std::arch::x86_64::*;
 /// overlap.
 pub unsafe fn transpose(dst: *mut f32, dst_rs: usize, src: *const f32, src_rs: usize, rows: usize, cols: usize) {
     #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
-    if super::tile::available() {
-        // SAFETY: AVX-512 is present; the ranges are the caller's.
-        return unsafe { transpose_avx512(dst, dst_rs, src, src_rs, rows, cols) };
-    }
-    #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
-    if super::tile_avx2::available() {
-        // SAFETY: AVX2 is present; the ranges are the caller's.
-        return unsafe { transpose_avx2(dst, dst_rs, src, src_rs, rows, cols) };
+    {
+        type Blocks = unsafe fn(*mut f32, usize, *const f32, usize, usize, usize);
+        let vector: Option<(usize, Blocks)> = if super::tile::available() {
+            Some((16, transpose_avx512))
+        } else if super::tile_avx2::available() {
+            Some((8, transpose_avx2))
+        } else {
+            None
+        };
+        if let Some((block, blocks)) = vector {
+            // The last one or two rows (of 49, say) go element by element: a register transpose
+            // would shuffle a whole block for them.
+            let thin = if rows % block <= 2 { rows % block } else { 0 };
+            let vector_rows = rows - thin;
+            // SAFETY: the extension `blocks` needs is present; rows `..vector_rows` and the rest
+            // are both inside the caller's ranges.
+            unsafe {
+                blocks(dst, dst_rs, src, src_rs, vector_rows, cols);
+                transpose_scalar(dst.add(vector_rows), dst_rs, src.add(vector_rows * src_rs), src_rs, thin, cols);
+            }
+            return;
+        }
     }
     // SAFETY: as promised by the caller.
     unsafe { transpose_scalar(dst, dst_rs, src, src_rs, rows, cols) }
@@ -41,11 +58,6 @@ unsafe fn transpose_scalar(dst: *mut f32, dst_rs: usize, src: *const f32, src_rs
     }
 }
 
-/// Row blocks this thin (the last of 49 rows, say) are moved element by element: a register
-/// transpose would shuffle a whole block for one or two rows of it.
-#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
-const THIN: usize = 2;
-
 /// Blocks of up to 16×16: partial blocks load and store masked lanes, so nothing outside the
 /// two ranges is read or written.
 #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
@@ -56,13 +68,6 @@ unsafe fn transpose_avx512(dst: *mut f32, dst_rs: usize, src: *const f32, src_rs
         let nr = (rows - r0).min(16);
         for c0 in (0..cols).step_by(16) {
             let nc = (cols - c0).min(16);
-            if nr <= THIN {
-                // SAFETY: the block's rows and columns are inside both ranges.
-                unsafe {
-                    transpose_scalar(dst.add(c0 * dst_rs + r0), dst_rs, src.add(r0 * src_rs + c0), src_rs, nr, nc)
-                };
-                continue;
-            }
             let mut block = [_mm512_setzero_ps(); 16];
             for (r, row) in block.iter_mut().enumerate().take(nr) {
                 // SAFETY: row r0 + r < rows, columns c0..c0 + nc < cols (masked).
@@ -117,34 +122,21 @@ fn transpose_16x16(r: [__m512; 16]) -> [__m512; 16] {
 #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
 #[target_feature(enable = "avx2")]
 unsafe fn transpose_avx2(dst: *mut f32, dst_rs: usize, src: *const f32, src_rs: usize, rows: usize, cols: usize) {
-    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    let mask = |n: usize| _mm256_cmpgt_epi32(_mm256_set1_epi32(n.min(8) as i32), lanes);
     for r0 in (0..rows).step_by(8) {
         let nr = (rows - r0).min(8);
+        let row_lanes = Lanes::new(nr);
         for c0 in (0..cols).step_by(8) {
             let nc = (cols - c0).min(8);
-            if nr <= THIN {
-                // SAFETY: the block's rows and columns are inside both ranges.
-                unsafe {
-                    transpose_scalar(dst.add(c0 * dst_rs + r0), dst_rs, src.add(r0 * src_rs + c0), src_rs, nr, nc)
-                };
-                continue;
-            }
+            let col_lanes = Lanes::new(nc);
             let mut block = [_mm256_setzero_ps(); 8];
             for (r, row) in block.iter_mut().enumerate().take(nr) {
                 // SAFETY: row r0 + r < rows, columns c0..c0 + nc < cols (masked when partial).
-                *row = unsafe {
-                    let p = src.add((r0 + r) * src_rs + c0);
-                    if nc == 8 { _mm256_loadu_ps(p) } else { _mm256_maskload_ps(p, mask(nc)) }
-                };
+                *row = unsafe { col_lanes.read(src.add((r0 + r) * src_rs + c0)) };
             }
             let block = transpose_8x8(block);
             for (c, &column) in block.iter().enumerate().take(nc) {
                 // SAFETY: row c0 + c < cols of `dst`, lanes r0..r0 + nr < rows (masked when partial).
-                unsafe {
-                    let p = dst.add((c0 + c) * dst_rs + r0);
-                    if nr == 8 { _mm256_storeu_ps(p, column) } else { _mm256_maskstore_ps(p, mask(nr), column) }
-                }
+                unsafe { row_lanes.write(dst.add((c0 + c) * dst_rs + r0), column) };
             }
         }
     }
