@@ -817,8 +817,9 @@ fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
     );
     if let Some(peak) = r.peak {
         println!(
-            "cpu: {}; {}; FMA peak {:.1} GFLOP/s measured ({} threads, {}): train {:.0}%, sampling {:.0}% of it",
+            "cpu: {}, L2 {} per core; {}; FMA peak {:.1} GFLOP/s measured ({} threads, {}): train {:.0}%, sampling {:.0}% of it",
             dits::bench::cpu_model(),
+            dits::kernels::cache::l2_bytes().map_or("unknown".into(), |b| format!("{} KiB", b >> 10)),
             dits::kernels::isa::describe(),
             peak.gflops,
             peak.threads,

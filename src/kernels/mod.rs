@@ -48,6 +48,7 @@ mod tokens;
 
 pub mod attention;
 pub mod buffer;
+pub mod cache;
 pub mod gemm;
 pub mod isa;
 pub mod linear;

@@ -136,7 +136,7 @@ impl DitNet {
 /// - The batch is cut into chunks small enough for a block's activations to stay in the caches,
 ///   and the chunks run in parallel (each image's output does not depend on the others). Why:
 ///   at batch 256 each operation of a block streams megabytes through memory and the next reads
-///   them back; in chunks of [`CHUNK_VALUES`] they stay in the cache.
+///   them back; in chunks sized to the L2 cache ([`CHUNK_VALUES_PER_L2_MIB`]) they stay nearer.
 /// - The folded attention weights (see [`super::mnist_dits::folded`]), which `forward` derives
 ///   from the parameters at every call, are derived once.
 pub struct Inference<'a> {
@@ -184,13 +184,18 @@ impl Inference<'_> {
     }
 }
 
-/// Token values (tokens × width) per inference chunk: 64 mnist-dits images (49 × 64 f32, 0.8 MB),
-/// chosen by measurement (README, "Speed": the chunk sizes tried).
-const CHUNK_VALUES: usize = 64 * 49 * 64;
+/// Token values (tokens × width) per inference chunk and MiB of L2 cache per core: 32
+/// mnist-dits images (49 × 64 f32, 0.4 MB). Chosen by measurement on CPUs with 1 and 2 MiB
+/// (README, "Speed": the chunk sizes tried): a chunk's larger activations (the folded `qv`, the
+/// MLP's hidden layer) never fit in L2 whole, but how much of them the next operation finds
+/// there follows its size.
+const CHUNK_VALUES_PER_L2_MIB: usize = 32 * 49 * 64;
 
-/// Images per inference chunk for tokens of `width` values.
+/// Images per inference chunk for tokens of `width` values, scaled to the L2 cache per core
+/// between 1 and 2 MiB (the sizes measured); 2 MiB where the system does not say.
 fn chunk_images(tokens: usize, width: usize) -> usize {
-    (CHUNK_VALUES / (tokens * width).max(1)).max(1)
+    let l2_mib = crate::kernels::cache::l2_bytes().map_or(2.0, |b| (b as f64 / (1 << 20) as f64).clamp(1.0, 2.0));
+    ((l2_mib * CHUNK_VALUES_PER_L2_MIB as f64) as usize / (tokens * width).max(1)).max(1)
 }
 
 #[cfg(test)]
