@@ -84,15 +84,14 @@ pub(crate) fn fold_lanes(x: &[f32], init: f32, map: impl Fn(f32) -> f32, f: impl
     tree(acc, f)
 }
 
-/// Folds 16 lanes pairwise: 8, 4, 2, 1.
+/// Folds 16 lanes pairwise: 8, 4, 2, 1. Spelled out in fixed-size halves: written as a loop
+/// over the four widths, LLVM kept the lanes on the stack and folded them one scalar at a time
+/// (the LayerNorm's rows waited on it).
 #[inline(always)]
-fn tree(mut acc: [f32; 16], f: impl Fn(f32, f32) -> f32) -> f32 {
-    for half in [8, 4, 2, 1] {
-        for i in 0..half {
-            acc[i] = f(acc[i], acc[i + half]);
-        }
-    }
-    acc[0]
+fn tree(acc: [f32; 16], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let a8: [f32; 8] = std::array::from_fn(|i| f(acc[i], acc[i + 8]));
+    let a4: [f32; 4] = std::array::from_fn(|i| f(a8[i], a8[i + 4]));
+    f(f(a4[0], a4[2]), f(a4[1], a4[3]))
 }
 
 #[inline(always)]
