@@ -6,6 +6,7 @@ pub mod dit;
 pub mod flops;
 pub mod mnist_dits;
 pub mod net;
+pub mod patchify;
 pub mod pieces;
 pub mod tensor_parallel;
 pub mod weights;

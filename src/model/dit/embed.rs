@@ -3,6 +3,7 @@
 //! Layouts and initialisations follow facebookresearch/DiT `models.py`.
 
 use crate::kernels::cast_like;
+use crate::model::patchify::patch_tokens;
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig};
@@ -51,9 +52,8 @@ impl PatchEmbed {
 
     /// `[B, C, H, W]` → `[B, tokens, width]`, tokens in row-major patch order.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<3> {
-        let x = self.proj.forward(x); // [B, W, gh, gw]
-        let [b, w, gh, gw] = x.dims();
-        x.reshape([b, w, gh * gw]).swap_dims(1, 2) // [B, S, W]
+        let patch = self.proj.weight.dims()[2];
+        patch_tokens(&self.proj, x, patch) // [B, S, W]
     }
 }
 

@@ -14,6 +14,7 @@ use burn::tensor::Distribution;
 
 use super::config::DitConfig;
 use crate::kernels::{Activation, SequenceParallel, TensorParallel, linear_act};
+use crate::model::patchify::patch_tokens;
 use block::MnistDitsBlock;
 use embed::{TimeEmbedding, embed_labels, label_embedding};
 use folded::FoldedAttention;
@@ -166,11 +167,7 @@ impl MnistDits {
     /// The patches of `x` (any band of whole patch rows) as tokens `[B, rows·gw, W]`, without
     /// positions.
     fn patch_tokens(&self, x: Tensor<4>) -> Tensor<3> {
-        let [b, c, height, width] = x.dims();
-        let p = self.patch;
-        let (gh, gw) = (height / p, width / p);
-        let x = self.conv.forward(x); // [B, C·p², gh, gw]
-        let x = x.permute([0, 2, 3, 1]).reshape([b, gh * gw, c * p * p]); // [B, S, C·p²]
+        let x = patch_tokens(&self.conv, x, self.patch); // [B, S, C·p²]
         linear_act(&self.patch_emb, x, Activation::Identity)
     }
 
