@@ -8,7 +8,7 @@ use rand::Rng;
 
 use crate::data::Batch;
 use crate::kernels::attention::{self, AttnDims, Engine};
-use crate::kernels::peak::{self, Peak};
+use crate::kernels::peak::{PeakSummary, Probes};
 use crate::model::{DitConfig, DitNet};
 use crate::profile::{self, Region};
 use crate::rng::standard_normal;
@@ -43,8 +43,9 @@ pub struct BenchResult {
     pub profile: Option<StepProfile>,
     /// The throughput as FLOP rates.
     pub achieved: Achieved,
-    /// The machine's measured FMA peak (CPU only).
-    pub peak: Option<Peak>,
+    /// The machine's measured FMA peak (CPU only): the highest of probes taken before, between
+    /// and after the timed runs.
+    pub peak: Option<PeakSummary>,
     /// The attention products at the model's shapes on each engine this CPU runs (CPU only).
     pub attention: Vec<EngineRate>,
 }
@@ -208,6 +209,14 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
     let mut trainer =
         Trainer::new(cfg.clone(), train, crate::data::DataSource::idx(std::path::Path::new("")), &opts.device)?;
     let params = trainer.table().total;
+    let on_cpu = opts.device == Device::flex();
+    let mut probes = Probes::default();
+    let mut probe = || {
+        if on_cpu {
+            probes.take(0.2)
+        }
+    };
+    probe();
     let train_step_ms = time(opts.warmup, opts.iters, || {
         trainer.step(&batch);
     });
@@ -223,6 +232,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
         StepProfile { wall_s, threads: rayon::current_num_threads(), regions }
     });
 
+    probe();
     let device = &opts.device;
     let model = DitNet::new(cfg, device, 1);
     let dims = [b, cfg.channels, cfg.image_size, cfg.image_size];
@@ -243,8 +253,8 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
     });
     let train_samples_per_s = b as f64 / (train_step_ms.median / 1e3);
     let sample_images_per_s = b as f64 / (forward_ms.median / 1e3);
-    let on_cpu = opts.device == Device::flex();
-    let peak = on_cpu.then(|| peak::measure(0.5));
+    probe();
+    let peak = probes.summary();
     let attention = if on_cpu { attention_engines(cfg, b, opts.warmup, opts.iters) } else { Vec::new() };
     Ok(BenchResult {
         peak,

@@ -815,9 +815,18 @@ fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
         f.executed_flops / 1e6,
         dits::memory::peak_rss_bytes().map_or("unknown".into(), |b| format!("{} MiB", b >> 20))
     );
-    if let Some(peak) = r.peak {
+    if let Some(probed) = r.peak {
+        let peak = probed.peak;
+        let moved = if probed.host_moved() {
+            format!(
+                "; highest of {} probes, the lowest {:.1}: the host's speed moved, so the shares are rough",
+                probed.probes, probed.lowest_gflops
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "cpu: {}, L2 {} per core; {}; FMA peak {:.1} GFLOP/s measured ({} threads, {}): train {:.0}%, sampling {:.0}% of it",
+            "cpu: {}, L2 {} per core; {}; FMA peak {:.1} GFLOP/s measured ({} threads, {}{moved}): train {:.0}%, sampling {:.0}% of it",
             dits::bench::cpu_model(),
             dits::kernels::cache::l2_bytes().map_or("unknown".into(), |b| format!("{} KiB", b >> 10)),
             dits::kernels::isa::describe(),

@@ -45,6 +45,46 @@ pub fn measure(seconds: f64) -> Peak {
     Peak { gflops: calls as f64 * ITERS as f64 * flops_per_iter / elapsed / 1e9, threads, isa }
 }
 
+/// Several probes spread over a benchmark. A shared host's speed moves between them (other
+/// tenants, clocks), and contention only ever lowers a reading: the highest is the ceiling the
+/// benchmark is stated against, and the lowest says how far the host moved meanwhile. One
+/// probe, taken in a slow moment, had a training step at 101% of "the peak".
+#[derive(Debug, Clone, Default)]
+pub struct Probes {
+    readings: Vec<Peak>,
+}
+
+impl Probes {
+    /// Takes one probe of about `seconds`.
+    pub fn take(&mut self, seconds: f64) {
+        self.readings.push(measure(seconds));
+    }
+
+    /// The highest reading, with how many were taken and the lowest of them.
+    pub fn summary(&self) -> Option<PeakSummary> {
+        let best = *self.readings.iter().max_by(|a, b| a.gflops.total_cmp(&b.gflops))?;
+        let lowest = self.readings.iter().map(|p| p.gflops).fold(f64::INFINITY, f64::min);
+        Some(PeakSummary { peak: best, lowest_gflops: lowest, probes: self.readings.len() })
+    }
+}
+
+/// What [`Probes`] found.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PeakSummary {
+    /// The highest reading.
+    pub peak: Peak,
+    pub lowest_gflops: f64,
+    pub probes: usize,
+}
+
+impl PeakSummary {
+    /// Whether the readings differ enough (more than 10%) that the host's speed moved during
+    /// the benchmark, and shares of the peak are rough.
+    pub fn host_moved(&self) -> bool {
+        self.lowest_gflops < 0.9 * self.peak.gflops
+    }
+}
+
 /// The probe for the widest extension a step runs, the kernels' or gemm's, with its FLOPs per
 /// loop iteration.
 fn pick() -> (Isa, f64, fn(u64) -> f32) {
@@ -115,6 +155,19 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The summary keeps the highest reading and reports the lowest beside it.
+    #[test]
+    fn probes_keep_the_highest_reading() {
+        let reading = |gflops| Peak { gflops, threads: 2, isa: Isa::Portable };
+        let probes = Probes { readings: vec![reading(150.0), reading(201.0), reading(102.5)] };
+        let s = probes.summary().unwrap();
+        assert_eq!((s.peak.gflops, s.lowest_gflops, s.probes), (201.0, 102.5, 3));
+        assert!(s.host_moved());
+        let steady = Probes { readings: vec![reading(200.0), reading(195.0)] }.summary().unwrap();
+        assert!(!steady.host_moved());
+        assert!(Probes::default().summary().is_none());
+    }
 
     /// The probe measures something positive and names what it ran; every variant the CPU runs
     /// computes the same recurrence (so none is optimised away into a different loop).
