@@ -216,7 +216,10 @@ mod avx512 {
         for &k in super::POW2[..5].iter().rev() {
             p = _mm512_fmadd_ps(f, p, c(k));
         }
-        let bits = _mm512_add_epi32(_mm512_slli_epi32::<23>(_mm512_castps_si512(t)), _mm512_set1_epi32(super::POW2_BIAS as i32));
+        let bits = _mm512_add_epi32(
+            _mm512_slli_epi32::<23>(_mm512_castps_si512(t)),
+            _mm512_set1_epi32(super::POW2_BIAS as i32),
+        );
         _mm512_mul_ps(p, _mm512_castsi512_ps(bits))
     }
 
@@ -301,7 +304,10 @@ mod avx2 {
         for &k in super::POW2[..5].iter().rev() {
             p = _mm256_fmadd_ps(f, p, c(k));
         }
-        let bits = _mm256_add_epi32(_mm256_slli_epi32::<23>(_mm256_castps_si256(t)), _mm256_set1_epi32(super::POW2_BIAS as i32));
+        let bits = _mm256_add_epi32(
+            _mm256_slli_epi32::<23>(_mm256_castps_si256(t)),
+            _mm256_set1_epi32(super::POW2_BIAS as i32),
+        );
         _mm256_mul_ps(p, _mm256_castsi256_ps(bits))
     }
 
