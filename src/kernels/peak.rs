@@ -47,8 +47,8 @@ pub fn measure(seconds: f64) -> Peak {
 
 /// Several probes spread over a benchmark. A shared host's speed moves between them (other
 /// tenants, clocks), and contention only ever lowers a reading: the highest is the ceiling the
-/// benchmark is stated against, and the lowest says how far the host moved meanwhile. One
-/// probe, taken in a slow moment, had a training step at 101% of "the peak".
+/// benchmark is stated against, and the lowest says how far the host moved meanwhile (a
+/// single probe in a slow moment can put a step above "the peak"; README, `dits bench`).
 #[derive(Debug, Clone, Default)]
 pub struct Probes {
     readings: Vec<Peak>,
