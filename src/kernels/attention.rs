@@ -82,7 +82,7 @@ impl Engine {
     /// # Safety
     /// As for [`tile::broadcast_product`].
     #[allow(clippy::too_many_arguments)]
-    unsafe fn product(
+    pub(super) unsafe fn product(
         self,
         rows: usize,
         n: usize,

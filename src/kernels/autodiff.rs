@@ -133,6 +133,18 @@ impl<C: CheckpointStrategy> DitKernels for Autodiff<Flex, C> {
         })
     }
 
+    fn projected_folded_attention(
+        h: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        heads: usize,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        // Training keeps `qv` for the backward pass anyway: the two recorded operations.
+        let qv = Self::fused_linear(h.clone(), weight, bias, Activation::Identity);
+        Self::folded_attention(qv, h, heads, scale)
+    }
+
     fn packed_attention(qkv: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct PackedAttention;

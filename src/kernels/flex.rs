@@ -10,6 +10,8 @@ use burn::tensor::{Bytes, DType};
 use super::attention::{self, AttnDims};
 use super::linear::{self, Activation, LinearDims};
 use super::norm::{self, NormDims, NormParams};
+use super::panels_avx2::{self, Panels};
+use super::projected_attention::projected_folded_forward;
 use super::{Adjoint, DitKernels, Exchange, GroupSum, TokenShards, residual};
 use crate::profile::{self, Region};
 
@@ -188,6 +190,40 @@ impl DitKernels for Flex {
 
     fn folded_attention(qv: FloatTensor<Self>, keys: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self> {
         folded_attention_forward(&contiguous(&qv), &contiguous(&keys), heads, scale, false).0
+    }
+
+    fn projected_folded_attention(
+        h: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        heads: usize,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        let [batch, seq, width] = <[usize; 3]>::try_from(h.layout().shape().as_ref()).expect("h is [B, S, W]");
+        // The heads' blocks are whole panels of 16 columns (`Panels::product_in_groups`).
+        if !panels_avx2::available() || !width.is_multiple_of(16) {
+            let qv = Self::fused_linear(h.clone(), weight, bias, Activation::Identity);
+            return Self::folded_attention(qv, h, heads, scale);
+        }
+        let (h, weight, bias) = (contiguous(&h), contiguous(&weight), contiguous(&bias));
+        let d = attention::FoldedDims { batch, seq, heads, width };
+        assert_eq!(
+            weight.layout().shape().as_ref(),
+            [width, d.row()],
+            "projected attention: weight must be [W, 2·H·W]"
+        );
+        let out = profile::time(Region::AttentionForward, || {
+            let panels = Panels::pack(weight.storage::<f32>(), width, d.row(), d.row(), 1);
+            projected_folded_forward(
+                h.storage::<f32>(),
+                &panels,
+                bias.storage::<f32>(),
+                d,
+                scale as f32,
+                attention::Engine::best(),
+            )
+        });
+        flex_tensor(out, vec![batch, seq, width])
     }
 
     fn modulated_layer_norm(

@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use super::buffer::{self, assume_init, uninit_filled};
 
 use super::gemm::{Order, product};
+use super::panels_avx2::{self, Panels};
 use super::simd::exp;
 
 /// The activation after the bias.
@@ -131,9 +132,19 @@ pub fn forward(
     assert!(input > 0 && output > 0, "linear: zero-sized layer");
     let keep_z = keep_z && act.needs_preactivation();
     let block = BLOCK_ROWS * output;
+    // On AVX2 the weight is packed once and the epilogue runs on each register tile's rows
+    // while they are in L1 (see [`panels_avx2`]); elsewhere gemm writes the block first.
+    let panels = panels_avx2::available().then(|| Panels::pack(weight, input, output, output, 1));
     let run = |bi: usize, yb: &mut [MaybeUninit<f32>], zb: &mut [MaybeUninit<f32>]| {
         let m = yb.len() / output;
-        let xb = x[bi * BLOCK_ROWS * input..].as_ptr();
+        let xs = &x[bi * BLOCK_ROWS * input..][..m * input];
+        if let Some(panels) = &panels {
+            panels.product(xs, yb, |first, rows| {
+                let z = if zb.is_empty() { &mut [][..] } else { &mut zb[first * output..][..rows.len()] };
+                epilogue(rows, z, bias, act);
+            });
+            return;
+        }
         // SAFETY: the block's m rows of x and all of the weight are in bounds; yb is its own.
         unsafe {
             product(
@@ -143,7 +154,7 @@ pub fn forward(
                 input,
                 yb.as_mut_ptr().cast(),
                 output,
-                xb,
+                xs.as_ptr(),
                 (input, 1),
                 weight.as_ptr(),
                 (output, 1),
@@ -212,12 +223,17 @@ pub fn backward(
     }
     // dx = dz Wᵀ, block by block.
     let dy = &*dy;
-    // SAFETY: each block's GEMM writes all of its rows of dx.
+    let panels = panels_avx2::available().then(|| Panels::pack(weight, output, input, 1, output));
+    // SAFETY: each block's product writes all of its rows of dx.
     let dx = unsafe {
         uninit_filled(rows * input, |dx| {
             dx.par_chunks_mut(BLOCK_ROWS * input).enumerate().for_each(|(bi, dxb)| {
                 let m = dxb.len() / input;
-                let dzb = dy[bi * block..].as_ptr();
+                let dzb = &dy[bi * block..][..m * output];
+                if let Some(panels) = &panels {
+                    panels.product(dzb, dxb, |_, _| {});
+                    return;
+                }
                 // The block's m rows of dz and the weight are in bounds; dxb is its own.
                 product(
                     Order::Transposed,
@@ -226,7 +242,7 @@ pub fn backward(
                     output,
                     dxb.as_mut_ptr().cast(),
                     input,
-                    dzb,
+                    dzb.as_ptr(),
                     (output, 1),
                     weight.as_ptr(),
                     (1, output),

@@ -53,7 +53,9 @@ pub mod gemm;
 pub mod isa;
 pub mod linear;
 pub mod norm;
+pub mod panels_avx2;
 pub mod peak;
+pub mod projected_attention;
 pub mod residual;
 pub mod simd;
 pub mod tile;
@@ -86,6 +88,17 @@ pub trait DitKernels: Backend {
     /// Attention with folded projections, `qv` `[B, S, 2·H·W]` and `keys` `[B, S, W]` to
     /// `[B, S, W]` (see [`attention::folded_forward`]).
     fn folded_attention(qv: FloatTensor<Self>, keys: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self>;
+
+    /// [`Self::folded_attention`] of `qv = h·weight + bias` and the keys `h` `[B, S, W]`: the
+    /// projection and the attention in one pass over the images where the CPU can (see
+    /// [`projected_attention`]).
+    fn projected_folded_attention(
+        h: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        heads: usize,
+        scale: f64,
+    ) -> FloatTensor<Self>;
 
     /// adaLN: `LN(x)·(1 + scale) + shift`, see [`norm`].
     fn modulated_layer_norm(

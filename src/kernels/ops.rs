@@ -98,6 +98,29 @@ pub fn folded_attention(qv: Tensor<3>, keys: Tensor<3>, heads: usize, scale: f64
     }
 }
 
+/// [`folded_attention`] of `qv = h·weight + bias` (no activation) and the keys `h` `[B, S, W]`,
+/// `weight` `[W, 2·H·W]`: on the CPU in one pass over the images when sampling.
+pub fn projected_folded_attention(
+    h: Tensor<3>,
+    weight: Tensor<2>,
+    bias: Tensor<1>,
+    heads: usize,
+    scale: f64,
+) -> Tensor<3> {
+    if runs_fused(&h) {
+        Tensor::from_dispatch(<Dispatch as DitKernels>::projected_folded_attention(
+            h.into_dispatch(),
+            weight.into_dispatch(),
+            bias.into_dispatch(),
+            heads,
+            scale,
+        ))
+    } else {
+        let qv = fused_linear_composed(h.clone(), weight, bias, Activation::Identity);
+        folded_attention_composed(qv, h, heads, scale)
+    }
+}
+
 /// [`folded_attention`] from burn's own operations.
 pub fn folded_attention_composed(qv: Tensor<3>, keys: Tensor<3>, heads: usize, scale: f64) -> Tensor<3> {
     let [b, s, w] = keys.dims();

@@ -26,7 +26,7 @@ use burn::nn::Linear;
 use burn::prelude::*;
 
 use super::block::MnistDitsBlock;
-use crate::kernels::{Activation, SequenceParallel, folded_attention, fused_linear};
+use crate::kernels::{Activation, SequenceParallel, fused_linear, projected_folded_attention};
 
 /// Whether folding saves work for `tokens` tokens of width `width` and heads of `head_dim`.
 /// Multiply-adds per token and head: unfolded 3WD (q, k, v) + DW (output) + 2SD (scores,
@@ -99,15 +99,14 @@ impl FoldedAttention {
     /// `h` `[B, S, W]` (the modulated LayerNorm's output) → the attention's contribution after
     /// the output projection, `[B, S, W]`.
     pub fn forward(&self, h: Tensor<3>) -> Tensor<3> {
-        let qv = fused_linear(h.clone(), self.weight.clone(), self.bias.clone(), Activation::Identity);
-        folded_attention(qv, h, self.heads, self.scale)
+        projected_folded_attention(h, self.weight.clone(), self.bias.clone(), self.heads, self.scale)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::{TensorParallel, folded_attention_composed};
+    use crate::kernels::{TensorParallel, folded_attention, folded_attention_composed};
     use crate::model::config::DitConfig;
     use burn::tensor::Distribution;
 
