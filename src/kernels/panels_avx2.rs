@@ -18,6 +18,8 @@ use std::mem::MaybeUninit;
 
 #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
 use super::buffer::assume_init;
+#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
+use super::tile::row_tiles;
 
 /// Columns per panel: two 8-lane registers.
 const PANEL: usize = 16;
@@ -140,8 +142,8 @@ impl Panels {
         {
             let k = self.k;
             let mut first = 0;
-            while first < rows {
-                let count = (rows - first).min(TILE_ROWS);
+            // Even tiles: 49 rows as 4 × 6 + 5 × 5, not 8 × 6 and a latency-bound single row.
+            for count in row_tiles(rows, TILE_ROWS) {
                 let xp = x[first * k..].as_ptr();
                 let at = |col: usize| at(first, col);
                 // SAFETY: AVX2 + FMA are present (`rows_of`); the tile's rows of x are in
