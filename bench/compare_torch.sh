@@ -90,6 +90,10 @@ printf '%-28s %12s %12s %8s\n' "" dits pytorch ratio
 printf '%-28s %12.1f %12.1f %8.2f\n' "train samples/s" "$dt" "$tt" "$(ratio "$dt" "$tt")"
 printf '%-28s %12.1f %12.1f %8.2f\n' "sampling images/s (fwd)" "$ds" "$ti" "$(ratio "$ds" "$ti")"
 printf '%-28s %12s %12s %8.2f\n' "peak RSS MiB" "$d_rss" "$t_rss" "$(ratio "$d_rss" "$t_rss")"
+# Each round's own ratio too: the host's speed drifts between rounds, and a round's two runs,
+# a minute apart, share more of its state than the medians of all rounds do.
+per_round() { local -n a=$1 b=$2; for i in "${!a[@]}"; do printf ' %.2f' "$(ratio "${a[$i]}" "${b[$i]}")"; done; }
+echo "ratio per round: train$(per_round d_train t_train); sampling$(per_round d_sample t_infer)"
 grep '^achieved' <<<"$dits_out" | sed 's/^/dits mnist-dits /'
 for preset in $also; do
   out=$(env "${dits_env[@]}" RAYON_NUM_THREADS="$threads" "$dits" bench --model "$preset" --batch "$batch" --threads "$threads" --iters "$iters")
