@@ -16,7 +16,6 @@
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
-#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
 use super::buffer::assume_init;
 #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
 use super::tile::row_tiles;
@@ -164,7 +163,7 @@ impl Panels {
         }
         #[cfg(not(all(target_arch = "x86_64", not(fuzzing))))]
         {
-            let _ = (x, rows, bias, at, &mut finished);
+            let _ = (&self.data, x, rows, bias, at, &mut finished);
             unreachable!("panels: AVX2 products off x86-64")
         }
     }
