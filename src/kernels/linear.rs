@@ -16,6 +16,7 @@ use super::buffer::{self, assume_init, uninit_filled};
 use super::gemm::{Order, product};
 use super::panels_avx2::{self, Panels};
 use super::simd::exp;
+use super::weight_gradient_avx2::{self, WeightGradient};
 
 /// The activation after the bias.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,12 +80,11 @@ fn epilogue_impl(y: &mut [f32], z: &mut [MaybeUninit<f32>], bias: &[f32], act: A
 
 multiversion!(epilogue(y: &mut [f32], z: &mut [MaybeUninit<f32>], bias: &[f32], act: Activation) => epilogue_impl);
 
-/// `dz = dy ⊙ act'(z)` in place of `dy` (with the output `y` for ReLU, `z` for GELU), and this
-/// block's bias gradient into `db`.
+/// `dz = dy ⊙ act'(z)` in place of `dy` (with the output `y` for ReLU, `z` for GELU), and these
+/// rows' bias gradient added to `db`, row after row.
 #[inline(always)]
 fn activation_backward_impl(dy: &mut [f32], saved: &[f32], db: &mut [f32], act: Activation) {
     let n = db.len();
-    db.fill(0.0);
     for (i, g) in dy.chunks_exact_mut(n).enumerate() {
         let g = &mut g[..n];
         match act {
@@ -209,6 +209,9 @@ pub fn backward(
 ) -> LinearGrads {
     let LinearDims { rows, input, output } = d;
     assert_eq!(dy.len(), rows * output, "linear backward: gradient has the wrong length");
+    if weight_gradient_avx2::available() {
+        return backward_by_spans(x, weight, saved, dy, d, act);
+    }
     let block = BLOCK_ROWS * output;
     let blocks = rows.div_ceil(BLOCK_ROWS);
     // dz in place, and one bias-gradient row per block (summed below in a fixed order).
@@ -223,17 +226,12 @@ pub fn backward(
     }
     // dx = dz Wᵀ, block by block.
     let dy = &*dy;
-    let panels = panels_avx2::available().then(|| Panels::pack(weight, output, input, 1, output));
     // SAFETY: each block's product writes all of its rows of dx.
     let dx = unsafe {
         uninit_filled(rows * input, |dx| {
             dx.par_chunks_mut(BLOCK_ROWS * input).enumerate().for_each(|(bi, dxb)| {
                 let m = dxb.len() / input;
                 let dzb = &dy[bi * block..][..m * output];
-                if let Some(panels) = &panels {
-                    panels.product(dzb, dxb, |_, _| {});
-                    return;
-                }
                 // The block's m rows of dz and the weight are in bounds; dxb is its own.
                 product(
                     Order::Transposed,
@@ -279,4 +277,67 @@ pub fn backward(
         }
     };
     LinearGrads { x: dx, weight: dw, bias }
+}
+
+/// Rows per task of [`backward_by_spans`]: two blocks. The weight gradient is summed span by
+/// span, so this, not the thread count, fixes its order of summation.
+const SPAN_ROWS: usize = 2 * BLOCK_ROWS;
+/// Rows that [`backward_by_spans`] takes through all three steps at a time: `dz` (at most
+/// 64 × 512 floats) is still in L2 when the input and weight gradients read it.
+const STEP_ROWS: usize = 64;
+const _: () = assert!(BLOCK_ROWS.is_multiple_of(STEP_ROWS), "a step must not straddle two blocks");
+
+/// [`backward`] on AVX2: `dz`, `dx` and the share of `dW` of each few rows one after another,
+/// while those rows are in cache ([`Panels`] for `dx`, [`WeightGradient`] for `dW`), one span of
+/// rows per task; the spans' weight gradients and the blocks' bias gradients are then added in
+/// order.
+fn backward_by_spans(
+    x: &[f32],
+    weight: &[f32],
+    saved: &[f32],
+    dy: &mut [f32],
+    d: LinearDims,
+    act: Activation,
+) -> LinearGrads {
+    let LinearDims { rows, input, output } = d;
+    let panels = Panels::pack(weight, output, input, 1, output);
+    let blocks_per_span = SPAN_ROWS / BLOCK_ROWS;
+    // One bias-gradient row per block, as in `backward`.
+    let mut db_blocks = vec![0.0f32; rows.div_ceil(BLOCK_ROWS) * output];
+    let mut spans = Vec::new();
+    // SAFETY: the products write every row of dx.
+    let dx = unsafe {
+        uninit_filled(rows * input, |dx| {
+            spans = dy
+                .par_chunks_mut(SPAN_ROWS * output)
+                .zip(dx.par_chunks_mut(SPAN_ROWS * input))
+                .zip(db_blocks.par_chunks_mut(blocks_per_span * output))
+                .enumerate()
+                .map(|(si, ((dz, dx), db))| {
+                    let mut dw = WeightGradient::new(input, output);
+                    let steps = dz.chunks_mut(STEP_ROWS * output).zip(dx.chunks_mut(STEP_ROWS * input));
+                    for (i, (dz, dx)) in steps.enumerate() {
+                        let (first, m) = (si * SPAN_ROWS + i * STEP_ROWS, dz.len() / output);
+                        let saved =
+                            if act == Activation::Identity { &[][..] } else { &saved[first * output..][..m * output] };
+                        let db = &mut db[(i * STEP_ROWS / BLOCK_ROWS) * output..][..output];
+                        activation_backward(dz, saved, db, act);
+                        panels.product(dz, dx, |_, _| {});
+                        dw.add(&x[first * input..][..m * input], dz);
+                    }
+                    dw.finish()
+                })
+                .collect();
+        })
+    };
+    let mut bias = vec![0.0f32; output];
+    for db in db_blocks.chunks_exact(output) {
+        bias.iter_mut().zip(db).for_each(|(a, &b)| *a += b);
+    }
+    let mut spans = spans.into_iter();
+    let mut weight = spans.next().unwrap_or_else(|| vec![0.0; input * output]);
+    for span in spans {
+        weight.iter_mut().zip(&span).for_each(|(a, &b)| *a += b);
+    }
+    LinearGrads { x: dx, weight, bias }
 }
