@@ -86,7 +86,6 @@ pub unsafe fn broadcast_product(
 /// would need, their heights differing by at most one. 49 rows as 8 × 6 + 1 would end with a
 /// one-row tile whose few accumulators wait on the FMA latency; as 4 × 6 + 5 × 5 every tile
 /// keeps enough FMAs in flight to run at the ports' pace.
-#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
 pub(crate) fn row_tiles(rows: usize, tallest: usize) -> impl Iterator<Item = usize> {
     let tiles = rows.div_ceil(tallest);
     let (base, taller) = (rows / tiles.max(1), rows % tiles.max(1));
