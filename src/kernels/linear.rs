@@ -220,10 +220,7 @@ pub fn backward(
         let saved = if act == Activation::Identity { &[][..] } else { &saved[bi * block..bi * block + g.len()] };
         activation_backward(g, saved, db, act);
     });
-    let mut bias = vec![0.0f32; output];
-    for db in db_blocks.chunks_exact(output.max(1)) {
-        bias.iter_mut().zip(db).for_each(|(a, &b)| *a += b);
-    }
+    let bias = sum_in_order(db_blocks.chunks_exact(output.max(1)), output);
     // dx = dz Wᵀ, block by block.
     let dy = &*dy;
     // SAFETY: each block's product writes all of its rows of dx.
@@ -304,7 +301,7 @@ fn backward_by_spans(
     let blocks_per_span = SPAN_ROWS / BLOCK_ROWS;
     // One bias-gradient row per block, as in `backward`.
     let mut db_blocks = vec![0.0f32; rows.div_ceil(BLOCK_ROWS) * output];
-    let mut spans = Vec::new();
+    let mut spans: Vec<Vec<f32>> = Vec::new();
     // SAFETY: the products write every row of dx.
     let dx = unsafe {
         uninit_filled(rows * input, |dx| {
@@ -330,14 +327,45 @@ fn backward_by_spans(
                 .collect();
         })
     };
-    let mut bias = vec![0.0f32; output];
-    for db in db_blocks.chunks_exact(output) {
-        bias.iter_mut().zip(db).for_each(|(a, &b)| *a += b);
-    }
-    let mut spans = spans.into_iter();
-    let mut weight = spans.next().unwrap_or_else(|| vec![0.0; input * output]);
-    for span in spans {
-        weight.iter_mut().zip(&span).for_each(|(a, &b)| *a += b);
-    }
+    let bias = sum_in_order(db_blocks.chunks_exact(output), output);
+    let weight = sum_in_order(spans.iter().map(Vec::as_slice), input * output);
     LinearGrads { x: dx, weight, bias }
+}
+
+/// The sum of partial sums of `len` values, added in the order given: a fixed order, so the
+/// result does not depend on which thread computed which part.
+fn sum_in_order<'a>(parts: impl IntoIterator<Item = &'a [f32]>, len: usize) -> Vec<f32> {
+    let mut sum = vec![0.0f32; len];
+    for part in parts {
+        sum.iter_mut().zip(part).for_each(|(a, &b)| *a += b);
+    }
+    sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The gradients are the same bits on one thread and on several: the blocks and spans, not
+    /// the threads, fix the order of every sum.
+    #[test]
+    fn backward_does_not_depend_on_the_thread_count() {
+        let mut rng = crate::rng::stream(13, crate::rng::Purpose::Bench, 0);
+        let d = LinearDims { rows: 1500, input: 64, output: 48 };
+        let x = crate::rng::standard_normal(&mut rng, d.rows * d.input);
+        let weight = crate::rng::standard_normal(&mut rng, d.input * d.output);
+        let bias = crate::rng::standard_normal(&mut rng, d.output);
+        let dy = crate::rng::standard_normal(&mut rng, d.rows * d.output);
+        let (y, _) = forward(&x, &weight, &bias, d, Activation::Relu, false);
+        let on = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
+            pool.install(|| backward(&x, &weight, &y, &mut dy.clone(), d, Activation::Relu))
+        };
+        let bits =
+            |g: &LinearGrads| [&g.x, &g.weight, &g.bias].map(|v| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>());
+        let one = bits(&on(1));
+        for threads in [2, 3] {
+            assert!(bits(&on(threads)) == one, "{threads} threads");
+        }
+    }
 }
