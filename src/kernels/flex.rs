@@ -8,6 +8,7 @@ use burn::prelude::*;
 use burn::tensor::{Bytes, DType};
 
 use super::attention::{self, AttnDims};
+use super::inference_block::PackedBlock;
 use super::linear::{self, Activation, LinearDims};
 use super::norm::{self, NormDims, NormParams};
 use super::panels_avx2::{self, Panels};
@@ -130,6 +131,14 @@ pub(super) fn residual_forward(x: &FlexTensor, gate: &FlexTensor, y: &FlexTensor
     let (x, gate, y) = (contiguous(x), contiguous(gate), contiguous(y));
     let d = norm_dims(x.layout().shape());
     let out = profile::time(Region::ResidualForward, || residual::forward(x.storage(), gate.storage(), y.storage(), d));
+    flex_tensor(out, vec![d.batch, d.seq, d.width])
+}
+
+/// [`PackedBlock::forward`] on CPU tensors: `x` `[B, S, W]`, `modulation` `[B, 6·W]`.
+pub(super) fn packed_block_forward(x: &FlexTensor, modulation: &FlexTensor, block: &PackedBlock) -> FlexTensor {
+    let (x, modulation) = (contiguous(x), contiguous(modulation));
+    let d = norm_dims(x.layout().shape());
+    let out = block.forward(x.storage::<f32>(), modulation.storage::<f32>(), d.seq);
     flex_tensor(out, vec![d.batch, d.seq, d.width])
 }
 

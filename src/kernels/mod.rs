@@ -50,6 +50,7 @@ pub mod attention;
 pub mod buffer;
 pub mod cache;
 pub mod gemm;
+pub mod inference_block;
 pub mod isa;
 pub mod linear;
 pub mod norm;

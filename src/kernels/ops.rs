@@ -3,12 +3,14 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use burn::backend::Dispatch;
+use burn::backend::{Dispatch, Flex};
 use burn::prelude::*;
 use burn::tensor::DType;
 use burn::tensor::activation::softmax;
 use burn::tensor::module::layer_norm;
 
+use super::flex::packed_block_forward;
+use super::inference_block::PackedBlock;
 use super::{Activation, DitKernels, Exchange, TokenShards};
 
 /// True when `device` runs on the CPU backend these kernels are written for.
@@ -96,6 +98,19 @@ pub fn folded_attention(qv: Tensor<3>, keys: Tensor<3>, heads: usize, scale: f64
     } else {
         folded_attention_composed(qv, keys, heads, scale)
     }
+}
+
+/// A whole mnist-dits block fused for sampling ([`PackedBlock::forward`]): `x` `[B, S, W]` and
+/// the per-image modulation `[B, 6·W]`, where that kernel runs: plain (not autodiff) CPU tensors
+/// in f32 with the fused kernels on. `None` elsewhere, and the caller runs the block's kernels
+/// one by one.
+pub fn packed_block(x: &Tensor<3>, modulation: &Tensor<2>, block: &PackedBlock) -> Option<Tensor<3>> {
+    if !runs_fused(x) || !flex_f32(modulation) {
+        return None;
+    }
+    let x = x.clone().try_into_primitive::<Flex>().ok()?;
+    let modulation = modulation.clone().try_into_primitive::<Flex>().ok()?;
+    Some(Tensor::from_primitive::<Flex>(packed_block_forward(&x, &modulation, block)))
 }
 
 /// [`folded_attention`] of `qv = h·weight + bias` (no activation) and the keys `h` `[B, S, W]`,
@@ -201,6 +216,13 @@ pub fn linear_act<const D: usize>(layer: &burn::nn::Linear, x: Tensor<D>, activa
 /// Several Linear layers over the same input as one: their weights side by side, outputs
 /// concatenated on the last axis (one GEMM and one pass instead of one per layer).
 pub fn linear_cat<const D: usize>(layers: &[&burn::nn::Linear], x: Tensor<D>, activation: Activation) -> Tensor<D> {
+    let (weight, bias) = cat_linears(layers);
+    fused_linear(x, weight, bias, activation)
+}
+
+/// The weights of `layers` side by side, `[in, Σ out]`, and their biases (zeros for a layer
+/// without one), `[Σ out]`: the one Linear that [`linear_cat`] runs.
+pub fn cat_linears(layers: &[&burn::nn::Linear]) -> (Tensor<2>, Tensor<1>) {
     let weight = Tensor::cat(layers.iter().map(|l| l.weight.val()).collect(), 1);
     let device = weight.device();
     let bias = Tensor::cat(
@@ -213,7 +235,7 @@ pub fn linear_cat<const D: usize>(layers: &[&burn::nn::Linear], x: Tensor<D>, ac
             .collect(),
         0,
     );
-    fused_linear(x, weight, bias, activation)
+    (weight, bias)
 }
 
 /// `act(x·W + b)`: `x` `[.., in]`, `weight` `[in, out]`, `bias` `[out]`.

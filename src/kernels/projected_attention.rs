@@ -32,27 +32,63 @@ pub fn projected_folded_forward(
     scale: f32,
     engine: Engine,
 ) -> Vec<f32> {
-    let FoldedDims { batch, seq: s, heads, width: w } = d;
-    let hs = heads * s;
+    let FoldedDims { batch, seq: s, width: w, .. } = d;
     assert_eq!(h.len(), batch * s * w, "projected attention: h has the wrong length");
-    assert!(s > 0 && w > 0 && heads > 0, "projected attention: empty sequence, width or heads");
-    struct Scratch {
-        qv: Vec<MaybeUninit<f32>>,
-        queries: Vec<f32>,
-        probs: Vec<MaybeUninit<f32>>,
-        columns: Vec<f32>,
+    let image = ProjectedImage { weight, bias, d, scale, engine };
+    // SAFETY: `attend` writes every element of an image's rows.
+    unsafe {
+        uninit_filled(batch * s * w, |out| {
+            out.par_chunks_mut(s * w).enumerate().for_each_init(
+                || ProjectedScratch::new(d),
+                |sc, (bi, o)| image.attend(&h[bi * s * w..][..s * w], o, sc),
+            );
+        })
     }
-    let new_scratch = || Scratch {
-        qv: scratch(s * d.row()),
-        queries: vec![0.0; w * hs],
-        probs: scratch(s * hs),
-        columns: vec![0.0; 2 * hs],
-    };
-    let one_image = |bi: usize, o: &mut [MaybeUninit<f32>], sc: &mut Scratch| {
-        let keys = &h[bi * s * w..][..s * w];
+}
+
+/// The projection and the folded attention for one image at a time: what
+/// [`projected_folded_forward`] runs per image, and the fused inference block too.
+#[derive(Clone, Copy)]
+pub(super) struct ProjectedImage<'a> {
+    pub(super) weight: &'a Panels,
+    pub(super) bias: &'a [f32],
+    /// `batch` is not read: one image at a time.
+    pub(super) d: FoldedDims,
+    pub(super) scale: f32,
+    pub(super) engine: Engine,
+}
+
+/// Per-thread buffers of [`ProjectedImage::attend`].
+pub(super) struct ProjectedScratch {
+    qv: Vec<MaybeUninit<f32>>,
+    queries: Vec<f32>,
+    probs: Vec<MaybeUninit<f32>>,
+    columns: Vec<f32>,
+}
+
+impl ProjectedScratch {
+    pub(super) fn new(d: FoldedDims) -> Self {
+        let hs = d.heads * d.seq;
+        Self {
+            qv: scratch(d.seq * d.row()),
+            queries: vec![0.0; d.width * hs],
+            probs: scratch(d.seq * hs),
+            columns: vec![0.0; 2 * hs],
+        }
+    }
+}
+
+impl ProjectedImage<'_> {
+    /// One image: `keys` (its `S × W` tokens) to its attention output, every element of `o`
+    /// written.
+    pub(super) fn attend(&self, keys: &[f32], o: &mut [MaybeUninit<f32>], sc: &mut ProjectedScratch) {
+        let FoldedDims { seq: s, heads, width: w, .. } = self.d;
+        let hs = heads * s;
+        assert!(s > 0 && w > 0 && heads > 0, "projected attention: empty sequence, width or heads");
+        assert!(keys.len() == s * w && o.len() == s * w, "projected attention: an image is {s} × {w}");
         // Block g (S × W) holds column block g of qv: the folded queries of head g < H, then
         // the folded values of head g − H.
-        weight.product_in_groups(keys, bias, w, &mut sc.qv);
+        self.weight.product_in_groups(keys, self.bias, w, &mut sc.qv);
         // SAFETY: the product wrote all of qv.
         let qv = unsafe { assume_init(&mut sc.qv) }.as_ptr();
         let block = |g: usize| unsafe { qv.add(g * s * w) };
@@ -63,22 +99,17 @@ pub fn projected_folded_forward(
         let o: *mut f32 = o.as_mut_ptr().cast();
         let p: *mut f32 = sc.probs.as_mut_ptr().cast();
         let keys = Strided { ptr: keys.as_ptr(), row_stride: w, x_stride: 1 };
+        let engine = self.engine;
         // SAFETY (products): operands are this image's keys or this thread's buffers; the
         // destinations (the scores, this image's output rows) overlap none of them.
         unsafe { engine.product(s, hs, w, p, hs, keys, sc.queries.as_ptr(), hs, false) };
         // SAFETY: the product wrote all S·H·S scores.
         let probs = unsafe { assume_init(&mut sc.probs) };
-        softmax_columns(probs, hs, scale, &mut sc.columns);
+        softmax_columns(probs, hs, self.scale, &mut sc.columns);
         for head in 0..heads {
             let probs = Strided { ptr: probs[head * s..].as_ptr(), row_stride: 1, x_stride: hs };
             // Head 0 writes every output element of the image, later heads add to them.
             unsafe { engine.product(s, w, s, o, w, probs, block(heads + head), w, head > 0) };
         }
-    };
-    // SAFETY: head 0's output product writes every element of an image's rows.
-    unsafe {
-        uninit_filled(batch * s * w, |out| {
-            out.par_chunks_mut(s * w).enumerate().for_each_init(new_scratch, |sc, (bi, o)| one_image(bi, o, sc));
-        })
     }
 }

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use super::config::{DitConfig, Family};
 use super::dit::Dit;
 use super::mnist_dits::MnistDits;
-use super::mnist_dits::folded::FoldedAttention;
+use super::mnist_dits::prepared::PreparedBlock;
 use crate::kernels::{SequenceParallel, TensorParallel};
 
 /// burn derives `Module` for the enum: parameters are visited through the active variant.
@@ -100,7 +100,7 @@ impl DitNet {
         let on_cpu = self.device() == Device::flex();
         let folded = match self {
             // Only the CPU has the folded attention kernel.
-            DitNet::MnistDits(m) if on_cpu => m.fold(),
+            DitNet::MnistDits(m) if on_cpu => m.prepare(true),
             _ => None,
         };
         Inference { net: self, folded, on_cpu }
@@ -131,7 +131,7 @@ impl DitNet {
 }
 
 /// A network prepared for inference (no gradients). Its results equal [`DitNet::forward`]'s bit
-/// for bit; on the CPU it differs in two ways:
+/// for bit; on the CPU it differs in three ways:
 ///
 /// - The batch is cut into chunks small enough for a block's activations to stay in the caches,
 ///   and the chunks run in parallel (each image's output does not depend on the others). Why:
@@ -139,9 +139,12 @@ impl DitNet {
 ///   them back; in chunks sized to the L2 cache ([`CHUNK_VALUES_PER_L2_MIB`]) they stay nearer.
 /// - The folded attention weights (see [`super::mnist_dits::folded`]), which `forward` derives
 ///   from the parameters at every call, are derived once.
+/// - On CPUs with AVX2 but no AVX-512, each mnist-dits block runs as one kernel, image by image,
+///   with its weights packed once ([`crate::kernels::inference_block`]).
 pub struct Inference<'a> {
     net: &'a DitNet,
-    folded: Option<Vec<FoldedAttention>>,
+    /// mnist-dits' blocks prepared (see [`PreparedBlock`]), where its attention folds.
+    folded: Option<Vec<PreparedBlock>>,
     on_cpu: bool,
 }
 
@@ -176,6 +179,11 @@ impl Inference<'_> {
         self.folded.is_some()
     }
 
+    /// Whether every block runs as one fused kernel (see [`crate::kernels::inference_block`]).
+    pub fn is_packed(&self) -> bool {
+        self.folded.as_ref().is_some_and(|blocks| blocks.iter().all(PreparedBlock::is_packed))
+    }
+
     fn forward(&self, x: Tensor<4>, t: Tensor<1, Int>, y: Tensor<1, Int>) -> Tensor<4> {
         match (self.net, &self.folded) {
             (DitNet::MnistDits(m), Some(folded)) => m.forward_folded(x, t, y, folded),
@@ -202,8 +210,8 @@ fn chunk_images(tokens: usize, width: usize) -> usize {
 mod tests {
     use super::*;
 
-    /// Chunked inference with the folded weights prepared once is `forward`, bit for bit,
-    /// including a last chunk of another size.
+    /// Chunked inference with the folded weights prepared once (and, on AVX2 CPUs, the blocks
+    /// fused) is `forward`, bit for bit, including a last chunk of another size.
     #[test]
     fn infer_equals_forward() {
         let cfg = DitConfig::mnist_dits();
@@ -220,6 +228,8 @@ mod tests {
         let whole = model.forward(x.clone(), t.clone(), y.clone()).into_data().try_to_vec::<f32>().unwrap();
         let prepared = model.prepare_inference();
         assert!(prepared.is_folded(), "mnist-dits folds its attention on the CPU");
+        let packs = crate::kernels::inference_block::PackedBlock::available(cfg.width);
+        assert_eq!(prepared.is_packed(), packs, "the blocks run fused exactly where the kernel runs");
         let chunked = prepared.infer(x, t, y).into_data().try_to_vec::<f32>().unwrap();
         assert_eq!(whole.len(), chunked.len());
         let differ = whole.iter().zip(&chunked).filter(|(a, b)| a.to_bits() != b.to_bits()).count();

@@ -30,7 +30,7 @@ impl FeedForward {
 }
 
 /// PyTorch's `nn.LayerNorm` epsilon, which mnist-dits keeps.
-const LN_EPS: f64 = 1e-5;
+pub(super) const LN_EPS: f64 = 1e-5;
 
 /// `ln(x)·(1 + scale) + shift` through the fused kernel, with `ln`'s own weight and bias.
 pub(crate) fn adaln(ln: &LayerNorm, x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>) -> Tensor<3> {
@@ -161,12 +161,29 @@ impl MnistDitsBlock {
         tp: &TensorParallel,
         attention: impl FnOnce(Tensor<3>) -> Tensor<3>,
     ) -> Tensor<3> {
-        // The six modulation Linears as one product, then split: γ₁ β₁ α₁ γ₂ β₂ α₂, each [B,W].
-        let layers = [&self.gamma1, &self.beta1, &self.alpha1, &self.gamma2, &self.beta2, &self.alpha2];
-        let [g1, b1, a1, g2, b2, a2] =
-            <[Tensor<2>; 6]>::try_from(linear_cat(&layers, cond, Activation::Identity).chunk(6, 1))
-                .expect("six chunks");
+        self.forward_modulated(x, self.modulation(cond), tp, attention)
+    }
 
+    /// The six modulation Linears, in this order, whose outputs [`Self::modulation`] places
+    /// side by side.
+    pub(super) fn modulation_layers(&self) -> [&Linear; 6] {
+        [&self.gamma1, &self.beta1, &self.alpha1, &self.gamma2, &self.beta2, &self.alpha2]
+    }
+
+    /// γ₁ β₁ α₁ γ₂ β₂ α₂ side by side, `[B, 6·W]`: the six modulation Linears as one product.
+    fn modulation(&self, cond: Tensor<2>) -> Tensor<2> {
+        linear_cat(&self.modulation_layers(), cond, Activation::Identity)
+    }
+
+    /// [`Self::forward_with`] from the modulation `[B, 6·W]` (see [`Self::modulation`]).
+    pub(super) fn forward_modulated(
+        &self,
+        x: Tensor<3>,
+        modulation: Tensor<2>,
+        tp: &TensorParallel,
+        attention: impl FnOnce(Tensor<3>) -> Tensor<3>,
+    ) -> Tensor<3> {
+        let [g1, b1, a1, g2, b2, a2] = <[Tensor<2>; 6]>::try_from(modulation.chunk(6, 1)).expect("six chunks");
         let h = adaln(&self.ln1, x.clone(), b1, g1); // LN(x)·(1+γ₁) + β₁
         let x = gated_residual(x, a1, attention(h)); // x + α₁·Attn(h)
         let h = adaln(&self.ln2, x.clone(), b2, g2);

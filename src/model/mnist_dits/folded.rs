@@ -39,10 +39,10 @@ pub fn folding_pays(tokens: usize, width: usize, head_dim: usize) -> bool {
 #[derive(Debug, Clone)]
 pub struct FoldedAttention {
     /// `h → [Q'₀ … Q'ₕ₋₁ | V'₀ … V'ₕ₋₁]`, `[W, 2·H·W]`, and its bias `[2·H·W]`.
-    weight: Tensor<2>,
-    bias: Tensor<1>,
-    heads: usize,
-    scale: f64,
+    pub(super) weight: Tensor<2>,
+    pub(super) bias: Tensor<1>,
+    pub(super) heads: usize,
+    pub(super) scale: f64,
 }
 
 impl FoldedAttention {

@@ -4,6 +4,7 @@
 pub mod block;
 pub mod embed;
 pub mod folded;
+pub mod prepared;
 
 use crate::kernels::cast_like;
 use burn::module::Param;
@@ -17,7 +18,7 @@ use crate::kernels::{Activation, SequenceParallel, TensorParallel, linear_act};
 use crate::model::patchify::patch_tokens;
 use block::MnistDitsBlock;
 use embed::{TimeEmbedding, embed_labels, label_embedding};
-use folded::FoldedAttention;
+use prepared::PreparedBlock;
 
 /// Field names follow the PyTorch `state_dict` of owenliang/mnist-dits (see
 /// [`super::weights`] for the few that differ).
@@ -80,19 +81,20 @@ impl MnistDits {
         self.forward_blocks(x, t, y, None, tp)
     }
 
-    /// The blocks' attention folded for inference, or `None` where folding would not pay.
-    pub fn fold(&self) -> Option<Vec<FoldedAttention>> {
+    /// The blocks prepared for inference (their attention folded; with `pack`, packed for the
+    /// fused block kernel where it runs), or `None` where folding would not pay.
+    pub fn prepare(&self, pack: bool) -> Option<Vec<PreparedBlock>> {
         let tokens = self.patch_pos_emb.dims()[1];
-        self.dits.iter().map(|block| FoldedAttention::new(block, tokens)).collect()
+        self.dits.iter().map(|block| PreparedBlock::new(block, tokens, pack)).collect()
     }
 
-    /// [`Self::forward`] with folded attention (from [`Self::fold`]): inference only.
+    /// [`Self::forward`] with the blocks prepared by [`Self::prepare`]: inference only.
     pub fn forward_folded(
         &self,
         x: Tensor<4>,
         t: Tensor<1, Int>,
         y: Tensor<1, Int>,
-        folded: &[FoldedAttention],
+        folded: &[PreparedBlock],
     ) -> Tensor<4> {
         self.forward_blocks(x, t, y, Some(folded), &TensorParallel::single())
     }
@@ -102,7 +104,7 @@ impl MnistDits {
         x: Tensor<4>,
         t: Tensor<1, Int>,
         y: Tensor<1, Int>,
-        folded: Option<&[FoldedAttention]>,
+        folded: Option<&[PreparedBlock]>,
         tp: &TensorParallel,
     ) -> Tensor<4> {
         let [b, c, height, width] = x.dims();
@@ -111,7 +113,7 @@ impl MnistDits {
         let (mut x, cond) = self.embed(x, t, y);
         for (i, block) in self.dits.iter().enumerate() {
             x = match folded {
-                Some(folded) => block.forward_folded(x, cond.clone(), &folded[i]),
+                Some(prepared) => prepared[i].forward(block, x, cond.clone()),
                 None => block.forward(x, cond.clone(), tp),
             };
         }
