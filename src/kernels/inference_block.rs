@@ -10,9 +10,9 @@
 //! image after image.
 //!
 //! Each step is the per-image code of the kernel it replaces ([`norm::forward_image`],
-//! [`ProjectedImage::attend`], [`residual::forward_image`], [`Panels::product`] with
-//! [`linear::epilogue`]), whose results do not depend on how images and rows are grouped, so
-//! the output equals the kernels run one after the other bit for bit (a test).
+//! [`ProjectedImage::attend`], [`residual::forward_image`], [`Panels::product_biased`]), whose
+//! results do not depend on how images and rows are grouped, so the output equals the kernels
+//! run one after the other bit for bit (a test).
 
 use std::mem::MaybeUninit;
 
@@ -20,7 +20,6 @@ use rayon::prelude::*;
 
 use super::attention::{Engine, FoldedDims};
 use super::buffer::{assume_init, scratch, uninit_filled};
-use super::linear::{self, Activation};
 use super::norm;
 use super::panels_avx2::{self, Panels};
 use super::projected_attention::{ProjectedImage, ProjectedScratch};
@@ -146,12 +145,10 @@ impl PackedBlock {
         norm::forward_image(x1, &mut sc.h, &mut sc.stats, w2, b2, shift2, scale2, eps, &mut sc.a, &mut sc.c);
         let h = unsafe { assume_init(&mut sc.h) };
         let (expand, expand_bias) = &self.expand;
-        expand.product(h, &mut sc.hidden, |_, rows| linear::epilogue(rows, &mut [], expand_bias, Activation::Relu));
+        expand.product_biased(h, expand_bias, true, &mut sc.hidden);
         let (contract, contract_bias) = &self.contract;
         let hidden = unsafe { assume_init(&mut sc.hidden) };
-        contract.product(hidden, &mut sc.branch, |_, rows| {
-            linear::epilogue(rows, &mut [], contract_bias, Activation::Identity)
-        });
+        contract.product_biased(hidden, contract_bias, false, &mut sc.branch);
         residual::forward_image(x1, gate2, unsafe { assume_init(&mut sc.branch) }, out);
     }
 }
@@ -190,7 +187,7 @@ impl Scratch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::linear::LinearDims;
+    use crate::kernels::linear::{self, Activation, LinearDims};
     use crate::kernels::norm::{NormDims, NormParams};
     use crate::kernels::projected_attention::projected_folded_forward;
 

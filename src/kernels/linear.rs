@@ -132,13 +132,19 @@ pub fn forward(
     assert!(input > 0 && output > 0, "linear: zero-sized layer");
     let keep_z = keep_z && act.needs_preactivation();
     let block = BLOCK_ROWS * output;
-    // On AVX2 the weight is packed once and the epilogue runs on each register tile's rows
-    // while they are in L1 (see [`panels_avx2`]); elsewhere gemm writes the block first.
+    // On AVX2 the weight is packed once and the bias and ReLU are applied in the register
+    // tiles, GELU's epilogue on each tile's rows while they are in L1 (see [`panels_avx2`]);
+    // elsewhere gemm writes the block first.
     let panels = panels_avx2::available().then(|| Panels::pack(weight, input, output, output, 1));
     let run = |bi: usize, yb: &mut [MaybeUninit<f32>], zb: &mut [MaybeUninit<f32>]| {
         let m = yb.len() / output;
         let xs = &x[bi * BLOCK_ROWS * input..][..m * input];
         if let Some(panels) = &panels {
+            if !act.needs_preactivation() {
+                // Bias and ReLU on the accumulators, as the epilogue would apply them.
+                panels.product_biased(xs, bias, act == Activation::Relu, yb);
+                return;
+            }
             panels.product(xs, yb, |first, rows| {
                 let z = if zb.is_empty() { &mut [][..] } else { &mut zb[first * output..][..rows.len()] };
                 epilogue(rows, z, bias, act);

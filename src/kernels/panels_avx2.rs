@@ -32,6 +32,14 @@ pub fn available() -> bool {
     super::isa::active() == super::isa::Isa::Avx2
 }
 
+/// What the tiles apply to their accumulators before storing them: the bias, then ReLU if
+/// `relu`.
+#[derive(Debug, Clone, Copy)]
+struct InRegisters<'a> {
+    bias: &'a [f32],
+    relu: bool,
+}
+
 /// `B` `[k, n]` as `⌈n/16⌉` panels of `k × 16` floats, the last one padded with zeros.
 #[derive(Debug, Clone)]
 pub struct Panels {
@@ -114,7 +122,21 @@ impl Panels {
         let at = |first: usize, col: usize| {
             (unsafe { base.add((col / group) * rows * group + first * group + col % group) }, group)
         };
-        self.tiles(x, rows, Some(bias), at, |_, _| {});
+        self.tiles(x, rows, Some(InRegisters { bias, relu: false }), at, |_, _| {});
+    }
+
+    /// `act(x · B + bias)` into all of `dst` (row-major, like [`Self::product`]), with `act` the
+    /// identity or, with `relu`, ReLU, both applied to the accumulators before they are stored:
+    /// the same values as [`Self::product`] followed by the Linear epilogue, with no second pass
+    /// over the rows.
+    pub fn product_biased(&self, x: &[f32], bias: &[f32], relu: bool, dst: &mut [MaybeUninit<f32>]) {
+        assert_eq!(bias.len(), self.n, "panels: bias must have {} elements", self.n);
+        let n = self.n;
+        let rows = self.rows_of(x, dst.len());
+        let base: *mut f32 = dst.as_mut_ptr().cast();
+        // SAFETY: panel p's columns of rows first.. of the row-major `dst`.
+        let at = |first: usize, col: usize| (unsafe { base.add(first * n + col) }, n);
+        self.tiles(x, rows, Some(InRegisters { bias, relu }), at, |_, _| {});
     }
 
     /// Rows of `x`, checking that `x` and an output of `dst_len` values agree.
@@ -133,7 +155,7 @@ impl Panels {
         &self,
         x: &[f32],
         rows: usize,
-        bias: Option<&[f32]>,
+        bias: Option<InRegisters>,
         at: impl Fn(usize, usize) -> (*mut f32, usize),
         mut finished: impl FnMut(usize, usize),
     ) {
@@ -168,8 +190,8 @@ impl Panels {
         }
     }
 
-    /// `R` rows of the output, panel by panel, plus `bias` when given (after the products, as
-    /// the Linear epilogue adds it).
+    /// `R` rows of the output, panel by panel, plus the bias when given (after the products, as
+    /// the Linear epilogue adds it), then ReLU if asked.
     ///
     /// # Safety
     /// AVX2 + FMA; `x` covers `R` rows of `k`; `at(col)` covers `R` rows of the panel's columns.
@@ -178,7 +200,7 @@ impl Panels {
     unsafe fn row_tile<const R: usize>(
         &self,
         x: *const f32,
-        bias: Option<&[f32]>,
+        bias: Option<InRegisters>,
         at: impl Fn(usize) -> (*mut f32, usize),
     ) {
         let (k, n) = (self.k, self.n);
@@ -198,12 +220,27 @@ impl Panels {
                 }
                 let col = p * PANEL;
                 let cols = (n - col).min(PANEL);
-                if let Some(bias) = bias {
-                    // Grouped outputs come in whole panels (`product_in_groups`).
-                    let (b0, b1) = (_mm256_loadu_ps(bias[col..].as_ptr()), _mm256_loadu_ps(bias[col + 8..].as_ptr()));
+                if let Some(InRegisters { bias, relu }) = bias {
+                    // A partial last panel's bias, padded with zeros (its padding lanes are not stored).
+                    let mut padded = [0.0f32; PANEL];
+                    let b = if cols == PANEL {
+                        bias[col..].as_ptr()
+                    } else {
+                        padded[..cols].copy_from_slice(&bias[col..col + cols]);
+                        padded.as_ptr()
+                    };
+                    let (b0, b1) = (_mm256_loadu_ps(b), _mm256_loadu_ps(b.add(8)));
                     for a in acc.iter_mut() {
                         a[0] = _mm256_add_ps(a[0], b0);
                         a[1] = _mm256_add_ps(a[1], b1);
+                    }
+                    if relu {
+                        // `vmaxps` with zero second: NaN becomes 0, as `f32::max(NaN, 0.0)` does.
+                        let zero = _mm256_setzero_ps();
+                        for a in acc.iter_mut() {
+                            a[0] = _mm256_max_ps(a[0], zero);
+                            a[1] = _mm256_max_ps(a[1], zero);
+                        }
                     }
                 }
                 let (out, stride) = at(col);
@@ -227,6 +264,7 @@ impl Panels {
 #[cfg(all(test, target_arch = "x86_64", not(fuzzing)))]
 mod tests {
     use super::*;
+    use crate::kernels::linear::{Activation, epilogue};
 
     /// Every shape class (full and partial panels, every remainder of the row tile, k of 1) and
     /// both packings, against the definition in f64; `finish` sees every row once, in order.
@@ -259,6 +297,32 @@ mod tests {
                         assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "{rows}×{k}×{n} [{r},{j}]");
                     }
                 }
+            }
+        }
+    }
+
+    /// The bias and ReLU applied in registers: the same bits as the product followed by the
+    /// Linear epilogue, partial last panel included.
+    #[test]
+    fn biased_equals_the_product_then_the_epilogue() {
+        if !available() {
+            return;
+        }
+        let mut rng = crate::rng::stream(12, crate::rng::Purpose::Bench, 0);
+        for (rows, k, n) in [(49, 64, 256), (13, 5, 21), (1, 256, 64)] {
+            let x = crate::rng::standard_normal(&mut rng, rows * k);
+            let w = crate::rng::standard_normal(&mut rng, k * n);
+            let bias = crate::rng::standard_normal(&mut rng, n);
+            let panels = Panels::pack(&w, k, n, n, 1);
+            for act in [Activation::Identity, Activation::Relu] {
+                let mut plain = vec![MaybeUninit::new(0.0); rows * n];
+                panels.product(&x, &mut plain, |_, done| epilogue(done, &mut [], &bias, act));
+                let mut biased = vec![MaybeUninit::new(f32::NAN); rows * n];
+                panels.product_biased(&x, &bias, act == Activation::Relu, &mut biased);
+                // SAFETY: both were initialised.
+                let (plain, biased) = unsafe { (assume_init(&mut plain), assume_init(&mut biased)) };
+                let differ = plain.iter().zip(biased.iter()).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                assert_eq!(differ, 0, "{rows}×{k}×{n} {act:?}: {differ} values differ");
             }
         }
     }
