@@ -12,6 +12,7 @@ use burn::backend::{Autodiff, Flex};
 
 use super::flex::*;
 use super::linear::{self, Activation};
+use super::patches::Patches;
 use super::{Adjoint, DitKernels, Exchange, GroupSum, TokenShards, attention, norm, residual};
 use crate::profile::{self, Region};
 
@@ -55,7 +56,7 @@ where
     }
 }
 
-/// A collective's backward: the adjoint of its data movement.
+/// A data movement's backward (a collective's, the patch layout's): its adjoint.
 #[derive(Debug)]
 struct AdjointOp<A>(std::marker::PhantomData<A>);
 
@@ -74,7 +75,7 @@ impl<A: Adjoint> Backward<Flex, 1> for AdjointOp<A> {
     }
 }
 
-/// Records the collective `op` on `x`.
+/// Records the data movement `op` on `x`.
 fn record_adjoint<A: Adjoint, C: CheckpointStrategy>(
     x: FloatTensor<Autodiff<Flex, C>>,
     op: A,
@@ -90,6 +91,10 @@ impl<C: CheckpointStrategy> DitKernels for Autodiff<Flex, C> {
     }
 
     fn token_shards(x: FloatTensor<Self>, op: TokenShards) -> FloatTensor<Self> {
+        record_adjoint::<_, C>(x, op)
+    }
+
+    fn patches(x: FloatTensor<Self>, op: Patches) -> FloatTensor<Self> {
         record_adjoint::<_, C>(x, op)
     }
 

@@ -12,6 +12,7 @@ use super::inference_block::PackedBlock;
 use super::linear::{self, Activation, LinearDims};
 use super::norm::{self, NormDims, NormParams};
 use super::panels_avx2::{self, Panels};
+use super::patches::Patches;
 use super::projected_attention::projected_folded_forward;
 use super::{Adjoint, DitKernels, Exchange, GroupSum, TokenShards, residual};
 use crate::profile::{self, Region};
@@ -264,6 +265,10 @@ impl DitKernels for Flex {
     }
 
     fn token_shards(x: FloatTensor<Self>, op: TokenShards) -> FloatTensor<Self> {
+        op.forward(&x)
+    }
+
+    fn patches(x: FloatTensor<Self>, op: Patches) -> FloatTensor<Self> {
         op.forward(&x)
     }
 

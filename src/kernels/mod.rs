@@ -55,6 +55,7 @@ pub mod isa;
 pub mod linear;
 pub mod norm;
 pub mod panels_avx2;
+pub mod patches;
 pub mod peak;
 pub mod projected_attention;
 pub mod residual;
@@ -69,8 +70,8 @@ use burn::backend::{Backend, backend_extension};
 
 pub use exchange::{Exchange, ExchangeDirection};
 
-/// A collective operation of the extension (Ulysses' exchange, Megatron's sums, token shards):
-/// a data movement between ranks and its adjoint, which the backward pass runs.
+/// A data movement of the extension and its adjoint, which the backward pass runs: the
+/// collectives (Ulysses' exchange, Megatron's sums, token shards) and the patch layout.
 pub(crate) trait Adjoint: Clone + Send + std::fmt::Debug + 'static {
     fn forward(&self, x: &burn::backend::flex::FlexTensor) -> burn::backend::flex::FlexTensor;
     fn backward(&self, grad: &burn::backend::flex::FlexTensor) -> burn::backend::flex::FlexTensor;
@@ -134,4 +135,8 @@ pub trait DitKernels: Backend {
     /// Gather or reduce-scatter a sequence-parallel group's token shards, see [`TokenShards`];
     /// the backward pass is the other one.
     fn token_shards(x: FloatTensor<Self>, op: TokenShards) -> FloatTensor<Self>;
+
+    /// Images to patch tokens or back, see [`patches::Patches`]; the backward pass is the other
+    /// direction.
+    fn patches(x: FloatTensor<Self>, op: patches::Patches) -> FloatTensor<Self>;
 }

@@ -11,6 +11,7 @@ use burn::tensor::module::layer_norm;
 
 use super::flex::packed_block_forward;
 use super::inference_block::PackedBlock;
+use super::patches::{PatchDirection, PatchOrder, Patches};
 use super::{Activation, DitKernels, Exchange, TokenShards};
 
 /// True when `device` runs on the CPU backend these kernels are written for.
@@ -60,6 +61,62 @@ pub fn exchange(x: Tensor<3>, plan: Exchange) -> Tensor<3> {
 pub fn token_shards(x: Tensor<3>, op: TokenShards) -> Tensor<3> {
     assert!(flex_f32(&x), "sequence parallelism runs on the CPU backend, in f32");
     Tensor::from_dispatch(<Dispatch as DitKernels>::token_shards(x.into_dispatch(), op))
+}
+
+/// Images `[B, C, H, W]` → patch tokens `[B, gh·gw, p²·C]`, each token's values in `order`
+/// (see [`Patches`]).
+pub fn patchify(image: Tensor<4>, patch: usize, order: PatchOrder) -> Tensor<3> {
+    let [_, channels, height, width] = image.dims();
+    let op = Patches { channels, height, width, patch, order, direction: PatchDirection::ToTokens };
+    if runs_fused(&image) {
+        return Tensor::from_dispatch(<Dispatch as DitKernels>::patches(image.into_dispatch(), op));
+    }
+    patchify_composed(image, patch, order)
+}
+
+/// [`patchify`] from burn's own operations.
+pub fn patchify_composed(image: Tensor<4>, patch: usize, order: PatchOrder) -> Tensor<3> {
+    let [b, c, height, width] = image.dims();
+    let (gh, gw, p) = (height / patch, width / patch, patch);
+    let grid = image.reshape([b, c, gh, p, gw, p]);
+    let patches = match order {
+        PatchOrder::ChannelsFirst => grid.permute([0, 2, 4, 1, 3, 5]), // [B, gh, gw, C, p, p]
+        PatchOrder::ChannelsLast => grid.permute([0, 2, 4, 3, 5, 1]),  // [B, gh, gw, p, p, C]
+    };
+    patches.reshape([b, gh * gw, p * p * c])
+}
+
+/// Patch tokens `[B, gh·gw, p²·C]` (values in `order`) → images `[B, C, H, W]`: the inverse of
+/// [`patchify`].
+pub fn unpatchify(
+    tokens: Tensor<3>,
+    channels: usize,
+    [height, width]: [usize; 2],
+    patch: usize,
+    order: PatchOrder,
+) -> Tensor<4> {
+    let op = Patches { channels, height, width, patch, order, direction: PatchDirection::ToImage };
+    if runs_fused(&tokens) {
+        return Tensor::from_dispatch(<Dispatch as DitKernels>::patches(tokens.into_dispatch(), op));
+    }
+    unpatchify_composed(tokens, channels, [height, width], patch, order)
+}
+
+/// [`unpatchify`] from burn's own operations.
+pub fn unpatchify_composed(
+    tokens: Tensor<3>,
+    channels: usize,
+    [height, width]: [usize; 2],
+    patch: usize,
+    order: PatchOrder,
+) -> Tensor<4> {
+    let b = tokens.dims()[0];
+    let (gh, gw, p, c) = (height / patch, width / patch, patch, channels);
+    let grid = match order {
+        PatchOrder::ChannelsFirst => tokens.reshape([b, gh, gw, c, p, p]).permute([0, 3, 1, 4, 2, 5]),
+        PatchOrder::ChannelsLast => tokens.reshape([b, gh, gw, p, p, c]).permute([0, 5, 1, 3, 2, 4]),
+    }; // [B, C, gh, p, gw, p]
+    grid.reshape([b, c, height, width])
 }
 
 /// Multi-head self-attention: `qkv` `[B, S, 3·H·D]` (queries, keys, values side by side, head

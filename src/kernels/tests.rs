@@ -176,3 +176,41 @@ fn projected_folded_attention_is_the_projection_then_the_attention() {
         assert!(d < 1e-5, "{batch}×{seq}×{heads}×{width}: projected vs composed differ by {d}");
     }
 }
+
+/// The patch layout change, both ways and in both value orders, equals burn's reshape and
+/// permute exactly, and so do its gradients (the other direction applied to the upstream
+/// gradient).
+#[test]
+fn patches_match_composed() {
+    use super::patches::PatchOrder;
+    let device = Device::flex().autodiff();
+    for (b, c, [h, w], p) in [(2, 1, [28, 28], 4), (3, 3, [6, 10], 2), (1, 2, [4, 4], 1)] {
+        let tokens = (h / p) * (w / p);
+        let draws = Draws::new(&device, (c * 100 + p) as u64);
+        let image = draws.normal([b * c, h, w], 0.0, 1.0).reshape([b, c, h, w]);
+        let up_tokens = draws.normal([b, tokens, p * p * c], 0.0, 1.0);
+        let up_image = draws.normal([b * c, h, w], 0.0, 1.0).reshape([b, c, h, w]);
+        let bits = |t: Tensor<3>| t.inner().into_data().try_to_vec::<f32>().unwrap();
+        let bits4 = |t: Tensor<4>| t.inner().into_data().try_to_vec::<f32>().unwrap();
+        for order in [PatchOrder::ChannelsFirst, PatchOrder::ChannelsLast] {
+            let to_tokens = |f: fn(Tensor<4>, usize, PatchOrder) -> Tensor<3>| {
+                let x = image.clone().require_grad();
+                let y = f(x.clone(), p, order);
+                let grads = (y.clone() * up_tokens.clone()).sum().backward();
+                (bits(y.detach()), bits4(x.grad(&grads).expect("gradient")))
+            };
+            let (kernel, composed) = (to_tokens(patchify), to_tokens(patchify_composed));
+            assert_eq!(kernel, composed, "patchify {b}×{c}×{h}×{w}/{p} {order:?}");
+
+            let tokens_in = up_tokens.clone();
+            let to_image = |f: fn(Tensor<3>, usize, [usize; 2], usize, PatchOrder) -> Tensor<4>| {
+                let x = tokens_in.clone().require_grad();
+                let y = f(x.clone(), c, [h, w], p, order);
+                let grads = (y.clone() * up_image.clone()).sum().backward();
+                (bits4(y.detach()), bits(x.grad(&grads).expect("gradient")))
+            };
+            let (kernel, composed) = (to_image(unpatchify), to_image(unpatchify_composed));
+            assert_eq!(kernel, composed, "unpatchify {b}×{c}×{h}×{w}/{p} {order:?}");
+        }
+    }
+}

@@ -9,16 +9,15 @@
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 
-use crate::kernels::{Activation, cast_like, fused_linear};
+use crate::kernels::patches::PatchOrder;
+use crate::kernels::{Activation, cast_like, fused_linear, patchify};
 
 /// `conv` (kernel and stride `patch`, no padding) over `x` `[B, C, H, W]` → tokens
 /// `[B, (H/p)·(W/p), out]` in row-major patch order.
 pub fn patch_tokens(conv: &Conv2d, x: Tensor<4>, patch: usize) -> Tensor<3> {
-    let [b, c, height, width] = x.dims();
-    let (gh, gw, p) = (height / patch, width / patch, patch);
-    // [B, C, gh, p, gw, p] → [B, gh, gw, C, p, p]: each token's values in the (channel, row,
-    // column) order of the weight's last three axes.
-    let patches = x.reshape([b, c, gh, p, gw, p]).permute([0, 2, 4, 1, 3, 5]).reshape([b, gh * gw, c * p * p]);
+    let (c, p) = (x.dims()[1], patch);
+    // Each token's values in the (channel, row, column) order of the weight's last three axes.
+    let patches = patchify(x, patch, PatchOrder::ChannelsFirst); // [B, S, C·p²]
     let kernel = conv.weight.val();
     let out = kernel.dims()[0];
     let weight = kernel.reshape([out, c * p * p]).transpose(); // [C·p², out]

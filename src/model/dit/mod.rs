@@ -9,7 +9,8 @@ use crate::kernels::cast_like;
 use burn::prelude::*;
 
 use super::config::DitConfig;
-use crate::kernels::{SequenceParallel, TensorParallel};
+use crate::kernels::patches::PatchOrder;
+use crate::kernels::{SequenceParallel, TensorParallel, patchify, unpatchify};
 use block::{DitBlock, FinalLayer};
 use embed::{LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d};
 
@@ -56,14 +57,10 @@ impl Dit {
         y: Tensor<1, Int>,
         tp: &TensorParallel,
     ) -> Tensor<4> {
-        let [b, c, height, width] = x.dims();
-        let p = self.patch;
-        let (gh, gw) = (height / p, width / p);
+        let [_, c, height, width] = x.dims();
         let x = self.forward_tokens(x, t, y, tp, None); // [B, S, p·p·C]
-        // Unpatchify: token (i, j) holds rows i·p.., columns j·p.., values ordered (p, q, C).
-        x.reshape([b, gh, gw, p, p, c]) // [B, gh, gw, p, p, C]
-            .permute([0, 5, 1, 3, 2, 4]) // [B, C, gh, p, gw, p]
-            .reshape([b, c, height, width])
+        // Token (i, j) holds rows i·p.., columns j·p.., values ordered (p, q, C).
+        unpatchify(x, c, [height, width], self.patch, PatchOrder::ChannelsLast)
     }
 
     /// The prediction for this rank's tokens of `sp` (all tokens without it), `[B, S/P, p·p·C]`:
@@ -97,12 +94,6 @@ impl Dit {
     /// An image `[B, C, H, W]` in the token layout of [`Self::forward_tokens`]'s output,
     /// `[B, S, p·p·C]` (the inverse of the unpatchify in [`Self::forward_parallel`]).
     pub fn patchify(&self, image: Tensor<4>) -> Tensor<3> {
-        let [b, c, height, width] = image.dims();
-        let p = self.patch;
-        let (gh, gw) = (height / p, width / p);
-        image
-            .reshape([b, c, gh, p, gw, p]) // [B, C, gh, p, gw, p]
-            .permute([0, 2, 4, 3, 5, 1]) // [B, gh, gw, p, p, C]
-            .reshape([b, gh * gw, p * p * c])
+        patchify(image, self.patch, PatchOrder::ChannelsLast)
     }
 }

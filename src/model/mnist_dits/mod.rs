@@ -14,7 +14,8 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 
 use super::config::DitConfig;
-use crate::kernels::{Activation, SequenceParallel, TensorParallel, linear_act};
+use crate::kernels::patches::PatchOrder;
+use crate::kernels::{Activation, SequenceParallel, TensorParallel, linear_act, patchify, unpatchify};
 use crate::model::patchify::patch_tokens;
 use block::MnistDitsBlock;
 use embed::{TimeEmbedding, embed_labels, label_embedding};
@@ -107,9 +108,7 @@ impl MnistDits {
         folded: Option<&[PreparedBlock]>,
         tp: &TensorParallel,
     ) -> Tensor<4> {
-        let [b, c, height, width] = x.dims();
-        let p = self.patch;
-        let (gh, gw) = (height / p, width / p);
+        let [_, c, height, width] = x.dims();
         let (mut x, cond) = self.embed(x, t, y);
         for (i, block) in self.dits.iter().enumerate() {
             x = match folded {
@@ -118,10 +117,8 @@ impl MnistDits {
             };
         }
         let x = self.head(x); // [B, S, C·p²]
-        // Unpatchify: token (i, j) holds patch rows i·p.., columns j·p.., channel-major.
-        x.reshape([b, gh, gw, c, p, p]) // [B, gh, gw, C, p, p]
-            .permute([0, 3, 1, 4, 2, 5]) // [B, C, gh, p, gw, p]
-            .reshape([b, c, height, width])
+        // Token (i, j) holds patch rows i·p.., columns j·p.., channel-major.
+        unpatchify(x, c, [height, width], self.patch, PatchOrder::ChannelsFirst)
     }
 
     /// The prediction for this rank's tokens of `sp`, `[B, S/P, C·p²]`: every block on the
@@ -146,13 +143,7 @@ impl MnistDits {
     /// An image `[B, C, H, W]` in the token layout of [`Self::forward_tokens`]'s output,
     /// `[B, S, C·p²]` (the inverse of the unpatchify in [`Self::forward`]).
     pub fn patchify(&self, image: Tensor<4>) -> Tensor<3> {
-        let [b, c, height, width] = image.dims();
-        let p = self.patch;
-        let (gh, gw) = (height / p, width / p);
-        image
-            .reshape([b, c, gh, p, gw, p]) // [B, C, gh, p, gw, p]
-            .permute([0, 2, 4, 1, 3, 5]) // [B, gh, gw, C, p, p]
-            .reshape([b, gh * gw, c * p * p])
+        patchify(image, self.patch, PatchOrder::ChannelsFirst)
     }
 
     /// Patch tokens with their positions `[B, S, W]`, and the condition `[B, W]`.
