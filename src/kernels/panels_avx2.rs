@@ -35,6 +35,7 @@ pub fn available() -> bool {
 /// What the tiles apply to their accumulators before storing them: the bias, then ReLU if
 /// `relu`.
 #[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(all(target_arch = "x86_64", not(fuzzing))), allow(dead_code))]
 struct InRegisters<'a> {
     bias: &'a [f32],
     relu: bool,
