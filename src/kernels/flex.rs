@@ -11,7 +11,7 @@ use super::attention::{self, AttnDims};
 use super::inference_block::PackedBlock;
 use super::linear::{self, Activation, LinearDims};
 use super::norm::{self, NormDims, NormParams};
-use super::panels_avx2::{self, Panels};
+use super::panels::{self, Panels};
 use super::patches::Patches;
 use super::projected_attention::projected_folded_forward;
 use super::{Adjoint, DitKernels, Exchange, GroupSum, TokenShards, residual};
@@ -210,8 +210,8 @@ impl DitKernels for Flex {
         scale: f64,
     ) -> FloatTensor<Self> {
         let [batch, seq, width] = <[usize; 3]>::try_from(h.layout().shape().as_ref()).expect("h is [B, S, W]");
-        // The heads' blocks are whole panels of 16 columns (`Panels::product_in_groups`).
-        if !panels_avx2::available() || !width.is_multiple_of(16) {
+        // The heads' blocks are whole panels (`Panels::product_in_groups`).
+        if !panels::available() || !width.is_multiple_of(panels::width()) {
             let qv = Self::fused_linear(h.clone(), weight, bias, Activation::Identity);
             return Self::folded_attention(qv, h, heads, scale);
         }

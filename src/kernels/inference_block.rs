@@ -1,11 +1,11 @@
-//! A whole mnist-dits block for sampling on CPUs with AVX2 and FMA but no AVX-512, one image at
-//! a time: adaLN, the folded attention with its projection, the gated residual, adaLN, the ReLU
+//! A whole mnist-dits block for sampling on CPUs with AVX2 + FMA or AVX-512, one image at a
+//! time: adaLN, the folded attention with its projection, the gated residual, adaLN, the ReLU
 //! feed-forward and its gated residual, all on one image's rows (49 × 64 floats, its hidden
 //! layer 49 × 256) while they sit in L1 and L2, with the weights packed once.
 //!
 //! Why: run as separate kernels over a chunk of images, each step writes the chunk's tokens out
 //! and the next reads them back (the feed-forward's hidden layer alone is 1.6 MB for 32 images,
-//! beyond a Zen 3's 512 KiB of L2), every call allocates its output, and every Linear call
+//! beyond a Zen 3's 512 KiB of L2 and a Xeon's 1–2 MiB), every call allocates its output, and every Linear call
 //! packs its weight again. Here an image's intermediates live in buffers of its thread, reused
 //! image after image.
 //!
@@ -21,7 +21,7 @@ use rayon::prelude::*;
 use super::attention::{Engine, FoldedDims};
 use super::buffer::{assume_init, scratch, uninit_filled};
 use super::norm;
-use super::panels_avx2::{self, Panels};
+use super::panels::{self, Panels};
 use super::projected_attention::{ProjectedImage, ProjectedScratch};
 use super::residual;
 
@@ -55,10 +55,10 @@ pub struct PackedBlock {
 }
 
 impl PackedBlock {
-    /// Whether the fused block runs here for tokens of `width`: the panel products need AVX2
-    /// without AVX-512, and the attention's head blocks whole 16-column panels.
+    /// Whether the fused block runs here for tokens of `width`: the panel products need AVX2 or
+    /// AVX-512, and the attention's head blocks whole panels ([`panels::width`] columns).
     pub fn available(width: usize) -> bool {
-        panels_avx2::available() && width > 0 && width.is_multiple_of(16)
+        panels::available() && width > 0 && width.is_multiple_of(panels::width())
     }
 
     /// Packs the weights.
@@ -67,7 +67,10 @@ impl PackedBlock {
     /// If the shapes disagree or [`Self::available`] is false for this width.
     pub fn pack(p: BlockWeights) -> Self {
         let width = p.norms[0].0.len();
-        assert!(Self::available(width), "inference block: needs AVX2 panels and a width that is a multiple of 16");
+        assert!(
+            Self::available(width),
+            "inference block: needs the panel products and a width that is a multiple of their panels"
+        );
         let row = 2 * p.heads * width;
         let hidden = p.expand.1.len();
         for (weight, bias) in p.norms {
@@ -197,7 +200,7 @@ mod tests {
     #[test]
     fn equals_the_kernels_one_by_one() {
         if !PackedBlock::available(64) {
-            eprintln!("the kernels do not run AVX2 exactly: the fused inference block is not used here");
+            eprintln!("the kernels run neither AVX2 nor AVX-512: the fused inference block is not used here");
             return;
         }
         let mut rng = crate::rng::stream(17, crate::rng::Purpose::Bench, 0);

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use super::buffer::{self, assume_init, uninit_filled};
 
 use super::gemm::{Order, product};
-use super::panels_avx2::{self, Panels};
+use super::panels::{self, Panels};
 use super::simd::exp;
 use super::weight_gradient_avx2::{self, WeightGradient};
 
@@ -132,10 +132,10 @@ pub fn forward(
     assert!(input > 0 && output > 0, "linear: zero-sized layer");
     let keep_z = keep_z && act.needs_preactivation();
     let block = BLOCK_ROWS * output;
-    // On AVX2 the weight is packed once and the bias and ReLU are applied in the register
-    // tiles, GELU's epilogue on each tile's rows while they are in L1 (see [`panels_avx2`]);
+    // With AVX2 or AVX-512 the weight is packed once and the bias and ReLU are applied in the register
+    // tiles, GELU's epilogue on each tile's rows while they are in L1 (see [`panels`]);
     // elsewhere gemm writes the block first.
-    let panels = panels_avx2::available().then(|| Panels::pack(weight, input, output, output, 1));
+    let panels = panels::available().then(|| Panels::pack(weight, input, output, output, 1));
     let run = |bi: usize, yb: &mut [MaybeUninit<f32>], zb: &mut [MaybeUninit<f32>]| {
         let m = yb.len() / output;
         let xs = &x[bi * BLOCK_ROWS * input..][..m * input];

@@ -54,7 +54,7 @@ pub mod inference_block;
 pub mod isa;
 pub mod linear;
 pub mod norm;
-pub mod panels_avx2;
+pub mod panels;
 pub mod patches;
 pub mod peak;
 pub mod projected_attention;

@@ -1,4 +1,4 @@
-//! Folded attention with its projection inside, for sampling on AVX2: image by image,
+//! Folded attention with its projection inside, for sampling on AVX2 and AVX-512: image by image,
 //! `qv = h·weight + bias` goes into a buffer of this thread, consumed while it is still in L2,
 //! instead of a `[B, S, 2·H·W]` tensor that a chunk of images writes out to L3 and reads back.
 //!
@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::attention::{Engine, FoldedDims};
 use super::buffer::{assume_init, scratch, uninit_filled};
-use super::panels_avx2::Panels;
+use super::panels::Panels;
 use super::simd::softmax_columns;
 use super::tile::Strided;
 use super::transpose::transpose;
@@ -23,7 +23,7 @@ use super::transpose::transpose;
 /// itself `[B, S, W]`; `weight` is the folded `[W, 2·H·W]` packed as panels. Returns `[B, S, W]`.
 ///
 /// # Panics
-/// If the shapes disagree, or the panel products cannot run here ([`super::panels_avx2::available`]).
+/// If the shapes disagree, or the panel products cannot run here ([`super::panels::available`]).
 pub fn projected_folded_forward(
     h: &[f32],
     weight: &Panels,

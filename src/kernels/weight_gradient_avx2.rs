@@ -10,7 +10,7 @@
 //! the rate of the panels' products (README, "Speed", has the profile). Here each
 //! block of rows is copied into tile order (`rows × (input + output)` floats, beside
 //! `rows × input × output` FMAs), and a register tile of six inputs by sixteen outputs (12
-//! accumulators, as in [`super::panels_avx2`]) passes over it: six broadcasts of an `x` row and
+//! accumulators, as in [`super::panels`]) passes over it: six broadcasts of an `x` row and
 //! sixteen values of `dz` per row.
 //!
 //! The sum of one [`WeightGradient`] runs in row order, one FMA per row onto the running sum,
@@ -31,7 +31,7 @@ const TILE_INPUTS: usize = 6;
 const BLOCK_ROWS: usize = 64;
 
 /// Whether [`WeightGradient`] runs: the kernels use exactly AVX2 + FMA
-/// ([`super::isa::active`]; on AVX-512 the Linear layers keep gemm's 512-bit kernels).
+/// ([`super::isa::active`]; on AVX-512 the Linear backward keeps gemm's 512-bit kernels).
 pub fn available() -> bool {
     super::isa::active() == super::isa::Isa::Avx2
 }

@@ -139,7 +139,7 @@ impl DitNet {
 ///   them back; in chunks sized to the L2 cache ([`CHUNK_VALUES_PER_L2_MIB`]) they stay nearer.
 /// - The folded attention weights (see [`super::mnist_dits::folded`]), which `forward` derives
 ///   from the parameters at every call, are derived once.
-/// - On CPUs with AVX2 but no AVX-512, each mnist-dits block runs as one kernel, image by image,
+/// - On CPUs with AVX2 or AVX-512, each mnist-dits block runs as one kernel, image by image,
 ///   with its weights packed once ([`crate::kernels::inference_block`]).
 pub struct Inference<'a> {
     net: &'a DitNet,

@@ -23,7 +23,7 @@ pub struct PreparedBlock {
 
 impl PreparedBlock {
     /// `None` where folding does not pay (see [`FoldedAttention::new`]). `pack`: also pack the
-    /// block for the fused kernel, where it runs (f32 weights, AVX2 panels).
+    /// block for the fused kernel, where it runs (f32 weights, AVX2 or AVX-512 panels).
     pub fn new(block: &MnistDitsBlock, tokens: usize, pack: bool) -> Option<Self> {
         let folded = FoldedAttention::new(block, tokens)?;
         let width = block.ln1.gamma.dims()[0];
