@@ -8,6 +8,7 @@ use rand::Rng;
 
 use crate::data::Batch;
 use crate::kernels::attention::{self, AttnDims, Engine};
+use crate::kernels::linear::{self, Activation, BackwardEngine, LinearDims};
 use crate::kernels::peak::{PeakSummary, Probes};
 use crate::model::{DitConfig, DitNet};
 use crate::profile::{self, Region};
@@ -47,7 +48,9 @@ pub struct BenchResult {
     /// and after the timed runs.
     pub peak: Option<PeakSummary>,
     /// The attention products at the model's shapes on each engine this CPU runs (CPU only).
-    pub attention: Vec<EngineRate>,
+    pub attention: Vec<EngineRate<Engine>>,
+    /// The MLP's Linear backward at the model's shapes on each engine this CPU runs (CPU only).
+    pub linear_backward: Vec<EngineRate<BackwardEngine>>,
 }
 
 /// The CPU's model name (Linux: `/proc/cpuinfo`), so that every figure names its machine.
@@ -63,10 +66,10 @@ pub fn cpu_model() -> String {
         .unwrap_or_else(|| format!("unknown {} CPU", std::env::consts::ARCH))
 }
 
-/// One attention engine's rate on the model's per-head products, forward and backward.
+/// One kernel engine's rate on the model's shapes.
 #[derive(Debug, Clone, Copy)]
-pub struct EngineRate {
-    pub engine: Engine,
+pub struct EngineRate<E> {
+    pub engine: E,
     pub gflops: f64,
     /// Whether the kernels use this engine on this CPU.
     pub chosen: bool,
@@ -74,7 +77,7 @@ pub struct EngineRate {
 
 /// The attention forward and backward of one batch of `cfg` at `batch`, unfolded (the per-head
 /// products every attention call is made of), timed on each engine this CPU runs.
-fn attention_engines(cfg: &DitConfig, batch: usize, warmup: usize, iters: usize) -> Vec<EngineRate> {
+fn attention_engines(cfg: &DitConfig, batch: usize, warmup: usize, iters: usize) -> Vec<EngineRate<Engine>> {
     let d = AttnDims { batch, seq: cfg.tokens(), heads: cfg.heads, head_dim: cfg.head_dim };
     let mut rng = stream(0, Purpose::Bench, 1);
     let qkv = standard_normal(&mut rng, d.batch * d.seq * d.row());
@@ -91,6 +94,43 @@ fn attention_engines(cfg: &DitConfig, batch: usize, warmup: usize, iters: usize)
                 std::hint::black_box(attention::backward(&qkv, &probs.unwrap(), &grad_out, d, scale, engine));
             });
             EngineRate { engine, gflops: flops / (ms.median / 1e3) / 1e9, chosen: engine == Engine::best() }
+        })
+        .collect()
+}
+
+/// The backward of the MLP's two Linears (`width → mlp_ratio·width → width`) over one batch's
+/// tokens, timed on each engine this CPU runs: the input and weight gradients, two products
+/// of `rows·input·output` multiply-adds per Linear.
+fn linear_backward_engines(
+    cfg: &DitConfig,
+    batch: usize,
+    warmup: usize,
+    iters: usize,
+) -> Vec<EngineRate<BackwardEngine>> {
+    let rows = batch * cfg.tokens();
+    let (width, hidden) = (cfg.width, cfg.width * cfg.mlp_ratio);
+    let layers = [LinearDims { rows, input: width, output: hidden }, LinearDims { rows, input: hidden, output: width }];
+    let mut rng = stream(0, Purpose::Bench, 2);
+    let data: Vec<_> = layers
+        .iter()
+        .map(|d| {
+            let x = standard_normal(&mut rng, d.rows * d.input);
+            let w = standard_normal(&mut rng, d.input * d.output);
+            let dy = standard_normal(&mut rng, d.rows * d.output);
+            (x, w, dy)
+        })
+        .collect();
+    let flops: f64 = layers.iter().map(|d| 2.0 * 2.0 * (d.rows * d.input * d.output) as f64).sum();
+    BackwardEngine::available()
+        .into_iter()
+        .map(|engine| {
+            let ms = time(warmup, iters, || {
+                for (d, (x, w, dy)) in layers.iter().zip(&data) {
+                    let mut dy = dy.clone();
+                    std::hint::black_box(linear::backward_on(engine, x, w, &[], &mut dy, *d, Activation::Identity));
+                }
+            });
+            EngineRate { engine, gflops: flops / (ms.median / 1e3) / 1e9, chosen: engine == BackwardEngine::best() }
         })
         .collect()
 }
@@ -256,9 +296,11 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
     probe();
     let peak = probes.summary();
     let attention = if on_cpu { attention_engines(cfg, b, opts.warmup, opts.iters) } else { Vec::new() };
+    let linear_backward = if on_cpu { linear_backward_engines(cfg, b, opts.warmup, opts.iters) } else { Vec::new() };
     Ok(BenchResult {
         peak,
         attention,
+        linear_backward,
         achieved: Achieved::of(&opts.model, train_samples_per_s, sample_images_per_s),
         train_samples_per_s,
         sample_images_per_s,

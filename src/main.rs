@@ -837,14 +837,17 @@ fn bench_cmd(a: BenchArgs) -> anyhow::Result<()> {
             100.0 * f.sample_gflops / peak.gflops
         );
     }
-    if !r.attention.is_empty() {
-        let rates: Vec<String> = r
-            .attention
-            .iter()
-            .map(|e| format!("{:?} {:.1}{}", e.engine, e.gflops, if e.chosen { " (used)" } else { "" }))
-            .collect();
-        println!("attention products, forward+backward, GFLOP/s by engine: {}", rates.join(", "));
+    fn by_engine<E: std::fmt::Debug>(what: &str, rates: &[dits::bench::EngineRate<E>]) {
+        if !rates.is_empty() {
+            let rates: Vec<String> = rates
+                .iter()
+                .map(|e| format!("{:?} {:.1}{}", e.engine, e.gflops, if e.chosen { " (used)" } else { "" }))
+                .collect();
+            println!("{what}, GFLOP/s by engine: {}", rates.join(", "));
+        }
     }
+    by_engine("attention products, forward+backward", &r.attention);
+    by_engine("MLP Linears, backward", &r.linear_backward);
     if let Some(p) = &r.profile {
         print!("{p}");
     }

@@ -16,7 +16,7 @@ use super::buffer::{self, assume_init, uninit_filled};
 use super::gemm::{Order, product};
 use super::panels::{self, Panels};
 use super::simd::exp;
-use super::weight_gradient_avx2::{self, WeightGradient};
+use super::weight_gradient::{self, WeightGradient};
 
 /// The activation after the bias.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,6 +203,33 @@ pub struct LinearGrads {
     pub bias: Vec<f32>,
 }
 
+/// How [`backward_on`] computes the input and weight gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackwardEngine {
+    /// dits' tiles, a few rows at a time while their `dz` is in cache: [`Panels`] for `dx`,
+    /// [`WeightGradient`] for `dW` (AVX2 or AVX-512).
+    Spans,
+    /// gemm: `dx` block by block, then `dW` over all rows at once.
+    Gemm,
+}
+
+impl BackwardEngine {
+    /// The engine [`backward`] uses on this CPU.
+    pub fn best() -> Self {
+        if weight_gradient::available() { BackwardEngine::Spans } else { BackwardEngine::Gemm }
+    }
+
+    /// Every engine this CPU runs, the one [`backward`] uses first.
+    pub fn available() -> Vec<Self> {
+        let mut engines = Vec::new();
+        if weight_gradient::available() {
+            engines.push(BackwardEngine::Spans);
+        }
+        engines.push(BackwardEngine::Gemm);
+        engines
+    }
+}
+
 /// Backward from `dy` (overwritten: it becomes `dz`). `saved` is the output `y` for ReLU, the
 /// pre-activation `z` for GELU, ignored for the identity.
 pub fn backward(
@@ -213,9 +240,24 @@ pub fn backward(
     d: LinearDims,
     act: Activation,
 ) -> LinearGrads {
+    backward_on(BackwardEngine::best(), x, weight, saved, dy, d, act)
+}
+
+/// [`backward`] on a given engine (one this CPU runs: [`BackwardEngine::available`]), so that
+/// `dits bench` can compare them.
+pub fn backward_on(
+    engine: BackwardEngine,
+    x: &[f32],
+    weight: &[f32],
+    saved: &[f32],
+    dy: &mut [f32],
+    d: LinearDims,
+    act: Activation,
+) -> LinearGrads {
     let LinearDims { rows, input, output } = d;
     assert_eq!(dy.len(), rows * output, "linear backward: gradient has the wrong length");
-    if weight_gradient_avx2::available() {
+    if engine == BackwardEngine::Spans {
+        assert!(weight_gradient::available(), "linear backward: the span engine needs AVX2 + FMA or AVX-512");
         return backward_by_spans(x, weight, saved, dy, d, act);
     }
     let block = BLOCK_ROWS * output;
@@ -290,7 +332,7 @@ const SPAN_ROWS: usize = 2 * BLOCK_ROWS;
 const STEP_ROWS: usize = 64;
 const _: () = assert!(BLOCK_ROWS.is_multiple_of(STEP_ROWS), "a step must not straddle two blocks");
 
-/// [`backward`] on AVX2: `dz`, `dx` and the share of `dW` of each few rows one after another,
+/// [`BackwardEngine::Spans`]: `dz`, `dx` and the share of `dW` of each few rows one after another,
 /// while those rows are in cache ([`Panels`] for `dx`, [`WeightGradient`] for `dW`), one span of
 /// rows per task; the spans' weight gradients and the blocks' bias gradients are then added in
 /// order.

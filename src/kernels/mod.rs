@@ -63,7 +63,7 @@ pub mod simd;
 pub mod tile;
 pub mod tile_avx2;
 pub mod transpose;
-pub mod weight_gradient_avx2;
+pub mod weight_gradient;
 
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, backend_extension};
