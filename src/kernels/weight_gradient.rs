@@ -168,6 +168,56 @@ fn copy_short(dst: &mut [f32], src: &[f32], count: usize) {
     }
 }
 
+/// `x` and `dz` of one block into tile order (see [`Packed`]), compiled for the kernels' vector
+/// extension: the fixed-size copies become one or two vector moves each.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn pack_block_impl(
+    x: &[f32],
+    dz: &[f32],
+    px: &mut [f32],
+    pdz: &mut [f32],
+    input: usize,
+    output: usize,
+    inputs: usize,
+    panel: usize,
+) {
+    let rows = x.len() / input;
+    // x row by row (a stream the prefetcher follows), each row's inputs to their tiles.
+    for (r, src) in x.chunks_exact(input).enumerate() {
+        let mut first = 0;
+        for (t, count) in super::tile::row_tiles(input, inputs).enumerate() {
+            let dst = &mut px[(t * rows + r) * inputs..][..inputs];
+            let src = &src[first..];
+            // A whole tile's width where the row has it (the lanes past `count` go unread),
+            // so that the even tiles of 64 inputs (six of 10 or 11) copy as fixed blocks too.
+            match (src.len() >= inputs, inputs) {
+                (true, 6) => copy_fixed::<6>(dst, src),
+                (true, 12) => copy_fixed::<12>(dst, src),
+                _ => copy_short(dst, src, count),
+            }
+            first += count;
+        }
+    }
+    let panels = output.div_ceil(panel);
+    for (p, packed) in pdz[..panels * rows * panel].chunks_exact_mut(rows * panel).enumerate() {
+        let (col, cols) = (p * panel, (output - p * panel).min(panel));
+        for (dst, src) in packed.chunks_exact_mut(panel).zip(dz.chunks_exact(output)) {
+            let src = &src[col..];
+            match (cols == panel, panel) {
+                (true, 16) => copy_fixed::<16>(dst, src),
+                (true, 32) => copy_fixed::<32>(dst, src),
+                _ => {
+                    copy_short(dst, src, cols);
+                    dst[cols..].fill(0.0);
+                }
+            }
+        }
+    }
+}
+
+multiversion!(pack_block(x: &[f32], dz: &[f32], px: &mut [f32], pdz: &mut [f32], input: usize, output: usize, inputs: usize, panel: usize) => pack_block_impl);
+
 impl Packed {
     /// Copies one block of `x` and `dz` into tile order.
     fn fill(&mut self, x: &[f32], dz: &[f32], input: usize, output: usize, tile: Tile) {
@@ -182,37 +232,8 @@ impl Packed {
         };
         grow(&mut self.x, input.div_ceil(inputs) * rows * inputs);
         grow(&mut self.dz, output.div_ceil(panel) * rows * panel);
-        // x row by row (a stream the prefetcher follows), each row's inputs to their tiles.
-        for (r, src) in x.chunks_exact(input).enumerate() {
-            let mut first = 0;
-            for (t, count) in tile_inputs(input, tile).enumerate() {
-                let dst = &mut self.x[(t * rows + r) * inputs..][..inputs];
-                let src = &src[first..];
-                // A whole tile's width where the row has it (the lanes past `count` go unread),
-                // so that the even tiles of 64 inputs (six of 10 or 11) copy as fixed blocks too.
-                match (src.len() >= inputs, inputs) {
-                    (true, 6) => copy_fixed::<6>(dst, src),
-                    (true, 12) => copy_fixed::<12>(dst, src),
-                    _ => copy_short(dst, src, count),
-                }
-                first += count;
-            }
-        }
-        let panels = output.div_ceil(panel);
-        for (p, packed) in self.dz[..panels * rows * panel].chunks_exact_mut(rows * panel).enumerate() {
-            let (col, cols) = (p * panel, (output - p * panel).min(panel));
-            for (dst, src) in packed.chunks_exact_mut(panel).zip(dz.chunks_exact(output)) {
-                let src = &src[col..];
-                match (cols == panel, panel) {
-                    (true, 16) => copy_fixed::<16>(dst, src),
-                    (true, 32) => copy_fixed::<32>(dst, src),
-                    _ => {
-                        copy_short(dst, src, cols);
-                        dst[cols..].fill(0.0);
-                    }
-                }
-            }
-        }
+        let (px, pdz) = (&mut self.x[..], &mut self.dz[..]);
+        pack_block(x, dz, px, pdz, input, output, inputs, panel);
     }
 
     /// `dw (+)= xᵀ·dz` over the packed block.
