@@ -194,7 +194,8 @@ impl Panels {
             let k = self.k;
             let wide = self.width == 32;
             let mut first = 0;
-            // Even tiles: 49 rows as 4 × 6 + 5 × 5, not 8 × 6 and a latency-bound single row.
+            // Even tiles, not full ones and a latency-bound single row: 49 rows as 4 × 6 + 5 × 5
+            // with AVX2, as 4 × 10 + 9 with AVX-512.
             for count in row_tiles(rows, if wide { WIDE_TILE_ROWS } else { TILE_ROWS }) {
                 let xp = x[first * k..].as_ptr();
                 let at = |col: usize| at(first, col);
@@ -235,7 +236,7 @@ impl Panels {
         #[cfg(not(all(target_arch = "x86_64", not(fuzzing))))]
         {
             let _ = (&self.data, x, rows, bias, at, &mut finished);
-            unreachable!("panels: AVX2 products off x86-64")
+            unreachable!("panels: x86-64 tiles off x86-64")
         }
     }
 

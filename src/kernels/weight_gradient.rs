@@ -250,7 +250,8 @@ impl Packed {
             // A partial panel goes through a whole one here (at most 12 rows of 32).
             let mut spare = [0.0f32; 12 * 32];
             let mut first = 0;
-            for (t, count) in tile_inputs(input, tile).enumerate() {
+            // The input tiles: at most `inputs` each, as even as possible (as the packing cut them).
+            for (t, count) in super::tile::row_tiles(input, inputs).enumerate() {
                 let x = self.x[t * rows * inputs..][..rows * inputs].as_ptr();
                 for (p, packed) in self.dz[..panels * rows * panel].chunks_exact(rows * panel).enumerate() {
                     let (col, cols) = (p * panel, (output - p * panel).min(panel));
@@ -312,11 +313,6 @@ impl Packed {
             unreachable!("weight gradient: x86-64 tiles off x86-64")
         }
     }
-}
-
-/// The input tiles: at most `tile.inputs` inputs each, as even as possible.
-fn tile_inputs(input: usize, tile: Tile) -> impl Iterator<Item = usize> {
-    super::tile::row_tiles(input, tile.inputs)
 }
 
 /// `dw[t, 0..16] += Σ_r x[r, t] · dz[r, 0..16]` for `t < R` (`=` with `zero`), the sum in
