@@ -54,6 +54,13 @@ impl Isa {
     }
 }
 
+/// The extensions whose register tiles (16 or 32 columns) run here, so that an AVX-512 machine
+/// tests both widths.
+#[cfg(all(test, target_arch = "x86_64", not(fuzzing)))]
+pub(crate) fn tile_extensions() -> Vec<Isa> {
+    [Isa::Avx2, Isa::Avx512].into_iter().filter(|&e| active() >= e).collect()
+}
+
 /// The widest extension this CPU executes.
 pub fn detected() -> Isa {
     #[cfg(all(target_arch = "x86_64", not(fuzzing)))]

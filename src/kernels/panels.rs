@@ -385,12 +385,8 @@ impl Panels {
 #[cfg(all(test, target_arch = "x86_64", not(fuzzing)))]
 mod tests {
     use super::*;
+    use crate::kernels::isa::tile_extensions;
     use crate::kernels::linear::{Activation, epilogue};
-
-    /// The extensions whose tiles run here, so that an AVX-512 machine tests both widths.
-    fn extensions() -> Vec<Isa> {
-        [Isa::Avx2, Isa::Avx512].into_iter().filter(|&e| isa::active() >= e).collect()
-    }
 
     /// Every shape class (full and partial panels, every remainder of the row tile, k of 1) and
     /// both packings, against the definition in f64; `finish` sees every row once, in order.
@@ -402,7 +398,7 @@ mod tests {
         }
         let mut rng = crate::rng::stream(9, crate::rng::Purpose::Bench, 0);
         let shapes = [(13, 64, 512), (6, 256, 64), (7, 5, 21), (1, 1, 1), (11, 64, 16), (0, 3, 4), (25, 7, 45)];
-        for ((rows, k, n), isa) in shapes.into_iter().flat_map(|s| extensions().into_iter().map(move |e| (s, e))) {
+        for ((rows, k, n), isa) in shapes.into_iter().flat_map(|s| tile_extensions().into_iter().map(move |e| (s, e))) {
             let x = crate::rng::standard_normal(&mut rng, rows * k);
             let w = crate::rng::standard_normal(&mut rng, k * n);
             for transposed in [false, true] {
@@ -441,7 +437,7 @@ mod tests {
         }
         let mut rng = crate::rng::stream(12, crate::rng::Purpose::Bench, 0);
         let shapes = [(49, 64, 256), (13, 5, 21), (1, 256, 64), (25, 9, 40)];
-        for ((rows, k, n), isa) in shapes.into_iter().flat_map(|s| extensions().into_iter().map(move |e| (s, e))) {
+        for ((rows, k, n), isa) in shapes.into_iter().flat_map(|s| tile_extensions().into_iter().map(move |e| (s, e))) {
             let x = crate::rng::standard_normal(&mut rng, rows * k);
             let w = crate::rng::standard_normal(&mut rng, k * n);
             let bias = crate::rng::standard_normal(&mut rng, n);
@@ -469,7 +465,8 @@ mod tests {
         let mut rng = crate::rng::stream(10, crate::rng::Purpose::Bench, 0);
         let cases: [(usize, usize, usize, usize); 4] =
             [(49, 64, 512, 64), (7, 3, 32, 16), (1, 8, 64, 32), (13, 5, 96, 32)];
-        for ((rows, k, n, group), isa) in cases.into_iter().flat_map(|s| extensions().into_iter().map(move |e| (s, e)))
+        for ((rows, k, n, group), isa) in
+            cases.into_iter().flat_map(|s| tile_extensions().into_iter().map(move |e| (s, e)))
         {
             if !group.is_multiple_of(width_for(isa)) {
                 continue;

@@ -405,11 +405,7 @@ unsafe fn wide_tile<const R: usize>(
 #[cfg(all(test, target_arch = "x86_64", not(fuzzing)))]
 mod tests {
     use super::*;
-
-    /// The extensions whose tiles run here, so that an AVX-512 machine tests both widths.
-    fn extensions() -> Vec<Isa> {
-        [Isa::Avx2, Isa::Avx512].into_iter().filter(|&e| isa::active() >= e).collect()
-    }
+    use crate::kernels::isa::tile_extensions;
 
     /// `xᵀ·dz` on the tiles of `isa`, added `piece` rows at a time.
     fn gradient(isa: Isa, x: &[f32], dz: &[f32], input: usize, output: usize, piece: usize) -> Vec<f32> {
@@ -429,7 +425,7 @@ mod tests {
             return;
         }
         let mut rng = crate::rng::stream(11, crate::rng::Purpose::Bench, 0);
-        for isa in extensions() {
+        for isa in tile_extensions() {
             for (rows, input, output, piece) in [
                 (300, 64, 192, 256),
                 (2500, 7, 21, 1000),
