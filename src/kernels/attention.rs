@@ -226,6 +226,27 @@ impl FoldedDims {
     }
 }
 
+/// How a `qv` tensor `[B, S, 2·H·W]` lays out each image's folded queries and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QvLayout {
+    /// As a Linear layer writes it: row `i` holds token `i`'s `2·H·W` values, head `h`'s
+    /// queries at columns `h·W..`, its values at `(H + h)·W..`.
+    Rows,
+    /// As [`super::projected_attention`] writes it: block `g` of `S × W` holds column block `g`
+    /// of the rows (the queries of head `g < H`, then the values of head `g − H`).
+    Groups,
+}
+
+impl QvLayout {
+    /// Offset of column block `g` (of `W` columns) in an image's `qv`, and its row stride.
+    fn block(self, g: usize, d: FoldedDims) -> (usize, usize) {
+        match self {
+            QvLayout::Rows => (g * d.width, d.row()),
+            QvLayout::Groups => (g * d.seq * d.width, d.width),
+        }
+    }
+}
+
 /// Attention with the key, value and output projections folded into the weights (see
 /// `model::mnist_dits::folded`): `out = Σₕ softmax(scale · Q'ₕ Kᵀ) V'ₕ`, where the keys `K`
 /// `[B, S, W]` are the block's normalised input itself, shared by every head, and `qv`
@@ -321,10 +342,13 @@ impl FoldedScratch {
     }
 }
 
-/// Backward pass of [`folded_forward`]: the gradients of `qv` (`[B, S, 2·H·W]`) and of the
-/// keys (`[B, S, W]`, summed over the heads) from that of the output.
+/// Backward pass of [`folded_forward`]: the gradients of `qv` (`[B, S, 2·H·W]`, in rows) and of
+/// the keys (`[B, S, W]`, summed over the heads) from that of the output; `qv` is read in
+/// `layout`.
+#[allow(clippy::too_many_arguments)]
 pub fn folded_backward(
     qv: &[f32],
+    layout: QvLayout,
     keys: &[f32],
     probs: &[f32],
     grad_out: &[f32],
@@ -341,6 +365,11 @@ pub fn folded_backward(
     let one_image = |bi: usize, gqv: *mut f32, gk: *mut f32, scratch: &mut FoldedScratch| {
         let (x, k, go) = (qv[bi * s * row..].as_ptr(), keys[bi * s * w..].as_ptr(), grad_out[bi * s * w..].as_ptr());
         let p = &probs[bi * s * hs..(bi + 1) * s * hs];
+        // SAFETY (block offsets): inside this image's `s·row` values of `qv`.
+        let block = |g: usize| {
+            let (at, stride) = layout.block(g, d);
+            (unsafe { x.add(at) }, stride)
+        };
         // dO is shared by the heads: transposed once per image.
         // SAFETY: dO's S × W block of this image into W rows of S values of the scratch.
         unsafe { transpose(scratch.queries.as_mut_ptr(), s, go, w, s, w) };
@@ -348,11 +377,11 @@ pub fn folded_backward(
         // keys and their gradient, or this thread's buffers; no destination overlaps an operand.
         unsafe {
             for h in 0..heads {
-                let (v, dv, ph) = (x.add((heads + h) * w), gqv.add((heads + h) * w), p[h * s..].as_ptr());
+                let ((v, v_rs), dv, ph) = (block(heads + h), gqv.add((heads + h) * w), p[h * s..].as_ptr());
                 // dV'ₕ = Pₕᵀ dO
                 engine.product(s, w, s, dv, row, Strided { ptr: ph, row_stride: hs, x_stride: 1 }, go, w, false);
                 // dPₕᵀ = V'ₕ dOᵀ, at columns h·S.. of the score gradients.
-                let values = Strided { ptr: v, row_stride: row, x_stride: 1 };
+                let values = Strided { ptr: v, row_stride: v_rs, x_stride: 1 };
                 let dst = scratch.scores[h * s..].as_mut_ptr();
                 engine.product(s, s, w, dst, hs, values, scratch.queries.as_ptr(), s, false);
             }
@@ -363,10 +392,10 @@ pub fn folded_backward(
         // SAFETY: as above.
         unsafe {
             for h in 0..heads {
-                let (q, dq, dsh) = (x.add(h * w), gqv.add(h * w), ds.add(h * s));
+                let ((q, q_rs), dq, dsh) = (block(h), gqv.add(h * w), ds.add(h * s));
                 // dQ'ₕ = dSₕ K, dK += dSₕᵀ Q'ₕ (head 0 writes every key gradient).
                 engine.product(s, w, s, dq, row, Strided { ptr: dsh, row_stride: 1, x_stride: hs }, k, w, false);
-                engine.product(s, w, s, gk, w, Strided { ptr: dsh, row_stride: hs, x_stride: 1 }, q, row, h > 0);
+                engine.product(s, w, s, gk, w, Strided { ptr: dsh, row_stride: hs, x_stride: 1 }, q, q_rs, h > 0);
             }
         }
     };
@@ -522,7 +551,7 @@ mod tests {
             let run = |engine| {
                 let (out, probs) = folded_forward(&qv, &keys, d, 0.3, true, engine);
                 let probs = probs.unwrap();
-                let (gqv, gk) = folded_backward(&qv, &keys, &probs, &grad_out, d, 0.3, engine);
+                let (gqv, gk) = folded_backward(&qv, QvLayout::Rows, &keys, &probs, &grad_out, d, 0.3, engine);
                 (out, probs, gqv, gk)
             };
             let gemm = run(Engine::Gemm);

@@ -118,6 +118,7 @@ impl<C: CheckpointStrategy> DitKernels for Autodiff<Flex, C> {
                 let (grad_qv, grad_keys) = profile::time(Region::AttentionBackward, || {
                     attention::folded_backward(
                         qv.storage::<f32>(),
+                        attention::QvLayout::Rows,
                         keys.storage::<f32>(),
                         probs.storage::<f32>(),
                         grad_out.storage::<f32>(),
@@ -145,9 +146,58 @@ impl<C: CheckpointStrategy> DitKernels for Autodiff<Flex, C> {
         heads: usize,
         scale: f64,
     ) -> FloatTensor<Self> {
-        // Training keeps `qv` for the backward pass anyway: the two recorded operations.
-        let qv = Self::fused_linear(h.clone(), weight, bias, Activation::Identity);
-        Self::folded_attention(qv, h, heads, scale)
+        #[derive(Debug)]
+        struct ProjectedAttention;
+
+        impl Backward<Flex, 3> for ProjectedAttention {
+            /// `h`, the weight, `qv` in blocks, the probabilities, the sizes and the scale.
+            type State = (FlexTensor, FlexTensor, Vec<f32>, Vec<f32>, attention::FoldedDims, f64);
+
+            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let grad_out = contiguous(&grads.consume::<Flex>(&ops.node));
+                let (h, weight, qv, probs, d, scale) = ops.state;
+                let (mut grad_qv, grad_keys) = profile::time(Region::AttentionBackward, || {
+                    attention::folded_backward(
+                        &qv,
+                        attention::QvLayout::Groups,
+                        h.storage::<f32>(),
+                        &probs,
+                        grad_out.storage::<f32>(),
+                        d,
+                        scale as f32,
+                        attention::Engine::best(),
+                    )
+                });
+                drop((qv, probs));
+                let dims = linear::LinearDims { rows: d.batch * d.seq, input: d.width, output: d.row() };
+                let g = profile::time(Region::LinearBackward, || {
+                    linear::backward(h.storage(), weight.storage(), &[], &mut grad_qv, dims, Activation::Identity)
+                });
+                // `h` is both the projection's input and the keys.
+                let mut grad_h = g.x;
+                grad_h.iter_mut().zip(&grad_keys).for_each(|(a, &b)| *a += b);
+                let results = [
+                    (grad_h, vec![d.batch, d.seq, d.width]),
+                    (g.weight, vec![dims.input, dims.output]),
+                    (g.bias, vec![dims.output]),
+                ];
+                register_grads(ops.parents, |p| p.id, grads, results);
+            }
+        }
+
+        if !projected_attention_runs(h.primitive()) {
+            // The two recorded operations, as on the other devices.
+            let qv = Self::fused_linear(h.clone(), weight, bias, Activation::Identity);
+            return Self::folded_attention(qv, h, heads, scale);
+        }
+        record::<_, C, _>(ProjectedAttention, [h, weight, bias], |[h, weight, bias], tracked| {
+            let (h, weight, bias) = (contiguous(&h), contiguous(&weight), contiguous(&bias));
+            if !tracked {
+                return (projected_attention_forward(&h, &weight, &bias, heads, scale), None);
+            }
+            let (out, qv, probs, d) = projected_attention_forward_kept(&h, &weight, &bias, heads, scale);
+            (out, Some((h, weight, qv, probs, d, scale)))
+        })
     }
 
     fn packed_attention(qkv: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self> {

@@ -13,7 +13,7 @@ use super::linear::{self, Activation, LinearDims};
 use super::norm::{self, NormDims, NormParams};
 use super::panels::{self, Panels};
 use super::patches::Patches;
-use super::projected_attention::projected_folded_forward;
+use super::projected_attention::{projected_folded_forward, projected_folded_forward_kept};
 use super::{Adjoint, DitKernels, Exchange, GroupSum, TokenShards, residual};
 use crate::profile::{self, Region};
 
@@ -80,6 +80,57 @@ pub(super) fn folded_attention_forward(
     });
     let out = flex_tensor(out, vec![d.batch, d.seq, d.width]);
     (out, probs.map(|p| flex_tensor(p, vec![d.batch, d.seq, d.heads * d.seq])))
+}
+
+/// Whether [`projected_attention_forward`] runs for the normalised tokens `h` `[B, S, W]`: with
+/// the panel products, each head's block a whole number of panels
+/// ([`Panels::product_in_groups`]).
+pub(super) fn projected_attention_runs(h: &FlexTensor) -> bool {
+    panels::available() && h.layout().shape().last().is_some_and(|w| w.is_multiple_of(panels::width()))
+}
+
+/// The sizes of a projected attention over `h` `[B, S, W]` with the folded weight `[W, 2·H·W]`.
+fn projected_dims(h: &FlexTensor, weight: &FlexTensor, heads: usize) -> attention::FoldedDims {
+    let [batch, seq, width] = <[usize; 3]>::try_from(h.layout().shape().as_ref()).expect("h is [B, S, W]");
+    let d = attention::FoldedDims { batch, seq, heads, width };
+    assert_eq!(weight.layout().shape().as_ref(), [width, d.row()], "projected attention: weight must be [W, 2·H·W]");
+    d
+}
+
+/// The folded attention of `h` with its projection inside (contiguous operands; see
+/// [`projected_attention_runs`]): `[B, S, W]`.
+pub(super) fn projected_attention_forward(
+    h: &FlexTensor,
+    weight: &FlexTensor,
+    bias: &FlexTensor,
+    heads: usize,
+    scale: f64,
+) -> FlexTensor {
+    let d = projected_dims(h, weight, heads);
+    let out = profile::time(Region::AttentionForward, || {
+        let panels = Panels::pack(weight.storage::<f32>(), d.width, d.row(), d.row(), 1);
+        let (h, bias) = (h.storage::<f32>(), bias.storage::<f32>());
+        projected_folded_forward(h, &panels, bias, d, scale as f32, attention::Engine::best())
+    });
+    flex_tensor(out, vec![d.batch, d.seq, d.width])
+}
+
+/// [`projected_attention_forward`] keeping, for the backward pass, `qv` in blocks
+/// ([`attention::QvLayout::Groups`]) and the probabilities; also returns the sizes.
+pub(super) fn projected_attention_forward_kept(
+    h: &FlexTensor,
+    weight: &FlexTensor,
+    bias: &FlexTensor,
+    heads: usize,
+    scale: f64,
+) -> (FlexTensor, Vec<f32>, Vec<f32>, attention::FoldedDims) {
+    let d = projected_dims(h, weight, heads);
+    let (out, qv, probs) = profile::time(Region::AttentionForward, || {
+        let panels = Panels::pack(weight.storage::<f32>(), d.width, d.row(), d.row(), 1);
+        let (h, bias) = (h.storage::<f32>(), bias.storage::<f32>());
+        projected_folded_forward_kept(h, &panels, bias, d, scale as f32, attention::Engine::best())
+    });
+    (flex_tensor(out, vec![d.batch, d.seq, d.width]), qv, probs, d)
 }
 
 /// The inputs of a modulated LayerNorm, contiguous.
@@ -209,31 +260,11 @@ impl DitKernels for Flex {
         heads: usize,
         scale: f64,
     ) -> FloatTensor<Self> {
-        let [batch, seq, width] = <[usize; 3]>::try_from(h.layout().shape().as_ref()).expect("h is [B, S, W]");
-        // The heads' blocks are whole panels (`Panels::product_in_groups`).
-        if !panels::available() || !width.is_multiple_of(panels::width()) {
+        if !projected_attention_runs(&h) {
             let qv = Self::fused_linear(h.clone(), weight, bias, Activation::Identity);
             return Self::folded_attention(qv, h, heads, scale);
         }
-        let (h, weight, bias) = (contiguous(&h), contiguous(&weight), contiguous(&bias));
-        let d = attention::FoldedDims { batch, seq, heads, width };
-        assert_eq!(
-            weight.layout().shape().as_ref(),
-            [width, d.row()],
-            "projected attention: weight must be [W, 2·H·W]"
-        );
-        let out = profile::time(Region::AttentionForward, || {
-            let panels = Panels::pack(weight.storage::<f32>(), width, d.row(), d.row(), 1);
-            projected_folded_forward(
-                h.storage::<f32>(),
-                &panels,
-                bias.storage::<f32>(),
-                d,
-                scale as f32,
-                attention::Engine::best(),
-            )
-        });
-        flex_tensor(out, vec![batch, seq, width])
+        projected_attention_forward(&contiguous(&h), &contiguous(&weight), &contiguous(&bias), heads, scale)
     }
 
     fn modulated_layer_norm(

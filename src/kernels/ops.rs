@@ -171,7 +171,7 @@ pub fn packed_block(x: &Tensor<3>, modulation: &Tensor<2>, block: &PackedBlock) 
 }
 
 /// [`folded_attention`] of `qv = h·weight + bias` (no activation) and the keys `h` `[B, S, W]`,
-/// `weight` `[W, 2·H·W]`: on the CPU in one pass over the images when sampling.
+/// `weight` `[W, 2·H·W]`: on the CPU in one pass over the images, in sampling and training.
 pub fn projected_folded_attention(
     h: Tensor<3>,
     weight: Tensor<2>,

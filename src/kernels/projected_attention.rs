@@ -1,10 +1,13 @@
-//! Folded attention with its projection inside, for sampling on AVX2 and AVX-512: image by image,
-//! `qv = h·weight + bias` goes into a buffer of this thread, consumed while it is still in L2,
-//! instead of a `[B, S, 2·H·W]` tensor that a chunk of images writes out to L3 and reads back.
+//! Folded attention with its projection inside, on AVX2 and AVX-512: image by image,
+//! `qv = h·weight + bias` is consumed while it is still in L2, instead of a `[B, S, 2·H·W]`
+//! tensor that a chunk of images writes out to L3 and reads back. For sampling `qv` goes into a
+//! buffer of this thread; for training into the tensor the backward pass reads
+//! ([`projected_folded_forward_kept`]), written once and read back only then.
 //!
 //! The projection writes each head's folded queries and folded values as a block of their own
 //! ([`Panels::product_in_groups`]): the values are then read in place, where the two-step path
-//! gathers each head's rows out of the wide `qv` rows first. The rest is
+//! gathers each head's rows out of the wide `qv` rows first, and the query transposes read
+//! `S × W` blocks instead of rows 2·H·W floats apart. The rest is
 //! [`attention::folded_forward`]'s computation, in its order: the results are the same bit for
 //! bit as [`linear::forward`] followed by it (on the engine both use).
 
@@ -46,6 +49,46 @@ pub fn projected_folded_forward(
     }
 }
 
+/// [`projected_folded_forward`] keeping what [`attention::folded_backward`] reads: returns the
+/// output `[B, S, W]`, `qv` in blocks ([`QvLayout::Groups`], `[B, 2·H, S, W]`) and the
+/// probabilities `[B, S(key), H·S(query)]`.
+///
+/// # Panics
+/// As [`projected_folded_forward`].
+pub fn projected_folded_forward_kept(
+    h: &[f32],
+    weight: &Panels,
+    bias: &[f32],
+    d: FoldedDims,
+    scale: f32,
+    engine: Engine,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let FoldedDims { batch, seq: s, width: w, heads } = d;
+    assert_eq!(h.len(), batch * s * w, "projected attention: h has the wrong length");
+    let image = ProjectedImage { weight, bias, d, scale, engine };
+    let (qv_len, probs_len) = (s * d.row(), s * heads * s);
+    let (mut qv, mut probs) = (None, None);
+    // SAFETY: `attend_keeping` writes every element of an image's output rows, of its `qv`
+    // blocks and of its probabilities.
+    let out = unsafe {
+        uninit_filled(batch * s * w, |out| {
+            qv = Some(uninit_filled(batch * qv_len, |qv| {
+                probs = Some(uninit_filled(batch * probs_len, |probs| {
+                    out.par_chunks_mut(s * w)
+                        .zip(qv.par_chunks_mut(qv_len))
+                        .zip(probs.par_chunks_mut(probs_len))
+                        .enumerate()
+                        .for_each_init(
+                            || ProjectedScratch::new(d),
+                            |sc, (bi, ((o, qv), p))| image.attend_keeping(&h[bi * s * w..][..s * w], o, qv, p, sc),
+                        );
+                }));
+            }));
+        })
+    };
+    (out, qv.expect("filled above"), probs.expect("filled above"))
+}
+
 /// The projection and the folded attention for one image at a time: what
 /// [`projected_folded_forward`] runs per image, and the fused inference block too.
 #[derive(Clone, Copy)]
@@ -82,34 +125,116 @@ impl ProjectedImage<'_> {
     /// One image: `keys` (its `S × W` tokens) to its attention output, every element of `o`
     /// written.
     pub(super) fn attend(&self, keys: &[f32], o: &mut [MaybeUninit<f32>], sc: &mut ProjectedScratch) {
+        let ProjectedScratch { qv, queries, probs, columns } = sc;
+        self.attend_into(keys, o, qv, probs, queries, columns);
+    }
+
+    /// [`Self::attend`] writing the image's `qv` blocks (`2·H × S × W`) and probabilities
+    /// (`S × H·S`) into `qv` and `probs`, for the backward pass.
+    fn attend_keeping(
+        &self,
+        keys: &[f32],
+        o: &mut [MaybeUninit<f32>],
+        qv: &mut [MaybeUninit<f32>],
+        probs: &mut [MaybeUninit<f32>],
+        sc: &mut ProjectedScratch,
+    ) {
+        self.attend_into(keys, o, qv, probs, &mut sc.queries, &mut sc.columns);
+    }
+
+    fn attend_into(
+        &self,
+        keys: &[f32],
+        o: &mut [MaybeUninit<f32>],
+        qv: &mut [MaybeUninit<f32>],
+        probs: &mut [MaybeUninit<f32>],
+        queries: &mut [f32],
+        columns: &mut [f32],
+    ) {
         let FoldedDims { seq: s, heads, width: w, .. } = self.d;
         let hs = heads * s;
         assert!(s > 0 && w > 0 && heads > 0, "projected attention: empty sequence, width or heads");
         assert!(keys.len() == s * w && o.len() == s * w, "projected attention: an image is {s} × {w}");
+        assert!(qv.len() == s * self.d.row() && probs.len() == s * hs, "projected attention: buffers too small");
         // Block g (S × W) holds column block g of qv: the folded queries of head g < H, then
         // the folded values of head g − H.
-        self.weight.product_in_groups(keys, self.bias, w, &mut sc.qv);
+        self.weight.product_in_groups(keys, self.bias, w, qv);
         // SAFETY: the product wrote all of qv.
-        let qv = unsafe { assume_init(&mut sc.qv) }.as_ptr();
+        let qv = unsafe { assume_init(qv) }.as_ptr();
         let block = |g: usize| unsafe { qv.add(g * s * w) };
         for head in 0..heads {
             // SAFETY: head h's S × W query block into W rows of H·S values, at columns h·S.
-            unsafe { transpose(sc.queries[head * s..].as_mut_ptr(), hs, block(head), w, s, w) };
+            unsafe { transpose(queries[head * s..].as_mut_ptr(), hs, block(head), w, s, w) };
         }
         let o: *mut f32 = o.as_mut_ptr().cast();
-        let p: *mut f32 = sc.probs.as_mut_ptr().cast();
+        let p: *mut f32 = probs.as_mut_ptr().cast();
         let keys = Strided { ptr: keys.as_ptr(), row_stride: w, x_stride: 1 };
         let engine = self.engine;
         // SAFETY (products): operands are this image's keys or this thread's buffers; the
         // destinations (the scores, this image's output rows) overlap none of them.
-        unsafe { engine.product(s, hs, w, p, hs, keys, sc.queries.as_ptr(), hs, false) };
+        unsafe { engine.product(s, hs, w, p, hs, keys, queries.as_ptr(), hs, false) };
         // SAFETY: the product wrote all S·H·S scores.
-        let probs = unsafe { assume_init(&mut sc.probs) };
-        softmax_columns(probs, hs, self.scale, &mut sc.columns);
+        let probs = unsafe { assume_init(probs) };
+        softmax_columns(probs, hs, self.scale, columns);
         for head in 0..heads {
             let probs = Strided { ptr: probs[head * s..].as_ptr(), row_stride: 1, x_stride: hs };
             // Head 0 writes every output element of the image, later heads add to them.
             unsafe { engine.product(s, w, s, o, w, probs, block(heads + head), w, head > 0) };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::attention::{QvLayout, folded_backward, folded_forward};
+    use crate::kernels::linear::{self, Activation, LinearDims};
+    use crate::kernels::panels;
+
+    /// Training's fused forward gives the same bits as the Linear followed by the folded
+    /// attention: the output, the probabilities and `qv` (in blocks); and the backward pass
+    /// reading that `qv` in blocks gives the same gradients as reading the Linear's rows.
+    #[test]
+    fn kept_forward_and_its_backward_match_the_two_steps() {
+        if !panels::available() {
+            eprintln!("no panel products on this CPU: the projected attention does not run");
+            return;
+        }
+        let mut rng = crate::rng::stream(17, crate::rng::Purpose::Bench, 0);
+        for d in [
+            FoldedDims { batch: 3, seq: 49, heads: 4, width: 64 },
+            FoldedDims { batch: 2, seq: 7, heads: 2, width: 32 },
+        ] {
+            let (s, w, row) = (d.seq, d.width, d.row());
+            let h = crate::rng::standard_normal(&mut rng, d.batch * s * w);
+            let weight: Vec<f32> = crate::rng::standard_normal(&mut rng, w * row).iter().map(|v| v * 0.2).collect();
+            let bias = crate::rng::standard_normal(&mut rng, row);
+            let grad_out = crate::rng::standard_normal(&mut rng, d.batch * s * w);
+            let engine = Engine::best();
+            let lin = LinearDims { rows: d.batch * s, input: w, output: row };
+            let (qv_rows, _) = linear::forward(&h, &weight, &bias, lin, Activation::Identity, false);
+            let (out, probs) = folded_forward(&qv_rows, &h, d, 0.3, true, engine);
+            let probs = probs.expect("kept");
+
+            let panels = Panels::pack(&weight, w, row, row, 1);
+            let (kept_out, qv_groups, kept_probs) = projected_folded_forward_kept(&h, &panels, &bias, d, 0.3, engine);
+            assert_eq!(kept_out, out, "{d:?}: outputs");
+            assert_eq!(kept_probs, probs, "{d:?}: probabilities");
+            assert_eq!(projected_folded_forward(&h, &panels, &bias, d, 0.3, engine), out, "{d:?}: unkept output");
+            for (b, r, g) in every_index(d.batch, s, 2 * d.heads) {
+                let rows = &qv_rows[(b * s + r) * row + g * w..][..w];
+                let block = &qv_groups[b * s * row + (g * s + r) * w..][..w];
+                assert_eq!(rows, block, "{d:?}: qv image {b} row {r} block {g}");
+            }
+
+            let by_rows = folded_backward(&qv_rows, QvLayout::Rows, &h, &probs, &grad_out, d, 0.3, engine);
+            let by_groups = folded_backward(&qv_groups, QvLayout::Groups, &h, &probs, &grad_out, d, 0.3, engine);
+            assert_eq!(by_groups, by_rows, "{d:?}: gradients");
+        }
+    }
+
+    /// Every (image, row, block) index.
+    fn every_index(a: usize, b: usize, c: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+        (0..a).flat_map(move |i| (0..b).flat_map(move |j| (0..c).map(move |k| (i, j, k))))
     }
 }

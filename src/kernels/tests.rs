@@ -177,6 +177,45 @@ fn projected_folded_attention_is_the_projection_then_the_attention() {
     }
 }
 
+/// Under autodiff the fused projection and attention (one recorded operation) give the same
+/// bits as the two recorded operations: the output and the gradients of `h` (the projection's
+/// input and the keys), of the weight and of the bias.
+#[test]
+fn projected_folded_attention_gradients_are_the_two_steps() {
+    for (batch, seq, heads, width) in [(3, 49, 4, 64), (2, 10, 3, 20)] {
+        let device = Device::flex().autodiff();
+        let draws = Draws::new(&device, (batch * 200 + width) as u64);
+        let h = draws.normal([batch, seq, width], 0.0, 1.0);
+        let weight = draws.normal([1, width, 2 * heads * width], 0.0, 0.2).reshape([width, 2 * heads * width]);
+        let bias = draws.normal([1, 1, 2 * heads * width], 0.0, 0.2).reshape([2 * heads * width]);
+        let upstream = draws.normal([batch, seq, width], 0.0, 1.0);
+        let bits = |t: Tensor<3>| t.inner().into_data().try_to_vec::<f32>().unwrap();
+        let run = |fused: bool| {
+            let (h, weight, bias) =
+                (h.clone().require_grad(), weight.clone().require_grad(), bias.clone().require_grad());
+            let out = if fused {
+                projected_folded_attention(h.clone(), weight.clone(), bias.clone(), heads, 0.3)
+            } else {
+                let qv = fused_linear(h.clone(), weight.clone(), bias.clone(), Activation::Identity);
+                folded_attention(qv, h.clone(), heads, 0.3)
+            };
+            let grads = (out.clone() * upstream.clone()).sum().backward();
+            let grad = |t: Tensor<3>| t.into_data().try_to_vec::<f32>().unwrap();
+            (
+                bits(out.detach()),
+                grad(h.grad(&grads).expect("h gradient")),
+                weight.grad(&grads).expect("weight gradient").into_data().try_to_vec::<f32>().unwrap(),
+                bias.grad(&grads).expect("bias gradient").into_data().try_to_vec::<f32>().unwrap(),
+            )
+        };
+        let (fused, two) = (run(true), run(false));
+        assert_eq!(fused.0, two.0, "{batch}×{seq}×{heads}×{width}: outputs");
+        assert_eq!(fused.1, two.1, "{batch}×{seq}×{heads}×{width}: h gradients");
+        assert_eq!(fused.2, two.2, "{batch}×{seq}×{heads}×{width}: weight gradients");
+        assert_eq!(fused.3, two.3, "{batch}×{seq}×{heads}×{width}: bias gradients");
+    }
+}
+
 /// The patch layout change, both ways and in both value orders, equals burn's reshape and
 /// permute exactly, and so do its gradients (the other direction applied to the upstream
 /// gradient).
