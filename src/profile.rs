@@ -61,7 +61,7 @@ impl Region {
             Region::Gradients => "gradients to flat vector, micro-batch mean",
             Region::Optimizer => "Adam + EMA",
             Region::WriteBack => "parameters back into the model",
-            Region::AttentionForward | Region::AttentionBackward => "attention kernel",
+            Region::AttentionForward | Region::AttentionBackward => "attention kernel (+ fused projection)",
             Region::NormForward | Region::NormBackward => "adaLN LayerNorm kernel",
             Region::ResidualForward | Region::ResidualBackward => "gated residual kernel",
             Region::LinearForward | Region::LinearBackward => "fused Linear kernel",

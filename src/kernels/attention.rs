@@ -323,7 +323,7 @@ pub fn folded_forward(
 /// Per-thread buffers of the folded attention: the transposed queries of every head (or, in
 /// the backward pass, the transposed output gradient), a head's packed values (AVX2 tiles only,
 /// see [`Engine::head_rows`]), the score gradients, and the softmax's column statistics.
-struct FoldedScratch {
+pub(super) struct FoldedScratch {
     queries: Vec<f32>,
     values: Vec<f32>,
     scores: Vec<f32>,
@@ -331,7 +331,7 @@ struct FoldedScratch {
 }
 
 impl FoldedScratch {
-    fn new(d: FoldedDims) -> Self {
+    pub(super) fn new(d: FoldedDims) -> Self {
         let hs = d.heads * d.seq;
         Self {
             queries: vec![0.0; d.width * hs],
@@ -362,19 +362,81 @@ pub fn folded_backward(
     assert_eq!(keys.len(), batch * s * w, "folded attention backward: keys have the wrong length");
     assert_eq!(probs.len(), batch * s * hs, "folded attention backward: probs have the wrong length");
     assert_eq!(grad_out.len(), batch * s * w, "folded attention backward: gradient has the wrong length");
-    let one_image = |bi: usize, gqv: *mut f32, gk: *mut f32, scratch: &mut FoldedScratch| {
-        let (x, k, go) = (qv[bi * s * row..].as_ptr(), keys[bi * s * w..].as_ptr(), grad_out[bi * s * w..].as_ptr());
-        let p = &probs[bi * s * hs..(bi + 1) * s * hs];
-        // SAFETY (block offsets): inside this image's `s·row` values of `qv`.
+    let one_image =
+        |bi: usize, gqv: &mut [MaybeUninit<f32>], gk: &mut [MaybeUninit<f32>], scratch: &mut FoldedScratch| {
+            let image = FoldedImage {
+                qv: &qv[bi * s * row..][..s * row],
+                layout,
+                keys: &keys[bi * s * w..][..s * w],
+                probs: &probs[bi * s * hs..][..s * hs],
+                grad_out: &grad_out[bi * s * w..][..s * w],
+            };
+            image.backward(gqv, gk, d, scale, engine, scratch);
+        };
+    let mut grad_keys = None;
+    // SAFETY: `FoldedImage::backward` writes every element of an image's gradients.
+    let grad_qv = unsafe {
+        uninit_filled(batch * s * row, |gqv| {
+            grad_keys = Some(uninit_filled(batch * s * w, |gk| {
+                gqv.par_chunks_mut(s * row).zip(gk.par_chunks_mut(s * w)).enumerate().for_each_init(
+                    || FoldedScratch::new(d),
+                    |scratch, (bi, (gqv, gk))| one_image(bi, gqv, gk, scratch),
+                );
+            }));
+        })
+    };
+    (grad_qv, grad_keys.expect("filled above"))
+}
+
+/// One image's operands of [`folded_backward`].
+pub(super) struct FoldedImage<'a> {
+    /// `S × 2·H·W` values in `layout`.
+    pub(super) qv: &'a [f32],
+    pub(super) layout: QvLayout,
+    /// `S × W`.
+    pub(super) keys: &'a [f32],
+    /// `S × H·S`.
+    pub(super) probs: &'a [f32],
+    /// `S × W`.
+    pub(super) grad_out: &'a [f32],
+}
+
+impl FoldedImage<'_> {
+    /// The image's `qv` gradient (`S × 2·H·W`, in rows) into `gqv` and its key gradient
+    /// (`S × W`) into `gk`, every element of both written.
+    pub(super) fn backward(
+        &self,
+        gqv: &mut [MaybeUninit<f32>],
+        gk: &mut [MaybeUninit<f32>],
+        d: FoldedDims,
+        scale: f32,
+        engine: Engine,
+        scratch: &mut FoldedScratch,
+    ) {
+        let FoldedDims { seq: s, heads, width: w, .. } = d;
+        let (row, hs) = (d.row(), heads * s);
+        assert!(
+            self.qv.len() == s * row
+                && self.keys.len() == s * w
+                && self.probs.len() == s * hs
+                && self.grad_out.len() == s * w
+                && gqv.len() == s * row
+                && gk.len() == s * w,
+            "folded attention backward: an image's operands have the wrong sizes"
+        );
+        let (x, k, go, p) = (self.qv.as_ptr(), self.keys.as_ptr(), self.grad_out.as_ptr(), self.probs);
+        let (gqv, gk): (*mut f32, *mut f32) = (gqv.as_mut_ptr().cast(), gk.as_mut_ptr().cast());
+        // SAFETY (block offsets): inside the image's `s·row` values of `qv`.
         let block = |g: usize| {
-            let (at, stride) = layout.block(g, d);
+            let (at, stride) = self.layout.block(g, d);
             (unsafe { x.add(at) }, stride)
         };
         // dO is shared by the heads: transposed once per image.
-        // SAFETY: dO's S × W block of this image into W rows of S values of the scratch.
+        // SAFETY: dO's S × W block into W rows of S values of the scratch.
         unsafe { transpose(scratch.queries.as_mut_ptr(), s, go, w, s, w) };
-        // SAFETY (offsets and products): blocks of this image's rows of `qv` and its gradient, its
-        // keys and their gradient, or this thread's buffers; no destination overlaps an operand.
+        // SAFETY (offsets and products): blocks of the image's `qv` and its gradient, its keys
+        // and their gradient, or this thread's buffers (sizes checked above); no destination
+        // overlaps an operand.
         unsafe {
             for h in 0..heads {
                 let ((v, v_rs), dv, ph) = (block(heads + h), gqv.add((heads + h) * w), p[h * s..].as_ptr());
@@ -398,21 +460,7 @@ pub fn folded_backward(
                 engine.product(s, w, s, gk, w, Strided { ptr: dsh, row_stride: hs, x_stride: 1 }, q, q_rs, h > 0);
             }
         }
-    };
-    let mut grad_keys = None;
-    // SAFETY: per image and head the products write that head's columns of dQ' and dV', which
-    // together cover every element; head 0 writes every key gradient, later heads add to them.
-    let grad_qv = unsafe {
-        uninit_filled(batch * s * row, |gqv| {
-            grad_keys = Some(uninit_filled(batch * s * w, |gk| {
-                gqv.par_chunks_mut(s * row).zip(gk.par_chunks_mut(s * w)).enumerate().for_each_init(
-                    || FoldedScratch::new(d),
-                    |scratch, (bi, (gqv, gk))| one_image(bi, gqv.as_mut_ptr().cast(), gk.as_mut_ptr().cast(), scratch),
-                );
-            }));
-        })
-    };
-    (grad_qv, grad_keys.expect("filled above"))
+    }
 }
 
 /// Per-thread buffers: a transposed head block, the softmax's column statistics, and (in the

@@ -13,6 +13,7 @@ use burn::backend::{Autodiff, Flex};
 use super::flex::*;
 use super::linear::{self, Activation};
 use super::patches::Patches;
+use super::projected_attention::projected_folded_backward;
 use super::{Adjoint, DitKernels, Exchange, GroupSum, TokenShards, attention, norm, residual};
 use crate::profile::{self, Region};
 
@@ -156,11 +157,11 @@ impl<C: CheckpointStrategy> DitKernels for Autodiff<Flex, C> {
             fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
                 let grad_out = contiguous(&grads.consume::<Flex>(&ops.node));
                 let (h, weight, qv, probs, d, scale) = ops.state;
-                let (mut grad_qv, grad_keys) = profile::time(Region::AttentionBackward, || {
-                    attention::folded_backward(
-                        &qv,
-                        attention::QvLayout::Groups,
+                let (grad_h, grad_w, grad_b) = profile::time(Region::AttentionBackward, || {
+                    projected_folded_backward(
                         h.storage::<f32>(),
+                        weight.storage::<f32>(),
+                        &qv,
                         &probs,
                         grad_out.storage::<f32>(),
                         d,
@@ -168,18 +169,10 @@ impl<C: CheckpointStrategy> DitKernels for Autodiff<Flex, C> {
                         attention::Engine::best(),
                     )
                 });
-                drop((qv, probs));
-                let dims = linear::LinearDims { rows: d.batch * d.seq, input: d.width, output: d.row() };
-                let g = profile::time(Region::LinearBackward, || {
-                    linear::backward(h.storage(), weight.storage(), &[], &mut grad_qv, dims, Activation::Identity)
-                });
-                // `h` is both the projection's input and the keys.
-                let mut grad_h = g.x;
-                grad_h.iter_mut().zip(&grad_keys).for_each(|(a, &b)| *a += b);
                 let results = [
                     (grad_h, vec![d.batch, d.seq, d.width]),
-                    (g.weight, vec![dims.input, dims.output]),
-                    (g.bias, vec![dims.output]),
+                    (grad_w, vec![d.width, d.row()]),
+                    (grad_b, vec![d.row()]),
                 ];
                 register_grads(ops.parents, |p| p.id, grads, results);
             }

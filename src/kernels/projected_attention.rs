@@ -15,12 +15,14 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::attention::{Engine, FoldedDims};
+use super::attention::{Engine, FoldedDims, FoldedImage, FoldedScratch, QvLayout};
 use super::buffer::{assume_init, scratch, uninit_filled};
+use super::linear::{Activation, activation_backward};
 use super::panels::Panels;
 use super::simd::softmax_columns;
 use super::tile::Strided;
 use super::transpose::transpose;
+use super::weight_gradient::WeightGradient;
 
 /// `Σₕ softmax(scale · Q'ₕ Kᵀ) V'ₕ` with `[Q'₀ … | V'₀ …] = h·weight + bias` and the keys `h`
 /// itself `[B, S, W]`; `weight` is the folded `[W, 2·H·W]` packed as panels. Returns `[B, S, W]`.
@@ -87,6 +89,88 @@ pub fn projected_folded_forward_kept(
         })
     };
     (out, qv.expect("filled above"), probs.expect("filled above"))
+}
+
+/// Images per task of [`projected_folded_backward`]: about a Linear backward span's rows. The
+/// weight and bias gradients are summed task by task, so this, not the thread count, fixes
+/// their order of summation.
+const SPAN_IMAGES: usize = 10;
+
+/// The gradients of [`projected_folded_forward_kept`] from that of its output: of `h` (as the
+/// projection's input and as the keys), of the folded weight `[W, 2·H·W]` (row-major, unpacked)
+/// and of its bias. Image by image, the attention's backward writes the image's `qv` gradient
+/// to a buffer of the thread, and the projection's backward consumes it while it is in L2: the
+/// input gradient on the panels of `weightᵀ`, the weight gradient on [`WeightGradient`]'s tiles
+/// (summed in image order within a span of [`SPAN_IMAGES`], the spans in order), the bias
+/// gradient row by row.
+///
+/// # Panics
+/// If the sizes disagree, or the panel products cannot run here ([`super::panels::available`]).
+#[allow(clippy::too_many_arguments)]
+pub fn projected_folded_backward(
+    h: &[f32],
+    weight: &[f32],
+    qv: &[f32],
+    probs: &[f32],
+    grad_out: &[f32],
+    d: FoldedDims,
+    scale: f32,
+    engine: Engine,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let FoldedDims { batch, seq: s, heads, width: w } = d;
+    let (row, hs) = (d.row(), heads * s);
+    assert_eq!(h.len(), batch * s * w, "projected attention backward: h has the wrong length");
+    assert_eq!(weight.len(), w * row, "projected attention backward: weight must be [W, 2·H·W]");
+    assert_eq!(qv.len(), batch * s * row, "projected attention backward: qv has the wrong length");
+    assert_eq!(probs.len(), batch * s * hs, "projected attention backward: probs have the wrong length");
+    assert_eq!(grad_out.len(), batch * s * w, "projected attention backward: gradient has the wrong length");
+    // dx = dqv · weightᵀ: the panels of weightᵀ, `2·H·W` deep.
+    let transposed = Panels::pack(weight, row, w, 1, row);
+    let mut spans: Vec<(Vec<f32>, Vec<f32>)> = Vec::new();
+    // SAFETY: each image's key gradient is written whole (head 0's product) before its input
+    // gradient is added to it.
+    let grad_h = unsafe {
+        uninit_filled(batch * s * w, |grad_h| {
+            spans = grad_h
+                .par_chunks_mut(SPAN_IMAGES * s * w)
+                .enumerate()
+                .map_init(
+                    || (FoldedScratch::new(d), scratch(s * row), scratch(s * w)),
+                    |(folded, gqv, dx), (si, grad_h)| {
+                        let mut dw = WeightGradient::new(w, row);
+                        let mut db = vec![0.0f32; row];
+                        for (i, gh) in grad_h.chunks_mut(s * w).enumerate() {
+                            let bi = si * SPAN_IMAGES + i;
+                            let image = FoldedImage {
+                                qv: &qv[bi * s * row..][..s * row],
+                                layout: QvLayout::Groups,
+                                keys: &h[bi * s * w..][..s * w],
+                                probs: &probs[bi * s * hs..][..s * hs],
+                                grad_out: &grad_out[bi * s * w..][..s * w],
+                            };
+                            image.backward(gqv, gh, d, scale, engine, folded);
+                            // SAFETY: the image's backward wrote all of both.
+                            let (dz, gh) = (assume_init(gqv), assume_init(gh));
+                            activation_backward(dz, &[], &mut db, Activation::Identity);
+                            transposed.product(dz, dx, |_, _| {});
+                            let x = &h[bi * s * w..][..s * w];
+                            dw.add(x, dz);
+                            // `h` is both the projection's input and the keys.
+                            gh.iter_mut().zip(assume_init(dx).iter()).for_each(|(g, &x)| *g += x);
+                        }
+                        (dw.finish(), db)
+                    },
+                )
+                .collect();
+        })
+    };
+    let mut grad_w = vec![0.0f32; w * row];
+    let mut grad_b = vec![0.0f32; row];
+    for (dw, db) in &spans {
+        grad_w.iter_mut().zip(dw).for_each(|(a, &b)| *a += b);
+        grad_b.iter_mut().zip(db).for_each(|(a, &b)| *a += b);
+    }
+    (grad_h, grad_w, grad_b)
 }
 
 /// The projection and the folded attention for one image at a time: what
@@ -230,6 +314,35 @@ mod tests {
             let by_rows = folded_backward(&qv_rows, QvLayout::Rows, &h, &probs, &grad_out, d, 0.3, engine);
             let by_groups = folded_backward(&qv_groups, QvLayout::Groups, &h, &probs, &grad_out, d, 0.3, engine);
             assert_eq!(by_groups, by_rows, "{d:?}: gradients");
+        }
+    }
+
+    /// The fused backward's gradients are the same bits on one thread and on several: the
+    /// spans of images, not the threads, fix the order of every sum.
+    #[test]
+    fn backward_does_not_depend_on_the_thread_count() {
+        if !panels::available() {
+            return;
+        }
+        let mut rng = crate::rng::stream(19, crate::rng::Purpose::Bench, 0);
+        let d = FoldedDims { batch: 25, seq: 9, heads: 2, width: 32 };
+        let (s, w, row) = (d.seq, d.width, d.row());
+        let h = crate::rng::standard_normal(&mut rng, d.batch * s * w);
+        let weight: Vec<f32> = crate::rng::standard_normal(&mut rng, w * row).iter().map(|v| v * 0.2).collect();
+        let bias = crate::rng::standard_normal(&mut rng, row);
+        let grad_out = crate::rng::standard_normal(&mut rng, d.batch * s * w);
+        let (engine, panels) = (Engine::best(), Panels::pack(&weight, w, row, row, 1));
+        let (_, qv, probs) = projected_folded_forward_kept(&h, &panels, &bias, d, 0.3, engine);
+        let on = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
+            pool.install(|| projected_folded_backward(&h, &weight, &qv, &probs, &grad_out, d, 0.3, engine))
+        };
+        let bits = |g: &(Vec<f32>, Vec<f32>, Vec<f32>)| {
+            [&g.0, &g.1, &g.2].map(|v| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>())
+        };
+        let one = bits(&on(1));
+        for threads in [2, 3] {
+            assert!(bits(&on(threads)) == one, "{threads} threads");
         }
     }
 

@@ -178,18 +178,20 @@ fn projected_folded_attention_is_the_projection_then_the_attention() {
 }
 
 /// Under autodiff the fused projection and attention (one recorded operation) give the same
-/// bits as the two recorded operations: the output and the gradients of `h` (the projection's
-/// input and the keys), of the weight and of the bias.
+/// bits as the two recorded operations: the output and the gradient of `h` (the projection's
+/// input and the keys) always; the weight's and bias's too while the batch is one span of the
+/// fused backward (they are summed span by span, in image order, where the Linear's backward
+/// sums spans of rows: beyond one span they differ by rounding, bounded here).
 #[test]
 fn projected_folded_attention_gradients_are_the_two_steps() {
-    for (batch, seq, heads, width) in [(3, 49, 4, 64), (2, 10, 3, 20)] {
+    for (batch, seq, heads, width) in [(3, 49, 4, 64), (23, 49, 4, 64), (2, 10, 3, 20)] {
         let device = Device::flex().autodiff();
         let draws = Draws::new(&device, (batch * 200 + width) as u64);
         let h = draws.normal([batch, seq, width], 0.0, 1.0);
         let weight = draws.normal([1, width, 2 * heads * width], 0.0, 0.2).reshape([width, 2 * heads * width]);
         let bias = draws.normal([1, 1, 2 * heads * width], 0.0, 0.2).reshape([2 * heads * width]);
         let upstream = draws.normal([batch, seq, width], 0.0, 1.0);
-        let bits = |t: Tensor<3>| t.inner().into_data().try_to_vec::<f32>().unwrap();
+        let values = |t: Tensor<3>| t.into_data().try_to_vec::<f32>().unwrap();
         let run = |fused: bool| {
             let (h, weight, bias) =
                 (h.clone().require_grad(), weight.clone().require_grad(), bias.clone().require_grad());
@@ -200,19 +202,28 @@ fn projected_folded_attention_gradients_are_the_two_steps() {
                 folded_attention(qv, h.clone(), heads, 0.3)
             };
             let grads = (out.clone() * upstream.clone()).sum().backward();
-            let grad = |t: Tensor<3>| t.into_data().try_to_vec::<f32>().unwrap();
             (
-                bits(out.detach()),
-                grad(h.grad(&grads).expect("h gradient")),
+                values(out.detach().inner()),
+                values(h.grad(&grads).expect("h gradient")),
                 weight.grad(&grads).expect("weight gradient").into_data().try_to_vec::<f32>().unwrap(),
                 bias.grad(&grads).expect("bias gradient").into_data().try_to_vec::<f32>().unwrap(),
             )
         };
         let (fused, two) = (run(true), run(false));
-        assert_eq!(fused.0, two.0, "{batch}×{seq}×{heads}×{width}: outputs");
-        assert_eq!(fused.1, two.1, "{batch}×{seq}×{heads}×{width}: h gradients");
-        assert_eq!(fused.2, two.2, "{batch}×{seq}×{heads}×{width}: weight gradients");
-        assert_eq!(fused.3, two.3, "{batch}×{seq}×{heads}×{width}: bias gradients");
+        let case = format!("{batch}×{seq}×{heads}×{width}");
+        assert_eq!(fused.0, two.0, "{case}: outputs");
+        assert_eq!(fused.1, two.1, "{case}: h gradients");
+        let rel = |a: &[f32], b: &[f32]| {
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+            a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+        };
+        if batch <= 10 {
+            assert_eq!(fused.2, two.2, "{case}: weight gradients");
+            assert_eq!(fused.3, two.3, "{case}: bias gradients");
+        } else {
+            assert!(rel(&fused.2, &two.2) < 1e-5, "{case}: weight gradients differ by {}", rel(&fused.2, &two.2));
+            assert!(rel(&fused.3, &two.3) < 1e-5, "{case}: bias gradients differ by {}", rel(&fused.3, &two.3));
+        }
     }
 }
 
