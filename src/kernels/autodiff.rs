@@ -14,7 +14,7 @@ use super::flex::*;
 use super::linear::{self, Activation};
 use super::patches::Patches;
 use super::projected_attention::projected_folded_backward;
-use super::{Adjoint, DitKernels, Exchange, GroupSum, TokenShards, attention, norm, residual};
+use super::{Adjoint, DitKernels, Exchange, GroupSum, TokenShards, attention, feed_forward, norm, residual};
 use crate::profile::{self, Region};
 
 /// Registers each computed gradient (values and shape) with its parent, for the parents that
@@ -308,6 +308,59 @@ impl<C: CheckpointStrategy> DitKernels for Autodiff<Flex, C> {
         record::<_, C, _>(GatedResidual, [x, gate, y], |[x, gate, y], tracked| {
             let out = residual_forward(&x, &gate, &y);
             (out, tracked.then(|| (contiguous(&gate), contiguous(&y))))
+        })
+    }
+
+    fn feed_forward(
+        x: FloatTensor<Self>,
+        w1: FloatTensor<Self>,
+        b1: FloatTensor<Self>,
+        w2: FloatTensor<Self>,
+        b2: FloatTensor<Self>,
+        activation: Activation,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct FeedForward;
+
+        impl Backward<Flex, 5> for FeedForward {
+            /// The operands and the hidden layer's output.
+            type State = (FeedForwardInputs, Vec<f32>);
+
+            fn backward(self, ops: Ops<Self::State, 5>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let grad_out = contiguous(&grads.consume::<Flex>(&ops.node));
+                let (inputs, hidden) = ops.state;
+                let d = inputs.dims;
+                let g = profile::time(Region::LinearBackward, || {
+                    feed_forward::backward(
+                        inputs.x.storage(),
+                        inputs.w1.storage(),
+                        inputs.w2.storage(),
+                        &hidden,
+                        grad_out.storage(),
+                        d,
+                        inputs.activation,
+                    )
+                });
+                let results = [
+                    (g.x, inputs.x.layout().shape().to_vec()),
+                    (g.w1, vec![d.width, d.hidden]),
+                    (g.b1, vec![d.hidden]),
+                    (g.w2, vec![d.hidden, d.width]),
+                    (g.b2, vec![d.width]),
+                ];
+                register_grads(ops.parents, |p| p.id, grads, results);
+            }
+        }
+
+        if !feed_forward::runs(activation) {
+            // The two recorded Linear operations.
+            let hidden = Self::fused_linear(x, w1, b1, activation);
+            return Self::fused_linear(hidden, w2, b2, Activation::Identity);
+        }
+        record::<_, C, _>(FeedForward, [x, w1, b1, w2, b2], |[x, w1, b1, w2, b2], tracked| {
+            let inputs = FeedForwardInputs::new(&x, [&w1, &b1, &w2, &b2], activation);
+            let (y, hidden) = inputs.forward();
+            (y, tracked.then_some((inputs, hidden)))
         })
     }
 

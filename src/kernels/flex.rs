@@ -14,7 +14,7 @@ use super::norm::{self, NormDims, NormParams};
 use super::panels::{self, Panels};
 use super::patches::Patches;
 use super::projected_attention::{projected_folded_forward, projected_folded_forward_kept};
-use super::{Adjoint, DitKernels, Exchange, GroupSum, TokenShards, residual};
+use super::{Adjoint, DitKernels, Exchange, GroupSum, TokenShards, feed_forward, residual};
 use crate::profile::{self, Region};
 
 pub(super) fn norm_dims(shape: &[usize]) -> NormDims {
@@ -131,6 +131,55 @@ pub(super) fn projected_attention_forward_kept(
         projected_folded_forward_kept(h, &panels, bias, d, scale as f32, attention::Engine::best())
     });
     (flex_tensor(out, vec![d.batch, d.seq, d.width]), qv, probs, d)
+}
+
+/// The operands of a feed-forward kernel, contiguous: the input, both layers' weights and
+/// biases.
+#[derive(Debug, Clone)]
+pub(super) struct FeedForwardInputs {
+    pub(super) x: FlexTensor,
+    pub(super) w1: FlexTensor,
+    pub(super) b1: FlexTensor,
+    pub(super) w2: FlexTensor,
+    pub(super) b2: FlexTensor,
+    pub(super) activation: Activation,
+    pub(super) dims: feed_forward::FeedForwardDims,
+}
+
+impl FeedForwardInputs {
+    pub(super) fn new(x: &FlexTensor, [w1, b1, w2, b2]: [&FlexTensor; 4], activation: Activation) -> Self {
+        let shape = x.layout().shape().to_vec();
+        let [width, hidden] = <[usize; 2]>::try_from(w1.layout().shape().to_vec()).expect("W1 is [in, hidden]");
+        assert_eq!(
+            shape.last(),
+            Some(&width),
+            "feed-forward: input width {shape:?} does not match W1 [{width}, {hidden}]"
+        );
+        let rows = shape[..shape.len() - 1].iter().product();
+        Self {
+            x: contiguous(x),
+            w1: contiguous(w1),
+            b1: contiguous(b1),
+            w2: contiguous(w2),
+            b2: contiguous(b2),
+            activation,
+            dims: feed_forward::FeedForwardDims { rows, width, hidden },
+        }
+    }
+
+    /// The output (shaped as the input) and the hidden layer's output.
+    pub(super) fn forward(&self) -> (FlexTensor, Vec<f32>) {
+        let (y, hidden) = profile::time(Region::LinearForward, || {
+            feed_forward::forward(
+                self.x.storage(),
+                (self.w1.storage(), self.b1.storage()),
+                (self.w2.storage(), self.b2.storage()),
+                self.dims,
+                self.activation,
+            )
+        });
+        (flex_tensor(y, self.x.layout().shape().to_vec()), hidden)
+    }
 }
 
 /// The inputs of a modulated LayerNorm, contiguous.
@@ -289,6 +338,21 @@ impl DitKernels for Flex {
         activation: Activation,
     ) -> FloatTensor<Self> {
         LinearInputs::new(&x, &weight, &bias, activation).forward(false).0
+    }
+
+    fn feed_forward(
+        x: FloatTensor<Self>,
+        w1: FloatTensor<Self>,
+        b1: FloatTensor<Self>,
+        w2: FloatTensor<Self>,
+        b2: FloatTensor<Self>,
+        activation: Activation,
+    ) -> FloatTensor<Self> {
+        if !feed_forward::runs(activation) {
+            let hidden = Self::fused_linear(x, w1, b1, activation);
+            return Self::fused_linear(hidden, w2, b2, Activation::Identity);
+        }
+        FeedForwardInputs::new(&x, [&w1, &b1, &w2, &b2], activation).forward().0
     }
 
     fn exchange(x: FloatTensor<Self>, plan: Exchange) -> FloatTensor<Self> {

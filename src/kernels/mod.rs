@@ -49,6 +49,7 @@ mod tokens;
 pub mod attention;
 pub mod buffer;
 pub mod cache;
+pub mod feed_forward;
 pub mod gemm;
 pub mod inference_block;
 pub mod isa;
@@ -121,6 +122,17 @@ pub trait DitKernels: Backend {
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        activation: Activation,
+    ) -> FloatTensor<Self>;
+
+    /// The feed-forward network `act(x·W₁ + b₁)·W₂ + b₂` over the last axis of `x`, ReLU or the
+    /// identity inside, see [`feed_forward`].
+    fn feed_forward(
+        x: FloatTensor<Self>,
+        w1: FloatTensor<Self>,
+        b1: FloatTensor<Self>,
+        w2: FloatTensor<Self>,
+        b2: FloatTensor<Self>,
         activation: Activation,
     ) -> FloatTensor<Self>;
 

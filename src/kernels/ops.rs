@@ -261,13 +261,49 @@ pub fn gated_residual_composed(x: Tensor<3>, gate: Tensor<2>, y: Tensor<3>) -> T
 
 /// `act(x·W + b)` for a burn `Linear` (its bias, or none), over the last axis of `x`.
 pub fn linear_act<const D: usize>(layer: &burn::nn::Linear, x: Tensor<D>, activation: Activation) -> Tensor<D> {
+    fused_linear(x, layer.weight.val(), linear_bias(layer), activation)
+}
+
+/// A layer's bias, or zeros of its output width for a layer without one.
+pub fn linear_bias(layer: &burn::nn::Linear) -> Tensor<1> {
     let weight = layer.weight.val();
-    let bias = layer
+    layer
         .bias
         .as_ref()
         .map(|b| b.val())
-        .unwrap_or_else(|| cast_like(Tensor::zeros([weight.dims()[1]], &weight.device()), &weight));
-    fused_linear(x, weight, bias, activation)
+        .unwrap_or_else(|| cast_like(Tensor::zeros([weight.dims()[1]], &weight.device()), &weight))
+}
+
+/// `act(x·W₁ + b₁)·W₂ + b₂`, a feed-forward network with ReLU or the identity inside: on the
+/// CPU one kernel that keeps the hidden layer's rows in cache between the two products, forward
+/// and backward (see [`super::feed_forward`]); elsewhere, and for GELU, the two Linear layers.
+pub fn feed_forward(
+    x: Tensor<3>,
+    (w1, b1): (Tensor<2>, Tensor<1>),
+    (w2, b2): (Tensor<2>, Tensor<1>),
+    activation: Activation,
+) -> Tensor<3> {
+    if !runs_fused(&x) {
+        return feed_forward_composed(x, (w1, b1), (w2, b2), activation);
+    }
+    Tensor::from_dispatch(<Dispatch as DitKernels>::feed_forward(
+        x.into_dispatch(),
+        w1.into_dispatch(),
+        b1.into_dispatch(),
+        w2.into_dispatch(),
+        b2.into_dispatch(),
+        activation,
+    ))
+}
+
+/// [`feed_forward`] from burn's own operations.
+pub fn feed_forward_composed(
+    x: Tensor<3>,
+    (w1, b1): (Tensor<2>, Tensor<1>),
+    (w2, b2): (Tensor<2>, Tensor<1>),
+    activation: Activation,
+) -> Tensor<3> {
+    fused_linear_composed(fused_linear_composed(x, w1, b1, activation), w2, b2, Activation::Identity)
 }
 
 /// Several Linear layers over the same input as one: their weights side by side, outputs

@@ -135,6 +135,34 @@ fn fused_linear_matches_composed() {
     }
 }
 
+/// The feed-forward kernel (mnist-dits's 64 → 256 → 64, and odd widths the panels take in part)
+/// against the two composed Linear layers, values and every gradient, for ReLU and the identity
+/// inside; GELU takes the two Linear kernels.
+#[test]
+fn feed_forward_matches_composed() {
+    for (rows, width, hidden) in [(300, 64, 256), (5, 3, 7)] {
+        for activation in [Activation::Relu, Activation::Identity, Activation::GeluTanh] {
+            let draws = Draws::new(&Device::flex().autodiff(), 7 + rows as u64);
+            let r = |shape: [usize; 3]| draws.normal(shape, 0.0, 1.0);
+            let inputs = [
+                r([2, rows, width]),
+                r([1, width, hidden]),
+                r([1, 1, hidden]),
+                r([1, hidden, width]),
+                r([1, 1, width]),
+            ];
+            type FeedForward = fn(Tensor<3>, (Tensor<2>, Tensor<1>), (Tensor<2>, Tensor<1>), Activation) -> Tensor<3>;
+            let call = |f: FeedForward| {
+                move |[x, w1, b1, w2, b2]: [Tensor<3>; 5]| {
+                    let layer = |w: Tensor<3>, b: Tensor<3>| (w.squeeze_dim(0), as_2d(b).squeeze_dim(0));
+                    f(x, layer(w1, b1), layer(w2, b2), activation)
+                }
+            };
+            check_against_composed(inputs, call(feed_forward), call(feed_forward_composed));
+        }
+    }
+}
+
 #[test]
 fn attention_matches_composed_mnist_dits_shape() {
     check_attention(3, 49, 4, 64);

@@ -8,8 +8,8 @@ use burn::prelude::*;
 
 use super::folded::FoldedAttention;
 use crate::kernels::{
-    Activation, SequenceParallel, TensorParallel, gated_residual, linear_act, linear_cat, modulated_layer_norm,
-    packed_attention,
+    Activation, SequenceParallel, TensorParallel, feed_forward, gated_residual, linear_act, linear_bias, linear_cat,
+    modulated_layer_norm, packed_attention,
 };
 use crate::model::config::DitConfig;
 
@@ -25,6 +25,11 @@ impl FeedForward {
     /// Over this rank's hidden columns of `tp` (`expand` column-parallel, `contract`
     /// row-parallel).
     pub fn forward(&self, x: Tensor<3>, tp: &TensorParallel) -> Tensor<3> {
+        if tp.size() == 1 {
+            let (expand, contract) = (&self.expand, &self.contract);
+            let layers = ((expand.weight.val(), linear_bias(expand)), (contract.weight.val(), linear_bias(contract)));
+            return feed_forward(x, layers.0, layers.1, Activation::Relu);
+        }
         tp.row_linear(&self.contract, linear_act(&self.expand, tp.enter(x), Activation::Relu))
     }
 }
