@@ -239,12 +239,14 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
     let labels: Vec<u8> = (0..b).map(|_| rng.random_range(0..cfg.classes) as u8).collect();
     let batch = Batch { images, labels: labels.clone(), epoch: 0, index: 0 };
 
-    let mut train = TrainConfig::default();
-    train.batch = b;
-    train.micro_batches = opts.micro_batches.unwrap_or(train.micro_batches).min(b);
-    // Throughput does not depend on the label ids; the preset may have no null label.
-    train.label_dropout = 0.0;
-    train.precision = opts.precision;
+    let train = TrainConfig {
+        batch: b,
+        micro_batches: opts.micro_batches.unwrap_or(TrainConfig::micro_batches_for(b)).min(b),
+        // Throughput does not depend on the label ids; the preset may have no null label.
+        label_dropout: 0.0,
+        precision: opts.precision,
+        ..TrainConfig::default()
+    };
     let step_parts = train.micro_batches;
     let mut trainer =
         Trainer::new(cfg.clone(), train, crate::data::DataSource::idx(std::path::Path::new("")), &opts.device)?;

@@ -314,7 +314,8 @@ struct ServeArgs {
 struct BenchArgs {
     #[arg(long, default_value_t = 256)]
     batch: usize,
-    /// Micro-batches of a training step, computed in parallel [default: the recipe's].
+    /// Micro-batches of a training step, computed in parallel [default: as `dits train` cuts
+    /// the batch: 2, or about 64 images each from batch 192 on].
     #[arg(long)]
     micro_batches: Option<usize>,
     #[command(flatten)]

@@ -122,8 +122,9 @@ pub struct TrainOverrides {
     /// fp16's initial loss scale is 2^P (DeepSpeed's initial_scale_power).
     #[arg(long)]
     pub loss_scale_power: Option<u32>,
-    /// Micro-batches per batch, their gradients computed in parallel (one per core) and
-    /// averaged; part of the recipe, not the machine, so results do not depend on --threads.
+    /// Micro-batches per batch, their gradients computed in parallel and averaged; part of the
+    /// recipe, not the machine, so results do not depend on --threads [default: 2, or a power
+    /// of two of about 64 images each from batch 192 on: 4 at 256].
     #[arg(long)]
     pub micro_batches: Option<usize>,
     /// Peak Adam learning rate.

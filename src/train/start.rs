@@ -54,7 +54,10 @@ impl Start {
         let overrides = train.or(file.train);
         let length =
             Length::from_flags(overrides.steps, overrides.epochs, overrides.minutes)?.unwrap_or(Length::DEFAULT);
-        let train = overrides.apply(TrainConfig::default())?;
+        let mut train = overrides.apply(TrainConfig::default())?;
+        if overrides.micro_batches.is_none() {
+            train.micro_batches = TrainConfig::micro_batches_for(train.batch);
+        }
         let mut model = model.or(file.model).resolve()?;
         model.null_class = train.label_dropout > 0.0;
         Ok(Start::New { data: data.source()?, model, train, length })
