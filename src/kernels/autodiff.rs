@@ -185,11 +185,8 @@ impl<C: CheckpointStrategy> DitKernels for Autodiff<Flex, C> {
         }
         record::<_, C, _>(ProjectedAttention, [h, weight, bias], |[h, weight, bias], tracked| {
             let (h, weight, bias) = (contiguous(&h), contiguous(&weight), contiguous(&bias));
-            if !tracked {
-                return (projected_attention_forward(&h, &weight, &bias, heads, scale), None);
-            }
-            let (out, qv, probs, d) = projected_attention_forward_kept(&h, &weight, &bias, heads, scale);
-            (out, Some((h, weight, qv, probs, d, scale)))
+            let (out, kept) = projected_attention_forward(&h, &weight, &bias, heads, scale, tracked);
+            (out, kept.map(|(qv, probs, d)| (h, weight, qv, probs, d, scale)))
         })
     }
 

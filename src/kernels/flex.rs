@@ -97,40 +97,32 @@ fn projected_dims(h: &FlexTensor, weight: &FlexTensor, heads: usize) -> attentio
     d
 }
 
+/// What a tracked projected attention keeps for its backward pass: `qv` in blocks
+/// ([`attention::QvLayout::Groups`]), the probabilities, and the sizes.
+pub(super) type ProjectedKept = (Vec<f32>, Vec<f32>, attention::FoldedDims);
+
 /// The folded attention of `h` with its projection inside (contiguous operands; see
-/// [`projected_attention_runs`]): `[B, S, W]`.
+/// [`projected_attention_runs`]): `[B, S, W]`, and with `keep` what the backward pass reads.
 pub(super) fn projected_attention_forward(
     h: &FlexTensor,
     weight: &FlexTensor,
     bias: &FlexTensor,
     heads: usize,
     scale: f64,
-) -> FlexTensor {
+    keep: bool,
+) -> (FlexTensor, Option<ProjectedKept>) {
     let d = projected_dims(h, weight, heads);
-    let out = profile::time(Region::AttentionForward, || {
+    let (out, kept) = profile::time(Region::AttentionForward, || {
         let panels = Panels::pack(weight.storage::<f32>(), d.width, d.row(), d.row(), 1);
-        let (h, bias) = (h.storage::<f32>(), bias.storage::<f32>());
-        projected_folded_forward(h, &panels, bias, d, scale as f32, attention::Engine::best())
+        let (h, bias, engine) = (h.storage::<f32>(), bias.storage::<f32>(), attention::Engine::best());
+        if keep {
+            let (out, qv, probs) = projected_folded_forward_kept(h, &panels, bias, d, scale as f32, engine);
+            (out, Some((qv, probs, d)))
+        } else {
+            (projected_folded_forward(h, &panels, bias, d, scale as f32, engine), None)
+        }
     });
-    flex_tensor(out, vec![d.batch, d.seq, d.width])
-}
-
-/// [`projected_attention_forward`] keeping, for the backward pass, `qv` in blocks
-/// ([`attention::QvLayout::Groups`]) and the probabilities; also returns the sizes.
-pub(super) fn projected_attention_forward_kept(
-    h: &FlexTensor,
-    weight: &FlexTensor,
-    bias: &FlexTensor,
-    heads: usize,
-    scale: f64,
-) -> (FlexTensor, Vec<f32>, Vec<f32>, attention::FoldedDims) {
-    let d = projected_dims(h, weight, heads);
-    let (out, qv, probs) = profile::time(Region::AttentionForward, || {
-        let panels = Panels::pack(weight.storage::<f32>(), d.width, d.row(), d.row(), 1);
-        let (h, bias) = (h.storage::<f32>(), bias.storage::<f32>());
-        projected_folded_forward_kept(h, &panels, bias, d, scale as f32, attention::Engine::best())
-    });
-    (flex_tensor(out, vec![d.batch, d.seq, d.width]), qv, probs, d)
+    (flex_tensor(out, vec![d.batch, d.seq, d.width]), kept)
 }
 
 /// The operands of a feed-forward kernel, contiguous: the input, both layers' weights and
@@ -313,7 +305,7 @@ impl DitKernels for Flex {
             let qv = Self::fused_linear(h.clone(), weight, bias, Activation::Identity);
             return Self::folded_attention(qv, h, heads, scale);
         }
-        projected_attention_forward(&contiguous(&h), &contiguous(&weight), &contiguous(&bias), heads, scale)
+        projected_attention_forward(&contiguous(&h), &contiguous(&weight), &contiguous(&bias), heads, scale, false).0
     }
 
     fn modulated_layer_norm(
