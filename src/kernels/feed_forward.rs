@@ -41,7 +41,8 @@ pub fn runs(act: Activation) -> bool {
     panels::available() && !act.needs_preactivation()
 }
 
-/// The weights of both layers (`w1` `[width, hidden]`, `w2` `[hidden, width]`), checked against `d`.
+/// Checks `x` and both layers' weights (`w1` `[width, hidden]`, `w2` `[hidden, width]`) against
+/// `d`, and that the kernel runs for `act`.
 fn check(x: &[f32], w1: &[f32], w2: &[f32], d: FeedForwardDims, act: Activation) {
     let FeedForwardDims { rows, width, hidden } = d;
     assert!(runs(act), "feed-forward kernel: needs the panel products and ReLU or the identity");
