@@ -14,7 +14,7 @@
 use rayon::prelude::*;
 
 use super::buffer::{assume_init, scratch, uninit_filled};
-use super::linear::{Activation, activation_backward};
+use super::linear::{Activation, activation_backward, sum_in_order};
 use super::panels::{self, Panels};
 use super::weight_gradient::WeightGradient;
 
@@ -144,13 +144,7 @@ pub fn backward(
                 .collect();
         })
     };
-    let sum = |part: usize, len: usize| {
-        let mut total = vec![0.0f32; len];
-        for span in &spans {
-            total.iter_mut().zip(&span[part]).for_each(|(a, &b)| *a += b);
-        }
-        total
-    };
+    let sum = |part: usize, len: usize| sum_in_order(spans.iter().map(|span| span[part].as_slice()), len);
     FeedForwardGrads { x: dx, w1: sum(0, width * wide), b1: sum(1, wide), w2: sum(2, wide * width), b2: sum(3, width) }
 }
 

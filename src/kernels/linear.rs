@@ -382,7 +382,7 @@ fn backward_by_spans(
 
 /// The sum of partial sums of `len` values, added in the order given: a fixed order, so the
 /// result does not depend on which thread computed which part.
-fn sum_in_order<'a>(parts: impl IntoIterator<Item = &'a [f32]>, len: usize) -> Vec<f32> {
+pub(super) fn sum_in_order<'a>(parts: impl IntoIterator<Item = &'a [f32]>, len: usize) -> Vec<f32> {
     let mut sum = vec![0.0f32; len];
     for part in parts {
         sum.iter_mut().zip(part).for_each(|(a, &b)| *a += b);

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use super::attention::{Engine, FoldedDims, FoldedImage, FoldedScratch, QvLayout};
 use super::buffer::{assume_init, scratch, uninit_filled};
-use super::linear::{Activation, activation_backward};
+use super::linear::{Activation, activation_backward, sum_in_order};
 use super::panels::Panels;
 use super::simd::softmax_columns;
 use super::tile::Strided;
@@ -164,12 +164,8 @@ pub fn projected_folded_backward(
                 .collect();
         })
     };
-    let mut grad_w = vec![0.0f32; w * row];
-    let mut grad_b = vec![0.0f32; row];
-    for (dw, db) in &spans {
-        grad_w.iter_mut().zip(dw).for_each(|(a, &b)| *a += b);
-        grad_b.iter_mut().zip(db).for_each(|(a, &b)| *a += b);
-    }
+    let grad_w = sum_in_order(spans.iter().map(|(dw, _)| dw.as_slice()), w * row);
+    let grad_b = sum_in_order(spans.iter().map(|(_, db)| db.as_slice()), row);
     (grad_h, grad_w, grad_b)
 }
 
