@@ -14,7 +14,7 @@ use super::flex::*;
 use super::linear::{self, Activation};
 use super::patches::Patches;
 use super::projected_attention::projected_folded_backward;
-use super::{Adjoint, DitKernels, Exchange, GroupSum, TokenShards, attention, feed_forward, norm, residual};
+use super::{Adjoint, DitKernels, Exchange, GroupSum, TokenShards, attention, feed_forward, fold, norm, residual};
 use crate::profile::{self, Region};
 
 /// Registers each computed gradient (values and shape) with its parent, for the parents that
@@ -358,6 +358,39 @@ impl<C: CheckpointStrategy> DitKernels for Autodiff<Flex, C> {
             let inputs = FeedForwardInputs::new(&x, [&w1, &b1, &w2, &b2], activation);
             let (y, hidden) = inputs.forward();
             (y, tracked.then_some((inputs, hidden)))
+        })
+    }
+
+    fn fold_attention(
+        wq: FloatTensor<Self>,
+        bq: FloatTensor<Self>,
+        wk: FloatTensor<Self>,
+        wv: FloatTensor<Self>,
+        bv: FloatTensor<Self>,
+        lv: FloatTensor<Self>,
+        b_out: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct Fold;
+
+        impl Backward<Flex, 7> for Fold {
+            type State = FoldInputs;
+
+            fn backward(self, ops: Ops<Self::State, 7>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let grad_out = contiguous(&grads.consume::<Flex>(&ops.node));
+                let inputs = ops.state;
+                let g = fold::backward(&inputs.params(), grad_out.storage(), inputs.dims);
+                let shapes = inputs.params.each_ref().map(|t| t.layout().shape().to_vec());
+                let results = [g.wq, g.bq, g.wk, g.wv, g.bv, g.lv, g.b_out].into_iter().zip(shapes);
+                register_grads(ops.parents, |p| p.id, grads, results);
+            }
+        }
+
+        record::<_, C, _>(Fold, [wq, bq, wk, wv, bv, lv, b_out], |params, tracked| {
+            let inputs = FoldInputs::new(params.each_ref(), heads);
+            let out = inputs.forward();
+            (out, tracked.then_some(inputs))
         })
     }
 

@@ -14,7 +14,7 @@ use super::norm::{self, NormDims, NormParams};
 use super::panels::{self, Panels};
 use super::patches::Patches;
 use super::projected_attention::{projected_folded_forward, projected_folded_forward_kept};
-use super::{Adjoint, DitKernels, Exchange, GroupSum, TokenShards, feed_forward, residual};
+use super::{Adjoint, DitKernels, Exchange, GroupSum, TokenShards, feed_forward, fold, residual};
 use crate::profile::{self, Region};
 
 pub(super) fn norm_dims(shape: &[usize]) -> NormDims {
@@ -171,6 +171,32 @@ impl FeedForwardInputs {
             )
         });
         (flex_tensor(y, self.x.layout().shape().to_vec()), hidden)
+    }
+}
+
+/// The parameters of an attention fold, contiguous, in [`fold::FoldParams`]' order.
+#[derive(Debug, Clone)]
+pub(super) struct FoldInputs {
+    pub(super) params: [FlexTensor; 7],
+    pub(super) dims: fold::FoldDims,
+}
+
+impl FoldInputs {
+    pub(super) fn new(params: [&FlexTensor; 7], heads: usize) -> Self {
+        let [width, inner] = <[usize; 2]>::try_from(params[0].layout().shape().to_vec()).expect("Wq is [W, H·D]");
+        assert!(heads > 0 && inner % heads == 0, "fold: {inner} projection columns are not {heads} heads");
+        Self { params: params.map(contiguous), dims: fold::FoldDims { width, heads, head_dim: inner / heads } }
+    }
+
+    pub(super) fn params(&self) -> fold::FoldParams<'_> {
+        let [wq, bq, wk, wv, bv, lv, b_out] = self.params.each_ref().map(|t| t.storage::<f32>());
+        fold::FoldParams { wq, bq, wk, wv, bv, lv, b_out }
+    }
+
+    /// The fold, `[W + 1, 2·H·W]`.
+    pub(super) fn forward(&self) -> FlexTensor {
+        let d = self.dims;
+        flex_tensor(fold::forward(&self.params(), d), vec![d.width + 1, d.columns()])
     }
 }
 
@@ -345,6 +371,19 @@ impl DitKernels for Flex {
             return Self::fused_linear(hidden, w2, b2, Activation::Identity);
         }
         FeedForwardInputs::new(&x, [&w1, &b1, &w2, &b2], activation).forward().0
+    }
+
+    fn fold_attention(
+        wq: FloatTensor<Self>,
+        bq: FloatTensor<Self>,
+        wk: FloatTensor<Self>,
+        wv: FloatTensor<Self>,
+        bv: FloatTensor<Self>,
+        lv: FloatTensor<Self>,
+        b_out: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self> {
+        FoldInputs::new([&wq, &bq, &wk, &wv, &bv, &lv, &b_out], heads).forward()
     }
 
     fn exchange(x: FloatTensor<Self>, plan: Exchange) -> FloatTensor<Self> {

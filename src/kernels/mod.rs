@@ -50,6 +50,7 @@ pub mod attention;
 pub mod buffer;
 pub mod cache;
 pub mod feed_forward;
+pub mod fold;
 pub mod gemm;
 pub mod inference_block;
 pub mod isa;
@@ -134,6 +135,21 @@ pub trait DitKernels: Backend {
         w2: FloatTensor<Self>,
         b2: FloatTensor<Self>,
         activation: Activation,
+    ) -> FloatTensor<Self>;
+
+    /// A block's attention projections folded into one weight and its bias, `[W + 1, 2·H·W]`
+    /// (weight rows, then the bias row), from `wq`, `wk`, `wv` `[W, H·D]`, `bq`, `bv` `[H·D]`,
+    /// `lv` `[H·D, W]` and the output bias `b_out` `[W]`; see [`fold`].
+    #[allow(clippy::too_many_arguments)]
+    fn fold_attention(
+        wq: FloatTensor<Self>,
+        bq: FloatTensor<Self>,
+        wk: FloatTensor<Self>,
+        wv: FloatTensor<Self>,
+        bv: FloatTensor<Self>,
+        lv: FloatTensor<Self>,
+        b_out: FloatTensor<Self>,
+        heads: usize,
     ) -> FloatTensor<Self>;
 
     /// Ulysses' all-to-all between token shards and head groups, see

@@ -306,6 +306,65 @@ pub fn feed_forward_composed(
     fused_linear_composed(fused_linear_composed(x, w1, b1, activation), w2, b2, Activation::Identity)
 }
 
+/// A block's attention projections, as [`fold_attention`] reads them: `wq`, `wk`, `wv`
+/// `[W, H·D]`, their biases `bq`, `bv` `[H·D]` (`bk` drops out of the fold), the output
+/// projection `lv` `[H·D, W]` and its bias `b_out` `[W]` (zeros to leave it out).
+#[derive(Debug, Clone)]
+pub struct AttentionProjections {
+    pub wq: Tensor<2>,
+    pub bq: Tensor<1>,
+    pub wk: Tensor<2>,
+    pub wv: Tensor<2>,
+    pub bv: Tensor<1>,
+    pub lv: Tensor<2>,
+    pub b_out: Tensor<1>,
+}
+
+/// The folded weight `[W, 2·H·W]` and bias `[2·H·W]` of `heads` heads (see
+/// [`super::fold`]): one operation on the CPU, forward and backward; burn's operations
+/// elsewhere.
+pub fn fold_attention(p: AttentionProjections, heads: usize) -> (Tensor<2>, Tensor<1>) {
+    if !runs_fused(&p.wq) {
+        return fold_attention_composed(p, heads);
+    }
+    let AttentionProjections { wq, bq, wk, wv, bv, lv, b_out } = p;
+    let [w, _] = wq.dims();
+    let fold: Tensor<2> = Tensor::from_dispatch(<Dispatch as DitKernels>::fold_attention(
+        wq.into_dispatch(),
+        bq.into_dispatch(),
+        wk.into_dispatch(),
+        wv.into_dispatch(),
+        bv.into_dispatch(),
+        lv.into_dispatch(),
+        b_out.into_dispatch(),
+        heads,
+    ));
+    let columns = fold.dims()[1];
+    (fold.clone().narrow(0, 0, w), fold.narrow(0, w, 1).reshape([columns]))
+}
+
+/// [`fold_attention`] from burn's own operations.
+pub fn fold_attention_composed(p: AttentionProjections, heads: usize) -> (Tensor<2>, Tensor<1>) {
+    let AttentionProjections { wq, bq, wk, wv, bv, lv, b_out } = p;
+    let d = wq.dims()[1] / heads;
+    let (bq, bv) = (bq.unsqueeze::<2>(), bv.unsqueeze::<2>());
+    let mut weights = Vec::with_capacity(2 * heads);
+    let mut biases = Vec::with_capacity(2 * heads);
+    for head in 0..heads {
+        let wk_t = wk.clone().narrow(1, head * d, d).transpose(); // [D, W]
+        weights.push(wq.clone().narrow(1, head * d, d).matmul(wk_t.clone())); // Aₕ = WqₕWkₕᵀ
+        biases.push(bq.clone().narrow(1, head * d, d).matmul(wk_t)); // uₕ = bqₕWkₕᵀ
+    }
+    for head in 0..heads {
+        let lv_h = lv.clone().narrow(0, head * d, d); // [D, W]
+        weights.push(wv.clone().narrow(1, head * d, d).matmul(lv_h.clone())); // WvₕLvₕ
+        let c = bv.clone().narrow(1, head * d, d).matmul(lv_h); // bvₕLvₕ
+        biases.push(if head == 0 { c + b_out.clone().unsqueeze::<2>() } else { c });
+    }
+    let columns = 2 * heads * wq.dims()[0];
+    (Tensor::cat(weights, 1), Tensor::cat(biases, 1).reshape([columns]))
+}
+
 /// Several Linear layers over the same input as one: their weights side by side, outputs
 /// concatenated on the last axis (one GEMM and one pass instead of one per layer).
 pub fn linear_cat<const D: usize>(layers: &[&burn::nn::Linear], x: Tensor<D>, activation: Activation) -> Tensor<D> {

@@ -292,3 +292,33 @@ fn patches_match_composed() {
         }
     }
 }
+
+/// The attention fold as one operation equals burn's composed fold: the weight and bias, and
+/// the gradients of every projection parameter (1e-5 relative), for mnist-dits' shape and an
+/// odd one.
+#[test]
+fn fold_attention_matches_composed() {
+    for (width, heads, head_dim) in [(64, 4, 64), (6, 3, 5)] {
+        let draws = Draws::new(&Device::flex().autodiff(), (width * 10 + heads) as u64);
+        let inner = heads * head_dim;
+        let inputs = [
+            draws.normal([1, width, inner], 0.0, 0.2),
+            draws.normal([1, 1, inner], 0.0, 0.2),
+            draws.normal([1, width, inner], 0.0, 0.2),
+            draws.normal([1, width, inner], 0.0, 0.2),
+            draws.normal([1, 1, inner], 0.0, 0.2),
+            draws.normal([1, inner, width], 0.0, 0.2),
+            draws.normal([1, 1, width], 0.0, 0.2),
+        ];
+        type Fold = fn(AttentionProjections, usize) -> (Tensor<2>, Tensor<1>);
+        let call = |f: Fold| {
+            move |[wq, bq, wk, wv, bv, lv, b_out]: [Tensor<3>; 7]| {
+                let [wq, wk, wv, lv] = [wq, wk, wv, lv].map(|t| t.squeeze_dim::<2>(0));
+                let [bq, bv, b_out] = [bq, bv, b_out].map(|t| as_2d(t).squeeze_dim::<1>(0));
+                let (weight, bias) = f(AttentionProjections { wq, bq, wk, wv, bv, lv, b_out }, heads);
+                Tensor::cat(vec![weight, bias.unsqueeze()], 0).unsqueeze::<3>()
+            }
+        };
+        check_against_composed(inputs, call(fold_attention), call(fold_attention_composed));
+    }
+}

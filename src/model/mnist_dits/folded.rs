@@ -21,12 +21,13 @@
 //! The results equal the unfolded block's up to float rounding (the products are associated
 //! differently); `tests` bounds the difference.
 
-use crate::kernels::cast_like;
-use burn::nn::Linear;
 use burn::prelude::*;
 
 use super::block::MnistDitsBlock;
-use crate::kernels::{Activation, SequenceParallel, fused_linear, projected_folded_attention};
+use crate::kernels::{
+    Activation, AttentionProjections, SequenceParallel, fold_attention, fused_linear, linear_bias,
+    projected_folded_attention,
+};
 
 /// Whether folding saves work for `tokens` tokens of width `width` and heads of `head_dim`.
 /// Multiply-adds per token and head: unfolded 3WD (q, k, v) + DW (output) + 2SD (scores,
@@ -65,27 +66,17 @@ impl FoldedAttention {
         if !folding_pays(tokens, w, d) {
             return None;
         }
-        let bias = |layer: &Linear| match &layer.bias {
-            Some(b) => b.val(),
-            None => cast_like(Tensor::zeros([layer.weight.dims()[1]], &layer.weight.device()), &layer.weight.val()),
+        let b_out = linear_bias(&block.lv);
+        let projections = AttentionProjections {
+            wq: block.wq.weight.val(),
+            bq: linear_bias(&block.wq),
+            wk: block.wk.weight.val(),
+            wv: block.wv.weight.val(),
+            bv: linear_bias(&block.wv),
+            lv: block.lv.weight.val(),
+            b_out: if output_bias { b_out } else { b_out.zeros_like() },
         };
-        let (wq, wk, wv, lv) =
-            (block.wq.weight.val(), block.wk.weight.val(), block.wv.weight.val(), block.lv.weight.val());
-        let (bq, bv, b_out) = (bias(&block.wq).unsqueeze::<2>(), bias(&block.wv).unsqueeze::<2>(), bias(&block.lv));
-        let mut weights = Vec::with_capacity(2 * h);
-        let mut biases = Vec::with_capacity(2 * h);
-        for head in 0..h {
-            let wk_t = wk.clone().narrow(1, head * d, d).transpose(); // [D, W]
-            weights.push(wq.clone().narrow(1, head * d, d).matmul(wk_t.clone())); // Aₕ = WqₕWkₕᵀ
-            biases.push(bq.clone().narrow(1, head * d, d).matmul(wk_t)); // uₕ = bqₕWkₕᵀ
-        }
-        for head in 0..h {
-            let lv_h = lv.clone().narrow(0, head * d, d); // [D, W]
-            weights.push(wv.clone().narrow(1, head * d, d).matmul(lv_h.clone())); // WvₕLvₕ
-            let c = bv.clone().narrow(1, head * d, d).matmul(lv_h); // bvₕLvₕ
-            biases.push(if head == 0 && output_bias { c + b_out.clone().unsqueeze::<2>() } else { c });
-        }
-        let (weight, bias) = (Tensor::cat(weights, 1), Tensor::cat(biases, 1).reshape([2 * h * w]));
+        let (weight, bias) = fold_attention(projections, h);
         Some(Self { weight, bias, heads: h, scale: block.attn_scale })
     }
 
