@@ -78,7 +78,7 @@ fn epilogue_impl(y: &mut [f32], z: &mut [MaybeUninit<f32>], bias: &[f32], act: A
     }
 }
 
-multiversion!(epilogue(y: &mut [f32], z: &mut [MaybeUninit<f32>], bias: &[f32], act: Activation) => epilogue_impl);
+multiversion!(pub(super) epilogue(y: &mut [f32], z: &mut [MaybeUninit<f32>], bias: &[f32], act: Activation) => epilogue_impl);
 
 /// `dz = dy ⊙ act'(z)` in place of `dy` (with the output `y` for ReLU, `z` for GELU), and these
 /// rows' bias gradient added to `db`, row after row.
@@ -105,7 +105,7 @@ fn activation_backward_impl(dy: &mut [f32], saved: &[f32], db: &mut [f32], act: 
     }
 }
 
-multiversion!(activation_backward(dy: &mut [f32], saved: &[f32], db: &mut [f32], act: Activation) => activation_backward_impl);
+multiversion!(pub(super) activation_backward(dy: &mut [f32], saved: &[f32], db: &mut [f32], act: Activation) => activation_backward_impl);
 
 /// Sizes: `rows` inputs of `input` features to `output` features.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

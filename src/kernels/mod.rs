@@ -7,12 +7,12 @@
 //! (CUDA, wgpu), so GPU builds keep working unchanged; the composed versions are also what the
 //! kernels are tested against. The numerical engines are one file each below them.
 
-/// Defines `$name` that runs `$body` (an `#[inline(always)]` function) compiled for the
-/// extension the kernels use ([`isa::active`]).
+/// Defines `$name` (with visibility `$vis`) that runs `$body` (an `#[inline(always)]` function)
+/// compiled for the extension the kernels use ([`isa::active`]).
 macro_rules! multiversion {
-    ($name:ident($($arg:ident: $ty:ty),*) => $body:ident) => {
+    ($vis:vis $name:ident($($arg:ident: $ty:ty),*) => $body:ident) => {
         #[allow(clippy::too_many_arguments)]
-        pub fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) {
             // Not in fuzz builds: nightly LLVM cannot compile these with cargo-fuzz's coverage
             // passes ("Cannot select"), and no fuzz target reaches the kernels.
             #[cfg(all(target_arch = "x86_64", not(fuzzing)))]

@@ -149,7 +149,7 @@ fn forward_image_impl(
     }
 }
 
-multiversion!(forward_image(x: &[f32], h: &mut [MaybeUninit<f32>], stats: &mut [MaybeUninit<f32>], weight: &[f32], bias: &[f32], shift: &[f32], scale: &[f32], epsilon: f32, a: &mut [f32], c: &mut [f32]) => forward_image_impl);
+multiversion!(pub(super) forward_image(x: &[f32], h: &mut [MaybeUninit<f32>], stats: &mut [MaybeUninit<f32>], weight: &[f32], bias: &[f32], shift: &[f32], scale: &[f32], epsilon: f32, a: &mut [f32], c: &mut [f32]) => forward_image_impl);
 
 /// Forward pass: `h` `[B, S, W]` and the per-token (μ, rstd) `[B, S, 2]` the backward reuses.
 pub fn forward(x: &[f32], p: NormParams, d: NormDims) -> (Vec<f32>, Vec<f32>) {

@@ -25,10 +25,8 @@ use super::isa::{self, Isa};
 use super::tile::row_tiles;
 
 /// Rows per register tile with AVX2: 12 accumulators, 2 panel registers, 1 broadcast of 16.
-#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
 const TILE_ROWS: usize = 6;
 /// Rows per register tile with AVX-512: 24 accumulators, 2 panel registers, 1 broadcast of 32.
-#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
 const WIDE_TILE_ROWS: usize = 12;
 
 /// Whether the panel products run: the kernels use AVX2 + FMA or AVX-512 ([`isa::active`]).
@@ -42,7 +40,13 @@ pub fn width() -> usize {
 }
 
 fn width_for(isa: Isa) -> usize {
-    if isa >= Isa::Avx512 { 32 } else { 16 }
+    register_tile(isa).1
+}
+
+/// The register tile two vector registers wide, as `(rows, columns)`, for `isa`: what fills
+/// its registers. The weight gradient's tiles (inputs by outputs) have the same shape.
+pub(super) fn register_tile(isa: Isa) -> (usize, usize) {
+    if isa >= Isa::Avx512 { (WIDE_TILE_ROWS, 32) } else { (TILE_ROWS, 16) }
 }
 
 /// What the tiles apply to their accumulators before storing them: the bias, then ReLU if

@@ -25,7 +25,7 @@ fn forward_image_impl(x: &[f32], gate: &[f32], y: &[f32], out: &mut [MaybeUninit
     }
 }
 
-multiversion!(forward_image(x: &[f32], gate: &[f32], y: &[f32], out: &mut [MaybeUninit<f32>]) => forward_image_impl);
+multiversion!(pub(super) forward_image(x: &[f32], gate: &[f32], y: &[f32], out: &mut [MaybeUninit<f32>]) => forward_image_impl);
 
 /// `x + gate·y`: `x`, `y` `[B, S, W]`, `gate` `[B, W]`.
 pub fn forward(x: &[f32], gate: &[f32], y: &[f32], d: ResidualDims) -> Vec<f32> {

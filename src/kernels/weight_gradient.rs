@@ -38,7 +38,8 @@ struct Tile {
 
 impl Tile {
     fn for_isa(isa: Isa) -> Self {
-        if isa >= Isa::Avx512 { Tile { inputs: 12, panel: 32 } } else { Tile { inputs: 6, panel: 16 } }
+        let (inputs, panel) = super::panels::register_tile(isa);
+        Tile { inputs, panel }
     }
 }
 
