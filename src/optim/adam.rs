@@ -6,7 +6,10 @@
 //! vector all three are trivial. The update is ~10 flops per parameter, negligible next to
 //! the forward and backward passes.
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+
+use super::CHUNK;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -52,16 +55,22 @@ impl AdamState {
         let (bias2_sqrt, eps) = (bias2_sqrt as f32, cfg.eps as f32);
         let wd = cfg.weight_decay as f32;
         let decay = 1.0 - (lr * cfg.weight_decay) as f32;
-        for (((p, &g), m), v) in params.iter_mut().zip(grads).zip(&mut self.m).zip(&mut self.v) {
-            let g = if wd != 0.0 && !cfg.decoupled { g + wd * *p } else { g };
-            if cfg.decoupled {
-                *p *= decay;
-            }
-            *m = b1 * *m + (1.0 - b1) * g;
-            *v = b2 * *v + (1.0 - b2) * g * g;
-            let denom = v.sqrt() / bias2_sqrt + eps;
-            *p -= step_size * *m / denom;
-        }
+        // Element by element, on every thread (the other core would wait for it otherwise).
+        let chunks = params.par_chunks_mut(CHUNK).zip(grads.par_chunks(CHUNK));
+        chunks.zip(self.m.par_chunks_mut(CHUNK)).zip(self.v.par_chunks_mut(CHUNK)).for_each(
+            |(((params, grads), m), v)| {
+                for (((p, &g), m), v) in params.iter_mut().zip(grads).zip(m).zip(v) {
+                    let g = if wd != 0.0 && !cfg.decoupled { g + wd * *p } else { g };
+                    if cfg.decoupled {
+                        *p *= decay;
+                    }
+                    *m = b1 * *m + (1.0 - b1) * g;
+                    *v = b2 * *v + (1.0 - b2) * g * g;
+                    let denom = v.sqrt() / bias2_sqrt + eps;
+                    *p -= step_size * *m / denom;
+                }
+            },
+        );
     }
 }
 

@@ -24,7 +24,7 @@ use crate::distributed::data_parallel::{DataParallel, ZeroStage};
 use crate::distributed::partition::Partition;
 use crate::kernels::{SequenceParallel, TensorParallel};
 use crate::model::{DitConfig, DitNet, weights};
-use crate::optim::{AdamState, ema};
+use crate::optim::{AdamState, CHUNK, ema};
 use crate::profile::{self, Region};
 use crate::ranges::micro_batches;
 use crate::rng::{Purpose, derive_seed, standard_normal, stream};
@@ -365,13 +365,15 @@ impl Trainer {
         }
         // A fixed order of summation: the step does not depend on which thread finished first.
         profile::time(Region::Gradients, || {
-            let mut loss = 0f32;
+            let weights: Vec<f32> = parts.iter().map(|r| r.len() as f32 / b as f32).collect();
+            let loss = weights.iter().zip(&results).fold(0f32, |loss, (w, (part_loss, _))| loss + w * part_loss);
+            // Each element summed over the parts in order, whichever thread takes it.
             let mut g = vec![0f32; self.table.total];
-            for (r, (part_loss, part_g)) in parts.iter().zip(&results) {
-                let w = r.len() as f32 / b as f32;
-                loss += w * part_loss;
-                g.iter_mut().zip(part_g).for_each(|(a, &v)| *a += w * v);
-            }
+            g.par_chunks_mut(CHUNK).enumerate().for_each(|(c, g)| {
+                for (w, (_, part_g)) in weights.iter().zip(&results) {
+                    g.iter_mut().zip(&part_g[c * CHUNK..]).for_each(|(a, &v)| *a += w * v);
+                }
+            });
             (loss, g)
         })
     }
