@@ -224,9 +224,14 @@ mod avx512 {
     }
 
     /// Lanes `< n` of a 16-lane strip.
-    fn mask(n: usize) -> __mmask16 {
+    pub(super) fn mask(n: usize) -> __mmask16 {
         if n >= 16 { 0xffff } else { (1u16 << n) - 1 }
     }
+
+    /// Whole strips taken together by [`softmax_columns`]: four chains of maxima and of sums in
+    /// flight where one strip's would each wait on their own latency. Each column still sums its
+    /// rows in order, so the values are those of one strip at a time (a test).
+    const GROUP: usize = 4;
 
     /// # Safety
     /// AVX-512F must be present; `x.len()` must be a multiple of `cols`.
@@ -234,28 +239,57 @@ mod avx512 {
     pub unsafe fn softmax_columns(x: &mut [f32], cols: usize, scale: f32) {
         let rows = x.len() / cols;
         let base = x.as_mut_ptr();
-        for c0 in (0..cols).step_by(16) {
-            let m = mask(cols - c0);
-            // SAFETY (every access below): row r < rows, lanes c0.. masked to the row's end.
-            let at = |r: usize| unsafe { base.add(r * cols + c0) };
-            let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
-            for r in 0..rows {
-                max = _mm512_max_ps(max, unsafe { _mm512_maskz_loadu_ps(m, at(r)) });
+        let whole = cols / 16;
+        let mut strip = 0;
+        while strip + GROUP <= whole {
+            // SAFETY: GROUP whole strips of every row, inside `x`.
+            unsafe { strips::<GROUP>(base.add(16 * strip), rows, cols, 0xffff, scale) };
+            strip += GROUP;
+        }
+        while strip < whole {
+            // SAFETY: a whole strip of every row, inside `x`.
+            unsafe { strips::<1>(base.add(16 * strip), rows, cols, 0xffff, scale) };
+            strip += 1;
+        }
+        if !cols.is_multiple_of(16) {
+            // SAFETY: the last strip's lanes, masked to the row's end.
+            unsafe { strips::<1>(base.add(16 * whole), rows, cols, mask(cols % 16), scale) };
+        }
+    }
+
+    /// `G` adjacent 16-column strips of [`softmax_columns`] from `base` (rows `cols` apart),
+    /// each through the lane mask `m`.
+    ///
+    /// # Safety
+    /// `base` covers `rows` rows of `G` strips' lanes under `m`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn strips<const G: usize>(base: *mut f32, rows: usize, cols: usize, m: __mmask16, scale: f32) {
+        // SAFETY (every access below): row r < rows, strip g < G, lanes under `m`.
+        let at = |r: usize, g: usize| unsafe { base.add(r * cols + 16 * g) };
+        let mut max = [_mm512_set1_ps(f32::NEG_INFINITY); G];
+        for r in 0..rows {
+            for (g, max) in max.iter_mut().enumerate() {
+                *max = _mm512_max_ps(*max, unsafe { _mm512_maskz_loadu_ps(m, at(r, g)) });
             }
-            // y = (v − max)·scale·log2 e as one multiply-add; the rounding of max·scale·log2 e
-            // is the same for the whole column, so the normalisation cancels it.
-            let scale = _mm512_set1_ps(scale * std::f32::consts::LOG2_E);
-            let (offset, mut sum) = (_mm512_mul_ps(max, scale), _mm512_setzero_ps());
-            for r in 0..rows {
-                let v = unsafe { _mm512_maskz_loadu_ps(m, at(r)) };
-                let e = pow2(_mm512_fmsub_ps(v, scale, offset));
-                sum = _mm512_add_ps(sum, e);
-                unsafe { _mm512_mask_storeu_ps(at(r), m, e) };
+        }
+        // y = (v − max)·scale·log2 e as one multiply-add; the rounding of max·scale·log2 e
+        // is the same for the whole column, so the normalisation cancels it.
+        let scale = _mm512_set1_ps(scale * std::f32::consts::LOG2_E);
+        let offset = max.map(|max| _mm512_mul_ps(max, scale));
+        let mut sum = [_mm512_setzero_ps(); G];
+        for r in 0..rows {
+            for (g, sum) in sum.iter_mut().enumerate() {
+                let v = unsafe { _mm512_maskz_loadu_ps(m, at(r, g)) };
+                let e = pow2(_mm512_fmsub_ps(v, scale, offset[g]));
+                *sum = _mm512_add_ps(*sum, e);
+                unsafe { _mm512_mask_storeu_ps(at(r, g), m, e) };
             }
-            let inv = _mm512_div_ps(_mm512_set1_ps(1.0), sum);
-            for r in 0..rows {
-                let v = unsafe { _mm512_maskz_loadu_ps(m, at(r)) };
-                unsafe { _mm512_mask_storeu_ps(at(r), m, _mm512_mul_ps(v, inv)) };
+        }
+        let inv = sum.map(|sum| _mm512_div_ps(_mm512_set1_ps(1.0), sum));
+        for r in 0..rows {
+            for (g, &inv) in inv.iter().enumerate() {
+                let v = unsafe { _mm512_maskz_loadu_ps(m, at(r, g)) };
+                unsafe { _mm512_mask_storeu_ps(at(r, g), m, _mm512_mul_ps(v, inv)) };
             }
         }
     }
@@ -316,45 +350,68 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn softmax_columns(x: &mut [f32], cols: usize, scale: f32) {
         let rows = x.len() / cols;
-        for c0 in (0..cols).step_by(8) {
-            // SAFETY: the strip's lanes c0.. of every row are inside `x` (masked to the row's end).
-            unsafe {
-                let strip = x.as_mut_ptr().add(c0);
-                let lanes = Lanes::new(cols - c0);
-                if lanes.full {
-                    softmax_strip::<true>(strip, rows, cols, lanes, scale)
-                } else {
-                    softmax_strip::<false>(strip, rows, cols, lanes, scale)
-                }
-            }
+        let base = x.as_mut_ptr();
+        let whole = cols / 8;
+        let all = Lanes::new(8);
+        let mut strip = 0;
+        while strip + GROUP <= whole {
+            // SAFETY: GROUP whole strips of every row, inside `x`.
+            unsafe { strips::<GROUP, true>(base.add(8 * strip), rows, cols, all, scale) };
+            strip += GROUP;
+        }
+        while strip < whole {
+            // SAFETY: a whole strip of every row, inside `x`.
+            unsafe { strips::<1, true>(base.add(8 * strip), rows, cols, all, scale) };
+            strip += 1;
+        }
+        if !cols.is_multiple_of(8) {
+            // SAFETY: the last strip's lanes, masked to the row's end.
+            unsafe { strips::<1, false>(base.add(8 * whole), rows, cols, Lanes::new(cols % 8), scale) };
         }
     }
 
-    /// One 8-column strip of [`softmax_columns`], starting at `base`, rows `cols` apart.
+    /// Whole strips taken together, as in the AVX-512 version.
+    const GROUP: usize = 4;
+
+    /// `G` adjacent 8-column strips of [`softmax_columns`] from `base` (rows `cols` apart),
+    /// each through `lanes`.
     ///
     /// # Safety
-    /// `base` covers `rows` rows of `lanes`; `FULL` is `lanes.full`.
+    /// `base` covers `rows` rows of `G` strips' lanes; `FULL` is `lanes.full`.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn softmax_strip<const FULL: bool>(base: *mut f32, rows: usize, cols: usize, lanes: Lanes, scale: f32) {
-        // SAFETY (every access below): row r < rows, lanes masked as the caller promises.
-        let at = |r: usize| unsafe { base.add(r * cols) };
-        let mut max = _mm256_set1_ps(f32::NEG_INFINITY);
+    pub(super) unsafe fn strips<const G: usize, const FULL: bool>(
+        base: *mut f32,
+        rows: usize,
+        cols: usize,
+        lanes: Lanes,
+        scale: f32,
+    ) {
+        // SAFETY (every access below): row r < rows, strip g < G, lanes as the caller promises.
+        let at = |r: usize, g: usize| unsafe { base.add(r * cols + 8 * g) };
+        let mut max = [_mm256_set1_ps(f32::NEG_INFINITY); G];
         for r in 0..rows {
-            max = _mm256_max_ps(max, unsafe { lanes.load::<FULL>(at(r)) });
+            for (g, max) in max.iter_mut().enumerate() {
+                *max = _mm256_max_ps(*max, unsafe { lanes.load::<FULL>(at(r, g)) });
+            }
         }
         // As the AVX-512 version: one multiply-add per value before the power.
         let scale = _mm256_set1_ps(scale * std::f32::consts::LOG2_E);
-        let (offset, mut sum) = (_mm256_mul_ps(max, scale), _mm256_setzero_ps());
+        let offset = max.map(|max| _mm256_mul_ps(max, scale));
+        let mut sum = [_mm256_setzero_ps(); G];
         for r in 0..rows {
-            let v = unsafe { lanes.load::<FULL>(at(r)) };
-            let e = pow2(_mm256_fmsub_ps(v, scale, offset));
-            sum = _mm256_add_ps(sum, e);
-            unsafe { lanes.store::<FULL>(at(r), e) };
+            for (g, sum) in sum.iter_mut().enumerate() {
+                let v = unsafe { lanes.load::<FULL>(at(r, g)) };
+                let e = pow2(_mm256_fmsub_ps(v, scale, offset[g]));
+                *sum = _mm256_add_ps(*sum, e);
+                unsafe { lanes.store::<FULL>(at(r, g), e) };
+            }
         }
-        let inv = _mm256_div_ps(_mm256_set1_ps(1.0), sum);
+        let inv = sum.map(|sum| _mm256_div_ps(_mm256_set1_ps(1.0), sum));
         for r in 0..rows {
-            let v = unsafe { lanes.load::<FULL>(at(r)) };
-            unsafe { lanes.store::<FULL>(at(r), _mm256_mul_ps(v, inv)) };
+            for (g, &inv) in inv.iter().enumerate() {
+                let v = unsafe { lanes.load::<FULL>(at(r, g)) };
+                unsafe { lanes.store::<FULL>(at(r, g), _mm256_mul_ps(v, inv)) };
+            }
         }
     }
 
@@ -501,6 +558,52 @@ mod tests {
                     softmax_columns_backward_portable(&portable, &mut g_portable, cols, 0.37, &mut vec![0.0; cols]);
                     assert!(close(&g_fast, &g_portable), "{name} backward {rows}×{cols}");
                 }
+            }
+        }
+    }
+
+    /// The vector softmax takes whole strips several at a time; each column must still come
+    /// out as its strip alone gives it, bit for bit (a NaN column as NaN: the compiler may
+    /// commute an addition's operands, which changes which NaN comes out), at widths with a
+    /// masked last strip and with whole strips left over after the groups.
+    #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
+    #[test]
+    fn grouped_strips_equal_one_strip_at_a_time() {
+        let bits = |v: &[f32]| v.iter().map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() }).collect::<Vec<_>>();
+        for &(rows, cols) in &[(49, 196), (7, 133), (3, 40), (5, 64), (2, 8)] {
+            let (mut x, _) = sample(rows, cols);
+            x[cols + 3] = f32::NAN;
+            x[rows * cols / 2] = -500.0;
+            if crate::kernels::tile::available() {
+                let mut grouped = x.clone();
+                let mut alone = x.clone();
+                // SAFETY: AVX-512 is present; whole rows, and each strip inside them (masked).
+                unsafe {
+                    avx512::softmax_columns(&mut grouped, cols, 0.37);
+                    for c0 in (0..cols).step_by(16) {
+                        let m = avx512::mask(cols - c0);
+                        avx512::strips::<1>(alone.as_mut_ptr().add(c0), rows, cols, m, 0.37);
+                    }
+                }
+                assert_eq!(bits(&grouped), bits(&alone), "AVX-512 {rows}×{cols}");
+            }
+            if crate::kernels::tile_avx2::available() {
+                use crate::kernels::tile_avx2::Lanes;
+                let mut grouped = x.clone();
+                let mut alone = x.clone();
+                // SAFETY: AVX2 and FMA are present; whole rows, and each strip inside them.
+                unsafe {
+                    avx2::softmax_columns(&mut grouped, cols, 0.37);
+                    for c0 in (0..cols).step_by(8) {
+                        let (lanes, strip) = (Lanes::new(cols - c0), alone.as_mut_ptr().add(c0));
+                        if lanes.full {
+                            avx2::strips::<1, true>(strip, rows, cols, lanes, 0.37);
+                        } else {
+                            avx2::strips::<1, false>(strip, rows, cols, lanes, 0.37);
+                        }
+                    }
+                }
+                assert_eq!(bits(&grouped), bits(&alone), "AVX2 {rows}×{cols}");
             }
         }
     }
