@@ -28,6 +28,11 @@ use super::tile::row_tiles;
 const TILE_ROWS: usize = 6;
 /// Rows per register tile with AVX-512: 24 accumulators, 2 panel registers, 1 broadcast of 32.
 const WIDE_TILE_ROWS: usize = 12;
+/// The weight's share of L1 in one pass of the row tiles: two 64-input AVX-512 panels, beside
+/// an image's 49 × 64 inputs (8, 16 and 32 KiB measured within the noise of each other, all
+/// faster than one pass over all panels; README, "Speed").
+#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
+const L1_PANEL_BYTES: usize = 16 << 10;
 
 /// Whether the panel products run: the kernels use AVX2 + FMA or AVX-512 ([`isa::active`]).
 pub fn available() -> bool {
@@ -132,7 +137,7 @@ impl Panels {
         let base: *mut f32 = dst.as_mut_ptr().cast();
         // SAFETY: panel p's columns of rows first.. of the row-major `dst`.
         let at = |first: usize, col: usize| (unsafe { base.add(first * n + col) }, n);
-        self.tiles(x, rows, None, at, |first, count| {
+        self.tiles(x, rows, None, at, true, |first, count| {
             let done = &mut dst[first * n..(first + count) * n];
             // SAFETY: the tile wrote every element of its rows.
             finish(first, unsafe { assume_init(done) });
@@ -152,7 +157,7 @@ impl Panels {
         let at = |first: usize, col: usize| {
             (unsafe { base.add((col / group) * rows * group + first * group + col % group) }, group)
         };
-        self.tiles(x, rows, Some(InRegisters { bias, relu: false }), at, |_, _| {});
+        self.tiles(x, rows, Some(InRegisters { bias, relu: false }), at, false, |_, _| {});
     }
 
     /// `act(x · B + bias)` into all of `dst` (row-major, like [`Self::product`]), with `act` the
@@ -166,7 +171,21 @@ impl Panels {
         let base: *mut f32 = dst.as_mut_ptr().cast();
         // SAFETY: panel p's columns of rows first.. of the row-major `dst`.
         let at = |first: usize, col: usize| (unsafe { base.add(first * n + col) }, n);
-        self.tiles(x, rows, Some(InRegisters { bias, relu }), at, |_, _| {});
+        self.tiles(x, rows, Some(InRegisters { bias, relu }), at, false, |_, _| {});
+    }
+
+    /// Panels per pass of the row tiles over `x`. All of them where each tile's rows are handed
+    /// back finished; else, with AVX-512's panels, as many as fit in [`L1_PANEL_BYTES`] (at
+    /// least one), so that every row tile after the first reads the pass's panels from L1,
+    /// where a tile's pass over all panels streamed the whole weight from L2 again for each
+    /// tile. AVX2's narrower panels measured no different (README, "Speed") and keep one pass.
+    #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
+    fn panels_per_pass(&self, hand_back: bool) -> usize {
+        let panels = self.n.div_ceil(self.width);
+        if hand_back || self.width < 32 {
+            return panels;
+        }
+        (L1_PANEL_BYTES / (self.k * self.width * size_of::<f32>())).clamp(1, panels)
     }
 
     /// Rows of `x`, checking that `x` and an output of `dst_len` values agree.
@@ -183,69 +202,82 @@ impl Panels {
         rows
     }
 
-    /// Every row tile in order, each stored through `at(first row, first column)` (the panel's
-    /// first output and the stride between its rows), then `finished(first row, rows)`.
+    /// Every row tile over every panel, each stored through `at(first row, first column)` (the
+    /// panel's first output and the stride between its rows); with `hand_back`, each row tile
+    /// over all panels in turn, then `finished(first row, rows)`.
     fn tiles(
         &self,
         x: &[f32],
         rows: usize,
         bias: Option<InRegisters>,
         at: impl Fn(usize, usize) -> (*mut f32, usize),
+        hand_back: bool,
         mut finished: impl FnMut(usize, usize),
     ) {
         #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
         {
             let k = self.k;
             let wide = self.width == 32;
-            let mut first = 0;
-            // Even tiles, not full ones and a latency-bound single row: 49 rows as 4 × 6 + 5 × 5
-            // with AVX2, as 4 × 10 + 9 with AVX-512.
-            for count in row_tiles(rows, if wide { WIDE_TILE_ROWS } else { TILE_ROWS }) {
-                let xp = x[first * k..].as_ptr();
-                let at = |col: usize| at(first, col);
-                // SAFETY: the extension of this width is present (`rows_of`); the tile's rows of
-                // x are in bounds, and `at` gives in-bounds outputs for them (the callers'
-                // layouts).
-                unsafe {
-                    if wide {
-                        match count {
-                            1 => self.wide_tile::<1>(xp, bias, at),
-                            2 => self.wide_tile::<2>(xp, bias, at),
-                            3 => self.wide_tile::<3>(xp, bias, at),
-                            4 => self.wide_tile::<4>(xp, bias, at),
-                            5 => self.wide_tile::<5>(xp, bias, at),
-                            6 => self.wide_tile::<6>(xp, bias, at),
-                            7 => self.wide_tile::<7>(xp, bias, at),
-                            8 => self.wide_tile::<8>(xp, bias, at),
-                            9 => self.wide_tile::<9>(xp, bias, at),
-                            10 => self.wide_tile::<10>(xp, bias, at),
-                            11 => self.wide_tile::<11>(xp, bias, at),
-                            _ => self.wide_tile::<12>(xp, bias, at),
-                        }
-                    } else {
-                        match count {
-                            1 => self.row_tile::<1>(xp, bias, at),
-                            2 => self.row_tile::<2>(xp, bias, at),
-                            3 => self.row_tile::<3>(xp, bias, at),
-                            4 => self.row_tile::<4>(xp, bias, at),
-                            5 => self.row_tile::<5>(xp, bias, at),
-                            _ => self.row_tile::<6>(xp, bias, at),
+            let panels = self.n.div_ceil(self.width);
+            let per_pass = self.panels_per_pass(hand_back);
+            let mut start = 0;
+            while start < panels {
+                let pass = start..(start + per_pass).min(panels);
+                start = pass.end;
+                let mut first = 0;
+                // Even tiles, not full ones and a latency-bound single row: 49 rows as 4 × 6 + 5 × 5
+                // with AVX2, as 4 × 10 + 9 with AVX-512.
+                for count in row_tiles(rows, if wide { WIDE_TILE_ROWS } else { TILE_ROWS }) {
+                    let xp = x[first * k..].as_ptr();
+                    let at = |col: usize| at(first, col);
+                    let r = pass.clone();
+                    // SAFETY: the extension of this width is present (`rows_of`); the tile's rows
+                    // of x are in bounds, `at` gives in-bounds outputs for them (the callers'
+                    // layouts), and the pass's panels are the weight's.
+                    unsafe {
+                        if wide {
+                            match count {
+                                1 => self.wide_tile::<1>(xp, bias, at, r),
+                                2 => self.wide_tile::<2>(xp, bias, at, r),
+                                3 => self.wide_tile::<3>(xp, bias, at, r),
+                                4 => self.wide_tile::<4>(xp, bias, at, r),
+                                5 => self.wide_tile::<5>(xp, bias, at, r),
+                                6 => self.wide_tile::<6>(xp, bias, at, r),
+                                7 => self.wide_tile::<7>(xp, bias, at, r),
+                                8 => self.wide_tile::<8>(xp, bias, at, r),
+                                9 => self.wide_tile::<9>(xp, bias, at, r),
+                                10 => self.wide_tile::<10>(xp, bias, at, r),
+                                11 => self.wide_tile::<11>(xp, bias, at, r),
+                                _ => self.wide_tile::<12>(xp, bias, at, r),
+                            }
+                        } else {
+                            match count {
+                                1 => self.row_tile::<1>(xp, bias, at, r),
+                                2 => self.row_tile::<2>(xp, bias, at, r),
+                                3 => self.row_tile::<3>(xp, bias, at, r),
+                                4 => self.row_tile::<4>(xp, bias, at, r),
+                                5 => self.row_tile::<5>(xp, bias, at, r),
+                                _ => self.row_tile::<6>(xp, bias, at, r),
+                            }
                         }
                     }
+                    if pass.end == panels {
+                        finished(first, count);
+                    }
+                    first += count;
                 }
-                finished(first, count);
-                first += count;
             }
         }
         #[cfg(not(all(target_arch = "x86_64", not(fuzzing))))]
         {
-            let _ = (&self.data, x, rows, bias, at, &mut finished);
+            let _ = (&self.data, x, rows, bias, at, hand_back, &mut finished);
             unreachable!("panels: x86-64 tiles off x86-64")
         }
     }
 
-    /// `R` rows of the output, panel by panel (16 columns in two 8-lane registers), plus the
-    /// bias when given (after the products, as the Linear epilogue adds it), then ReLU if asked.
+    /// `R` rows of the output for the panels in `panels` (16 columns each, in two 8-lane
+    /// registers), plus the bias when given (after the products, as the Linear epilogue adds
+    /// it), then ReLU if asked.
     ///
     /// # Safety
     /// AVX2 + FMA; `x` covers `R` rows of `k`; `at(col)` covers `R` rows of the panel's columns.
@@ -256,12 +288,13 @@ impl Panels {
         x: *const f32,
         bias: Option<InRegisters>,
         at: impl Fn(usize) -> (*mut f32, usize),
+        panels: std::ops::Range<usize>,
     ) {
         const PANEL: usize = 16;
         let (k, n) = (self.k, self.n);
         // SAFETY: the caller's contract; each panel holds k × 16 floats.
         unsafe {
-            for (p, panel) in self.data.chunks_exact(k * PANEL).enumerate() {
+            for (p, panel) in self.data.chunks_exact(k * PANEL).enumerate().skip(panels.start).take(panels.len()) {
                 let mut acc = [[_mm256_setzero_ps(); 2]; R];
                 let mut w = panel.as_ptr();
                 for kk in 0..k {
@@ -327,13 +360,14 @@ impl Panels {
         x: *const f32,
         bias: Option<InRegisters>,
         at: impl Fn(usize) -> (*mut f32, usize),
+        panels: std::ops::Range<usize>,
     ) {
         const PANEL: usize = 32;
         let (k, n) = (self.k, self.n);
         // SAFETY: the caller's contract; each panel holds k × 32 floats; masked lanes are
         // neither read nor written.
         unsafe {
-            for (p, panel) in self.data.chunks_exact(k * PANEL).enumerate() {
+            for (p, panel) in self.data.chunks_exact(k * PANEL).enumerate().skip(panels.start).take(panels.len()) {
                 let mut acc = [[_mm512_setzero_ps(); 2]; R];
                 let mut w = panel.as_ptr();
                 for kk in 0..k {
@@ -440,7 +474,9 @@ mod tests {
             return;
         }
         let mut rng = crate::rng::stream(12, crate::rng::Purpose::Bench, 0);
-        let shapes = [(49, 64, 256), (13, 5, 21), (1, 256, 64), (25, 9, 40)];
+        // With AVX-512 the biased product makes passes of two panels (the first), of one panel
+        // (256 inputs), and of two, two and a partial one (the last), where `product` makes one.
+        let shapes = [(49, 64, 256), (13, 5, 21), (1, 256, 64), (25, 9, 40), (30, 64, 135)];
         for ((rows, k, n), isa) in shapes.into_iter().flat_map(|s| tile_extensions().into_iter().map(move |e| (s, e))) {
             let x = crate::rng::standard_normal(&mut rng, rows * k);
             let w = crate::rng::standard_normal(&mut rng, k * n);
